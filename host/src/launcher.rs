@@ -1,0 +1,136 @@
+//! The Launcher: lay out memory, load the kernel, run the Guest, and boot it
+//! again when it asks to restart.
+//!
+//! Everything a user can get wrong (files, sizes, the command line) is checked
+//! in [`Launch::prepare`], before /dev/kvm is even opened.
+
+use crate::boot::{BootError, BootImage, Kernel};
+use crate::host_pages;
+use crate::interrupts::{self, Irqs};
+use crate::memory::{GuestMemory, Layout};
+use crate::vcpu::{Guest, Stop};
+use crate::vm::{Hypervisor, Vm, VmError};
+use lguest_abi::{DEVICE_MODEL_VIRTIO, PAGE_SIZE};
+use std::path::{Path, PathBuf};
+
+/// The reference Guest, built by build.rs.
+pub static BUNDLED_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/lguest-guest"));
+
+/// Memory sizes the Launcher accepts, in MiB.
+pub const MEM_MB_RANGE: std::ops::RangeInclusive<u64> = 2..=65536;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("cannot read {what} {path}: {err}")]
+    Read {
+        what: &'static str,
+        path: String,
+        err: std::io::Error,
+    },
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("cannot set up guest memory: {0}")]
+    Memory(std::io::Error),
+    #[error("cannot start the Host's threads: {0}")]
+    Threads(std::io::Error),
+}
+
+/// What to boot.
+pub struct Config {
+    pub mem_mb: u64,
+    /// None: the bundled reference Guest.
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub kvm_device: PathBuf,
+}
+
+/// A checked configuration, ready to boot (again and again on restart).
+pub struct Launch {
+    kernel: Kernel,
+    initrd: Option<(String, Vec<u8>)>,
+    cmdline: String,
+    layout: Layout,
+    kvm_device: PathBuf,
+}
+
+fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, LaunchError> {
+    std::fs::read(path).map_err(|err| LaunchError::Read {
+        what,
+        path: path.display().to_string(),
+        err,
+    })
+}
+
+/// The memory layout for `mem_mb` MiB: RAM, then one device page (the
+/// descriptor page; empty until devices arrive), then the Host's pages.
+pub fn layout_for(mem_mb: u64) -> Layout {
+    let mem = mem_mb << 20;
+    let device_pages = 1;
+    let pfn_limit = mem / PAGE_SIZE + device_pages;
+    Layout {
+        mem,
+        pfn_limit,
+        host_ro_pages: host_pages::ro_pages_for(pfn_limit),
+        host_rw_pages: host_pages::STACK_PAGES,
+    }
+}
+
+impl Launch {
+    pub fn prepare(cfg: Config) -> Result<Launch, LaunchError> {
+        let (name, image) = match &cfg.kernel {
+            Some(path) => (path.display().to_string(), read("kernel", path)?),
+            None => ("bundled reference Guest".to_string(), BUNDLED_GUEST.to_vec()),
+        };
+        let kernel = Kernel::parse(&name, image)?;
+        let initrd = match &cfg.initrd {
+            Some(path) => Some((path.display().to_string(), read("initrd", path)?)),
+            None => None,
+        };
+        let launch = Launch {
+            kernel,
+            initrd,
+            cmdline: cfg.cmdline,
+            layout: layout_for(cfg.mem_mb),
+            kvm_device: cfg.kvm_device,
+        };
+        launch.image().check(launch.layout.mem)?;
+        Ok(launch)
+    }
+
+    fn image(&self) -> BootImage<'_> {
+        BootImage {
+            kernel: &self.kernel,
+            initrd: self.initrd.as_ref().map(|(n, d)| (n.as_str(), d.as_slice())),
+            cmdline: &self.cmdline,
+            device_model: DEVICE_MODEL_VIRTIO,
+        }
+    }
+
+    /// Boots the Guest until it stops for good. A restart boots the same
+    /// kernel again with fresh memory, timers and IRQs.
+    pub fn run(&self, on_restart: impl Fn(&str)) -> Result<Stop, LaunchError> {
+        let hv = Hypervisor::open(&self.kvm_device)?;
+        interrupts::install_kick_handler().map_err(LaunchError::Threads)?;
+        loop {
+            let stop = self.boot_once(&hv)?;
+            match stop {
+                Stop::Restart(reason) => on_restart(&reason),
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// One boot, from fresh memory to the Guest's stop.
+    pub fn boot_once(&self, hv: &Hypervisor) -> Result<Stop, LaunchError> {
+        let mem = GuestMemory::new(self.layout).map_err(LaunchError::Memory)?;
+        let tables = host_pages::build(&mem);
+        let entry = self.image().load(&mem)?;
+        let vm = Vm::new(hv, &mem, &tables, entry)?;
+        let irqs = Irqs::new().map_err(LaunchError::Threads)?;
+        let mut guest = Guest::new(mem, tables, vm, irqs).map_err(LaunchError::Threads)?;
+        Ok(guest.run())
+    }
+}

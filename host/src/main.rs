@@ -1,0 +1,203 @@
+//! `lguest`: the Launcher and Host of lguest/x86-64.
+//!
+//! ```text
+//! lguest [OPTIONS] [MEM_MB [KERNEL [KERNEL_ARGS]...]]
+//! ```
+//!
+//! The tour starts here: the command line ([`Cli`]), then [`launcher`] lays
+//! out memory ([`memory`], [`host_pages`]) and loads the kernel ([`boot`]),
+//! [`vm`] creates the KVM machine, and [`vcpu`] runs it, answering
+//! [`hypercalls`] and delivering [`interrupts`].
+
+mod bench;
+mod boot;
+mod host_pages;
+mod hypercalls;
+mod interrupts;
+mod launcher;
+mod memory;
+mod pagewalk;
+mod vcpu;
+mod vm;
+
+use clap::Parser;
+use launcher::{Config, Launch, MEM_MB_RANGE};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use vcpu::Stop;
+
+/// Exit statuses (ABI section 10).
+const EXIT_GUEST_DIED: u8 = 1;
+const EXIT_SETUP: u8 = 2;
+
+/// Run a paravirtualized Guest kernel under KVM, lguest-style.
+///
+/// With no KERNEL, boots the bundled reference Guest.
+#[derive(Parser, Debug)]
+#[command(
+    name = "lguest",
+    version,
+    override_usage = "lguest [OPTIONS] [MEM_MB [KERNEL [KERNEL_ARGS]...]]",
+    after_help = "Exit status: 0 when the Guest powers off, 1 when it is killed or crashes, \
+                  2 for a usage or set-up error."
+)]
+struct Cli {
+    /// Words to add to the kernel command line (the bundled Guest's too).
+    #[arg(long, value_name = "WORDS")]
+    append: Vec<String>,
+    /// Load FILE as the initial RAM disk, at the top of memory.
+    #[arg(long, value_name = "FILE")]
+    initrd: Option<PathBuf>,
+    /// Trace the Host's work on stderr.
+    #[arg(long)]
+    verbose: bool,
+    /// Run the benchmarks and print one line per measure.
+    #[arg(long)]
+    bench: bool,
+    /// Guest memory in MiB (2-65536; default 64).
+    #[arg(value_name = "MEM_MB")]
+    mem_mb: Option<String>,
+    /// An x86-64 ELF kernel (ET_EXEC). Default: the bundled reference Guest.
+    #[arg(value_name = "KERNEL")]
+    kernel: Option<PathBuf>,
+    /// The kernel's command line.
+    #[arg(value_name = "KERNEL_ARGS", trailing_var_arg = true, allow_hyphen_values = true)]
+    kernel_args: Vec<String>,
+}
+
+/// Prints `lguest: <message>` as one line.
+fn error_line(message: impl std::fmt::Display) {
+    let text = message.to_string();
+    eprintln!("lguest: {}", escape(text.lines().next().unwrap_or("")));
+}
+
+/// Guest-supplied text goes to stderr with control characters escaped.
+fn escape(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
+fn parse_mem(arg: Option<&str>) -> Result<u64, String> {
+    let Some(arg) = arg else { return Ok(64) };
+    match arg.parse::<u64>() {
+        Ok(mb) if MEM_MB_RANGE.contains(&mb) => Ok(mb),
+        Ok(mb) => Err(format!(
+            "memory size {mb} MiB out of range ({}-{} MiB)",
+            MEM_MB_RANGE.start(),
+            MEM_MB_RANGE.end()
+        )),
+        Err(_) => Err(format!("memory size '{arg}' is not a number of MiB")),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("bad usage");
+            error_line(format!(
+                "{} (try --help)",
+                first.trim_start_matches("error: ")
+            ));
+            return ExitCode::from(EXIT_SETUP);
+        }
+    };
+    if cli.verbose {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "lguest=debug".into()),
+            )
+            .init();
+    }
+    let kvm_device = std::env::var_os("LGUEST_KVM_DEVICE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/dev/kvm"));
+    if cli.bench {
+        return match bench::run(&kvm_device) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                error_line(e);
+                ExitCode::from(EXIT_SETUP)
+            }
+        };
+    }
+    let mem_mb = match parse_mem(cli.mem_mb.as_deref()) {
+        Ok(mb) => mb,
+        Err(e) => {
+            error_line(e);
+            return ExitCode::from(EXIT_SETUP);
+        }
+    };
+    let mut words = cli.kernel_args.clone();
+    words.extend(cli.append.iter().cloned());
+    let config = Config {
+        mem_mb,
+        kernel: cli.kernel.clone(),
+        initrd: cli.initrd.clone(),
+        cmdline: words.join(" "),
+        kvm_device,
+    };
+    let launch = match Launch::prepare(config) {
+        Ok(l) => l,
+        Err(e) => {
+            error_line(e);
+            return ExitCode::from(EXIT_SETUP);
+        }
+    };
+    let stop = launch.run(|reason| {
+        eprintln!("lguest: guest restarting: {}", escape(reason));
+    });
+    match stop {
+        Ok(Stop::PowerOff(reason)) => {
+            eprintln!("lguest: guest powered off: {}", escape(&reason));
+            ExitCode::SUCCESS
+        }
+        Ok(Stop::Crash(reason)) => {
+            eprintln!("lguest: guest crashed: {}", escape(&reason));
+            ExitCode::from(EXIT_GUEST_DIED)
+        }
+        Ok(Stop::Killed(reason)) => {
+            eprintln!("lguest: guest killed: {}", escape(&reason));
+            ExitCode::from(EXIT_GUEST_DIED)
+        }
+        Ok(Stop::Restart(_)) => unreachable!("the launcher restarts the Guest itself"),
+        Err(e) => {
+            error_line(e);
+            ExitCode::from(EXIT_SETUP)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(parse_mem(None), Ok(64));
+        assert_eq!(parse_mem(Some("2")), Ok(2));
+        assert!(parse_mem(Some("1")).unwrap_err().contains("out of range"));
+        assert!(parse_mem(Some("65537")).is_err());
+        assert!(parse_mem(Some("abc")).unwrap_err().contains("not a number"));
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(escape("a\nb\x1b[31m"), "a\\nb\\u{1b}[31m");
+    }
+}
