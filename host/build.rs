@@ -11,14 +11,28 @@ fn main() {
     let root = manifest.parent().unwrap().to_path_buf();
     let guest = root.join("guest");
     let out = PathBuf::from(std::env::var_os("OUT_DIR").unwrap());
-    for path in ["guest/src", "guest/Cargo.toml", "guest/linker.ld", "guest/build.rs", "guest/.cargo", "abi/src", "abi/Cargo.toml"] {
+    for path in [
+        "guest/src",
+        "guest/Cargo.toml",
+        "guest/linker.ld",
+        "guest/build.rs",
+        "guest/.cargo",
+        "abi/src",
+        "abi/Cargo.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(path).display());
     }
 
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&guest)
-        .args(["build", "--release", "--target", "x86_64-unknown-none", "--target-dir"])
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "x86_64-unknown-none",
+            "--target-dir",
+        ])
         .arg(out.join("guest-target"));
     // The outer build's settings (clippy's wrapper, host rustflags, jobserver)
     // are not the Guest's.
@@ -43,8 +57,13 @@ fn main() {
     ] {
         cmd.env_remove(var);
     }
-    let status = cmd.status().expect("run cargo to build the reference Guest");
-    assert!(status.success(), "building the reference Guest (guest/) failed");
+    let status = cmd
+        .status()
+        .expect("run cargo to build the reference Guest");
+    assert!(
+        status.success(),
+        "building the reference Guest (guest/) failed"
+    );
     let elf = out.join("guest-target/x86_64-unknown-none/release/lguest-guest");
     std::fs::copy(&elf, out.join("lguest-guest")).expect("copy the reference Guest");
 }

@@ -21,7 +21,9 @@ pub enum BootError {
     Malformed(String, &'static str),
     #[error("{0}: has no loadable segments")]
     NoSegments(String),
-    #[error("{name}: segment at {addr:#x}-{end:#x} does not fit in guest memory [{min:#x}, {max:#x})")]
+    #[error(
+        "{name}: segment at {addr:#x}-{end:#x} does not fit in guest memory [{min:#x}, {max:#x})"
+    )]
     DoesNotFit {
         name: String,
         addr: u64,
@@ -90,13 +92,19 @@ impl Kernel {
         let phentsize = u16_at(&image, 54) as u64;
         let phnum = u16_at(&image, 56) as u64;
         if phentsize < 56 {
-            return Err(BootError::Malformed(n(), "program header entries too small"));
+            return Err(BootError::Malformed(
+                n(),
+                "program header entries too small",
+            ));
         }
         let table_end = phentsize
             .checked_mul(phnum)
             .and_then(|s| s.checked_add(phoff));
         if table_end.is_none_or(|end| end > image.len() as u64) {
-            return Err(BootError::Malformed(n(), "program headers past end of file"));
+            return Err(BootError::Malformed(
+                n(),
+                "program headers past end of file",
+            ));
         }
         let mut segments = Vec::new();
         for i in 0..phnum {
@@ -109,7 +117,10 @@ impl Kernel {
             let filesz = u64_at(&image, ph + 32);
             let memsz = u64_at(&image, ph + 40);
             if filesz > memsz {
-                return Err(BootError::Malformed(n(), "segment file size exceeds memory size"));
+                return Err(BootError::Malformed(
+                    n(),
+                    "segment file size exceeds memory size",
+                ));
             }
             if offset
                 .checked_add(filesz)
@@ -212,7 +223,8 @@ impl BootImage<'_> {
         self.check(ram)?;
         self.kernel.load(mem);
         let mut zero_page = [0u8; PAGE_SIZE as usize];
-        let mut put = |off: usize, bytes: &[u8]| zero_page[off..off + bytes.len()].copy_from_slice(bytes);
+        let mut put =
+            |off: usize, bytes: &[u8]| zero_page[off..off + bytes.len()].copy_from_slice(bytes);
         if let Some((name, data)) = self.initrd {
             let start = initrd_start(ram, data.len() as u64, name)?;
             mem.write(start, data).expect("initrd checked to fit");
@@ -221,7 +233,8 @@ impl BootImage<'_> {
         }
         let mut cmdline = self.cmdline.as_bytes().to_vec();
         cmdline.push(0);
-        mem.write(CMDLINE_ADDR, &cmdline).expect("command line page is RAM");
+        mem.write(CMDLINE_ADDR, &cmdline)
+            .expect("command line page is RAM");
 
         put(bp::BOOT_FLAG, &bp::BOOT_FLAG_VALUE.to_le_bytes());
         put(bp::HEADER, &bp::HEADER_MAGIC.to_le_bytes());
@@ -240,33 +253,34 @@ impl BootImage<'_> {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
+/// A minimal ELF64 x86-64 ET_EXEC with one PT_LOAD of `code` at `paddr`
+/// (`memsz` bytes in memory), entry at `paddr`: for the benchmark floor and tests.
+pub fn tiny_elf(paddr: u64, code: &[u8], memsz: u64) -> Vec<u8> {
+    let mut f = vec![0u8; 64 + 56];
+    f[0..4].copy_from_slice(b"\x7fELF");
+    f[4] = 2;
+    f[5] = 1;
+    f[6] = 1;
+    f[16..18].copy_from_slice(&ET_EXEC.to_le_bytes());
+    f[18..20].copy_from_slice(&EM_X86_64.to_le_bytes());
+    f[24..32].copy_from_slice(&paddr.to_le_bytes());
+    f[32..40].copy_from_slice(&64u64.to_le_bytes());
+    f[54..56].copy_from_slice(&56u16.to_le_bytes());
+    f[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let ph = 64;
+    f[ph..ph + 4].copy_from_slice(&PT_LOAD.to_le_bytes());
+    f[ph + 8..ph + 16].copy_from_slice(&120u64.to_le_bytes());
+    f[ph + 16..ph + 24].copy_from_slice(&paddr.to_le_bytes());
+    f[ph + 24..ph + 32].copy_from_slice(&paddr.to_le_bytes());
+    f[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    f[ph + 40..ph + 48].copy_from_slice(&memsz.to_le_bytes());
+    f.extend_from_slice(code);
+    f
+}
 
-    /// A minimal ELF64 x86-64 ET_EXEC with one PT_LOAD of `code` at `paddr`.
-    pub fn tiny_elf(paddr: u64, code: &[u8], memsz: u64) -> Vec<u8> {
-        let mut f = vec![0u8; 64 + 56];
-        f[0..4].copy_from_slice(b"\x7fELF");
-        f[4] = 2;
-        f[5] = 1;
-        f[6] = 1;
-        f[16..18].copy_from_slice(&ET_EXEC.to_le_bytes());
-        f[18..20].copy_from_slice(&EM_X86_64.to_le_bytes());
-        f[24..32].copy_from_slice(&paddr.to_le_bytes());
-        f[32..40].copy_from_slice(&64u64.to_le_bytes());
-        f[54..56].copy_from_slice(&56u16.to_le_bytes());
-        f[56..58].copy_from_slice(&1u16.to_le_bytes());
-        let ph = 64;
-        f[ph..ph + 4].copy_from_slice(&PT_LOAD.to_le_bytes());
-        f[ph + 8..ph + 16].copy_from_slice(&120u64.to_le_bytes());
-        f[ph + 16..ph + 24].copy_from_slice(&paddr.to_le_bytes());
-        f[ph + 24..ph + 32].copy_from_slice(&paddr.to_le_bytes());
-        f[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
-        f[ph + 40..ph + 48].copy_from_slice(&memsz.to_le_bytes());
-        f.extend_from_slice(code);
-        f
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     #[test]
     fn accepts_a_good_kernel_and_refuses_bad_ones() {
@@ -274,27 +288,51 @@ pub(crate) mod tests {
         let k = Kernel::parse("k", good.clone()).unwrap();
         assert_eq!(k.entry, 0x10_0000);
         assert!(k.check_fits(4 << 20).is_ok());
-        assert!(matches!(k.check_fits(0x10_1000), Err(BootError::DoesNotFit { .. })));
+        assert!(matches!(
+            k.check_fits(0x10_1000),
+            Err(BootError::DoesNotFit { .. })
+        ));
 
-        assert_eq!(Kernel::parse("k", b"root:x:0:0".to_vec()).unwrap_err(), BootError::NotElf("k".into()));
+        assert_eq!(
+            Kernel::parse("k", b"root:x:0:0".to_vec()).unwrap_err(),
+            BootError::NotElf("k".into())
+        );
         let mut arm = good.clone();
         arm[18] = 183;
-        assert_eq!(Kernel::parse("k", arm).unwrap_err(), BootError::WrongMachine("k".into(), 183));
+        assert_eq!(
+            Kernel::parse("k", arm).unwrap_err(),
+            BootError::WrongMachine("k".into(), 183)
+        );
         let mut dyn_ = good.clone();
         dyn_[16] = 3;
-        assert_eq!(Kernel::parse("k", dyn_).unwrap_err(), BootError::NotExec("k".into(), 3));
+        assert_eq!(
+            Kernel::parse("k", dyn_).unwrap_err(),
+            BootError::NotExec("k".into(), 3)
+        );
         let mut elf32 = good.clone();
         elf32[4] = 1;
-        assert_eq!(Kernel::parse("k", elf32).unwrap_err(), BootError::Not64("k".into()));
+        assert_eq!(
+            Kernel::parse("k", elf32).unwrap_err(),
+            BootError::Not64("k".into())
+        );
         let truncated = good[..good.len() - 8].to_vec();
-        assert!(matches!(Kernel::parse("k", truncated), Err(BootError::Malformed(..))));
+        assert!(matches!(
+            Kernel::parse("k", truncated),
+            Err(BootError::Malformed(..))
+        ));
         let low = tiny_elf(0x1000, &[0x90], 1);
-        assert!(Kernel::parse("k", low).unwrap().check_fits(1 << 20).is_err());
+        assert!(Kernel::parse("k", low)
+            .unwrap()
+            .check_fits(1 << 20)
+            .is_err());
     }
 
     #[test]
     fn initrd_goes_at_the_top_page_aligned() {
-        assert_eq!(initrd_start(0x100_0000, 0x1800, "i").unwrap(), 0x100_0000 - 0x2000);
+        assert_eq!(
+            initrd_start(0x100_0000, 0x1800, "i").unwrap(),
+            0x100_0000 - 0x2000
+        );
         assert!(initrd_start(0x10000, 0x20000, "i").is_err());
     }
 }

@@ -64,7 +64,7 @@ const ONE_GIB: u64 = 1 << 30;
 pub fn ro_pages_for(pfn_limit: u64) -> u64 {
     let limit = pfn_limit * PAGE_SIZE;
     let pds = limit.div_ceil(ONE_GIB);
-    let tail_pt = u64::from(limit % TWO_MIB != 0);
+    let tail_pt = u64::from(!limit.is_multiple_of(TWO_MIB));
     FIRST_PD_PAGE + pds + tail_pt
 }
 
@@ -215,8 +215,8 @@ fn write_tss(mem: &GuestMemory, layout: &Layout) {
 
     let stack_top = host_va(layout.host_ro_pages + STACK_PAGES);
     mem.write_host_u64(TSS_PAGE, 4, stack_top); // rsp0
-    // I/O map base at 104: the bitmap follows, all zero (every port allowed),
-    // and one 0xFF byte ends it.
+                                                // I/O map base at 104: the bitmap follows, all zero (every port allowed),
+                                                // and one 0xFF byte ends it.
     mem.write_host(TSS_PAGE, 102, &104u16.to_le_bytes());
     mem.write_host(TSS_PAGE, TSS_SIZE - 1, &[0xFF]);
 }
@@ -242,12 +242,6 @@ fn write_stubs(mem: &GuestMemory) {
     mem.write_host(STUB_PAGE, COMMON_OFFSET, &common);
     // Never executed (ring 3 can't fetch here); ud2 in case ring 0 ever does.
     mem.write_host(STUB_PAGE, SYSCALL_OFFSET, &[0x0F, 0x0B]);
-}
-
-/// Where in the stub page the `out` of the common path is, so an exit there
-/// can be recognised as a trap.
-pub fn trap_exit_rip(tables: &HostTables) -> u64 {
-    tables.stub_start + COMMON_OFFSET + 2
 }
 
 #[cfg(test)]

@@ -14,11 +14,27 @@ type HResult = Result<u64, Stop>;
 
 /// Ends the Guest if `[addr, addr + len)` is not the Guest's.
 fn check(mem: &GuestMemory, call: &str, addr: u64, len: u64) -> Result<(), Stop> {
-    mem.check(addr, len).map_err(|e| kill(format!("{call}: {e}")))
+    mem.check(addr, len)
+        .map_err(|e| kill(format!("{call}: {e}")))
 }
 
 fn name(nr: u64) -> String {
     hcall::name(nr).map_or_else(|| format!("hypercall {nr}"), str::to_string)
+}
+
+/// What a Guest GDT entry becomes: present descriptors get DPL 3 (the Guest
+/// runs in ring 3) and Accessed (the CPU can't set it in our read-only GDT);
+/// a present system descriptor (a TSS, a gate) is refused.
+fn guest_descriptor(desc: u64) -> Result<u64, ()> {
+    const PRESENT: u64 = 1 << 47;
+    const S: u64 = 1 << 44;
+    const DPL3: u64 = 3 << 45;
+    const ACCESSED: u64 = 1 << 40;
+    match (desc & PRESENT != 0, desc & S != 0) {
+        (false, _) => Ok(desc),
+        (true, false) => Err(()),
+        (true, true) => Ok(desc | DPL3 | ACCESSED),
+    }
 }
 
 impl Guest {
@@ -42,7 +58,9 @@ impl Guest {
             let slot = self.async_cursor;
             let status_addr = data + (ld::HCALL_STATUS + slot) as u64;
             let mut status = [0u8];
-            self.mem.read(status_addr, &mut status).expect("lguest_data is in RAM");
+            self.mem
+                .read(status_addr, &mut status)
+                .expect("lguest_data is in RAM");
             match status[0] {
                 HCALL_STATUS_FREE => return Ok(()),
                 HCALL_STATUS_QUEUED => {}
@@ -53,7 +71,11 @@ impl Guest {
                 }
             }
             let call = data + (ld::HCALLS + slot * core::mem::size_of::<HcallArgs>()) as u64;
-            let w = |i: u64| self.mem.read_u64(call + i * 8).expect("lguest_data is in RAM");
+            let w = |i: u64| {
+                self.mem
+                    .read_u64(call + i * 8)
+                    .expect("lguest_data is in RAM")
+            };
             let (nr, a1, a2, a3, a4) = (w(0), w(1), w(2), w(3), w(4));
             if matches!(nr, hcall::LGUEST_INIT | hcall::HALT | hcall::SHUTDOWN) {
                 return Err(kill(format!("cannot queue {} in the async ring", name(nr))));
@@ -70,7 +92,10 @@ impl Guest {
 
     fn lguest_init(&mut self, addr: u64) -> HResult {
         let size = core::mem::size_of::<LguestData>() as u64;
-        if addr.checked_add(size).is_none_or(|end| end > self.mem.layout.mem) {
+        if addr
+            .checked_add(size)
+            .is_none_or(|end| end > self.mem.layout.mem)
+        {
             return Err(kill(format!(
                 "LGUEST_INIT: lguest_data at {addr:#x} is outside guest memory (RAM)"
             )));
@@ -86,13 +111,17 @@ impl Guest {
         self.write_data_u64(ld::PFN_LIMIT, l.pfn_limit);
         self.write_data_u64(ld::HOST_PML4E, self.tables.host_pml4e);
         self.write_time();
+        tracing::debug!(
+            lguest_data = format_args!("{addr:#x}"),
+            tsc_khz = self.vm.tsc_khz,
+            "LGUEST_INIT"
+        );
         Ok(0)
     }
 
     /// One hypercall, direct or queued.
     fn do_hypercall(&mut self, nr: u64, a1: u64, a2: u64, a3: u64, a4: u64) -> HResult {
-        let _ = a4;
-        tracing::trace!(nr, a1, a2, a3, "hypercall {}", name(nr));
+        tracing::trace!(a1, a2, a3, a4, "hypercall {}", name(nr));
         match nr {
             hcall::FLUSH_ASYNC | hcall::SEND_INTERRUPTS => Ok(0),
             hcall::LGUEST_INIT => Err(kill("LGUEST_INIT twice")),
@@ -104,9 +133,7 @@ impl Guest {
             hcall::SET_STACK => self.set_stack(a1, a2, a3),
             hcall::TS => {
                 let ts = a1 != 0;
-                self.update_sregs(|s| {
-                    s.cr0 = if ts { s.cr0 | CR0_TS } else { s.cr0 & !CR0_TS }
-                })?;
+                self.update_sregs(|s| s.cr0 = if ts { s.cr0 | CR0_TS } else { s.cr0 & !CR0_TS })?;
                 Ok(0)
             }
             hcall::SET_CLOCKEVENT => {
@@ -176,7 +203,9 @@ impl Guest {
 
     fn load_gdt(&mut self, addr: u64, count: u64) -> HResult {
         if count > GDT_ENTRIES as u64 {
-            return Err(kill(format!("LOAD_GDT: {count} entries, at most {GDT_ENTRIES}")));
+            return Err(kill(format!(
+                "LOAD_GDT: {count} entries, at most {GDT_ENTRIES}"
+            )));
         }
         check(&self.mem, "LOAD_GDT", addr, count * 8)?;
         for i in GDT_FIRST_GUEST_ENTRY..GDT_ENTRIES {
@@ -190,20 +219,12 @@ impl Guest {
         Ok(0)
     }
 
-    /// Present descriptors get DPL 3 and Accessed (the GDT is read-only to
-    /// the CPU); a present system descriptor (a TSS, a gate) is refused.
     fn set_gdt_entry(&mut self, index: usize, desc: u64, call: &str) -> Result<(), Stop> {
-        const PRESENT: u64 = 1 << 47;
-        const S: u64 = 1 << 44;
-        const DPL3: u64 = 3 << 45;
-        const ACCESSED: u64 = 1 << 40;
-        let desc = if desc & PRESENT == 0 {
-            desc
-        } else if desc & S == 0 {
-            return Err(kill(format!("{call}: system descriptor {desc:#x} in GDT entry {index}")));
-        } else {
-            desc | DPL3 | ACCESSED
-        };
+        let desc = guest_descriptor(desc).map_err(|()| {
+            kill(format!(
+                "{call}: system descriptor {desc:#x} in GDT entry {index}"
+            ))
+        })?;
         self.mem
             .write_host_u64(crate::host_pages::GDT_PAGE, index as u64 * 8, desc);
         Ok(())
@@ -211,8 +232,10 @@ impl Guest {
 
     fn new_pgtable(&mut self, pml4: u64) -> HResult {
         check(&self.mem, "NEW_PGTABLE", pml4, PAGE_SIZE)?;
-        if pml4 % PAGE_SIZE != 0 {
-            return Err(kill(format!("NEW_PGTABLE: PML4 {pml4:#x} is not page-aligned")));
+        if !pml4.is_multiple_of(PAGE_SIZE) {
+            return Err(kill(format!(
+                "NEW_PGTABLE: PML4 {pml4:#x} is not page-aligned"
+            )));
         }
         let slot511 = self.mem.read_u64(pml4 + 511 * 8).expect("checked");
         if slot511 != self.tables.host_pml4e {
@@ -272,5 +295,26 @@ impl Guest {
             return Ok(0);
         }
         Err(kill(format!("Bad NOTIFY {addr:#x}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::guest_descriptor;
+
+    #[test]
+    fn gdt_entries_become_ring_3_and_accessed() {
+        // A ring-0 flat data descriptor comes out DPL 3, Accessed.
+        assert_eq!(
+            guest_descriptor(0x00CF_9200_0000_FFFF),
+            Ok(0x00CF_F300_0000_FFFF)
+        );
+        // Not present: stored as it is.
+        assert_eq!(
+            guest_descriptor(0x0000_1200_0000_FFFF),
+            Ok(0x0000_1200_0000_FFFF)
+        );
+        // A present 64-bit TSS (type 9, S clear) is refused.
+        assert_eq!(guest_descriptor(0x0000_8900_0000_0067), Err(()));
     }
 }

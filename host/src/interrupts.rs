@@ -7,9 +7,10 @@
 //! before KVM_RUN is not lost). The vCPU thread alone decides what to deliver,
 //! in [`crate::vcpu`], just before it enters the Guest.
 
+use crate::timer::{lock, nonblocking_timer};
 use kvm_bindings::kvm_run;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, Ordering};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vmm_sys_util::eventfd::EventFd;
@@ -43,6 +44,66 @@ pub fn install_kick_handler() -> std::io::Result<()> {
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()));
     });
     result
+}
+
+/// Set when the user pressed Ctrl-C three times within a second.
+static USER_STOP: AtomicBool = AtomicBool::new(false);
+/// Monotonic times (ns) of the last two Ctrl-C presses.
+static CTRL_C: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own; async-signal-safe.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    let now = monotonic_ns();
+    let first = CTRL_C[0].swap(CTRL_C[1].load(Ordering::SeqCst), Ordering::SeqCst);
+    CTRL_C[1].store(now, Ordering::SeqCst);
+    if first != 0 && now - first < 1_000_000_000 {
+        USER_STOP.store(true, Ordering::SeqCst);
+        on_kick(0, std::ptr::null_mut(), std::ptr::null_mut());
+    }
+}
+
+/// Three Ctrl-C within one second end the Guest (the first two are ignored,
+/// so a stray one doesn't kill it). Only the vCPU thread takes SIGINT (the
+/// Host's other threads block it), so the handler's kick interrupts KVM_RUN
+/// or the HALT sleep.
+pub fn install_ctrl_c_handler() -> std::io::Result<()> {
+    // SAFETY: a plain handler that only touches atomics and kvm_run's
+    // immediate_exit byte, all async-signal-safe.
+    let old = unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
+    if old == libc::SIG_ERR {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether the user asked to end the Guest.
+pub fn user_stopped() -> bool {
+    USER_STOP.load(Ordering::SeqCst)
+}
+
+/// Runs `f` with SIGINT blocked, so threads it spawns never take Ctrl-C.
+pub fn without_sigint<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: sigset_t is plain data; pthread_sigmask only changes this
+    // thread's mask, and we restore the old mask after `f`.
+    unsafe {
+        let mut block: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut block);
+        libc::sigaddset(&mut block, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &block, &mut old);
+        let result = f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        result
+    }
 }
 
 /// Makes `run` the target of kicks (null to stop).
@@ -106,7 +167,7 @@ impl Irqs {
     }
 
     /// The re-look timer's descriptor, for the timer thread to wait on.
-    fn recheck_fd(&self) -> std::os::fd::RawFd {
+    pub(crate) fn recheck_fd(&self) -> std::os::fd::RawFd {
         lock(&self.recheck).as_raw_fd()
     }
 
@@ -116,20 +177,6 @@ impl Irqs {
         self.recheck_armed.store(false, Ordering::SeqCst);
         self.kick();
     }
-}
-
-/// A timerfd whose read never blocks: the timer thread reads it only after
-/// epoll says it expired, but the vCPU may re-arm it in between.
-fn nonblocking_timer() -> std::io::Result<TimerFd> {
-    let timer = TimerFd::new()?;
-    // SAFETY: fcntl on a descriptor we own, with no pointers involved.
-    let ok = unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } == 0;
-    ok.then_some(timer).ok_or_else(std::io::Error::last_os_error)
-}
-
-/// Locks a timer; a poisoned lock still holds a usable descriptor.
-fn lock(m: &Mutex<TimerFd>) -> std::sync::MutexGuard<'_, TimerFd> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A gate the Guest loaded with LOAD_IDT_ENTRY.
@@ -181,87 +228,6 @@ pub fn frame_base(rsp: u64, stack: Option<(u64, u64)>) -> Result<u64, ()> {
     Ok(base & !15)
 }
 
-/// A pending clock event: SET_CLOCKEVENT arms it, its thread raises IRQ 0.
-pub struct ClockEvent {
-    timer: Arc<Mutex<TimerFd>>,
-    stop: Arc<EventFd>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl ClockEvent {
-    /// Starts the timer thread, which also serves the 1 ms re-look.
-    pub fn start(irqs: Arc<Irqs>) -> std::io::Result<ClockEvent> {
-        use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-        let timer = Arc::new(Mutex::new(nonblocking_timer()?));
-        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
-        let epoll = Epoll::new()?;
-        for (fd, token) in [
-            (lock(&timer).as_raw_fd(), 0u64),
-            (irqs.recheck_fd(), 1),
-            (stop.as_raw_fd(), 2),
-        ] {
-            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))?;
-        }
-        let (t, s) = (timer.clone(), stop.clone());
-        let thread = std::thread::Builder::new()
-            .name("lguest-timer".into())
-            .spawn(move || {
-                let mut events = [EpollEvent::default(); 3];
-                loop {
-                    let n = match epoll.wait(-1, &mut events) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(_) => return,
-                    };
-                    for ev in &events[..n] {
-                        match ev.data() {
-                            0 => {
-                                // Expired, unless re-armed since: then
-                                // the read fails and nothing is raised.
-                                if lock(&t).wait().is_ok() {
-                                    irqs.raise(lguest_abi::TIMER_IRQ);
-                                }
-                            }
-                            1 => irqs.recheck_fired(),
-                            _ => {
-                                let _ = s.read();
-                                return;
-                            }
-                        }
-                    }
-                }
-            })?;
-        Ok(ClockEvent {
-            timer,
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    /// SET_CLOCKEVENT: fire once after `delta_ns` (0 cancels; tiny deltas
-    /// fire at once). Re-arming replaces the previous event.
-    pub fn set(&self, delta_ns: u64, irqs: &Irqs) {
-        let mut timer = lock(&self.timer);
-        if delta_ns == 0 {
-            let _ = timer.clear();
-        } else if delta_ns < lguest_abi::CLOCK_MIN_DELTA_NS {
-            let _ = timer.clear();
-            irqs.raise(lguest_abi::TIMER_IRQ);
-        } else {
-            let _ = timer.reset(Duration::from_nanos(delta_ns), None);
-        }
-    }
-}
-
-impl Drop for ClockEvent {
-    fn drop(&mut self) {
-        let _ = self.stop.write(1);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,14 +246,16 @@ mod tests {
         );
         assert_eq!(decode_gate(32, low & !(1 << 47), high), Ok(None));
         let type5 = (low & !(0xF << 40)) | (5 << 40);
-        assert!(decode_gate(32, type5, high).unwrap_err().contains("bad IDT gate type 5"));
+        assert!(decode_gate(32, type5, high)
+            .unwrap_err()
+            .contains("bad IDT gate type 5"));
         assert!(decode_gate(32, low, 0xFFFF_8000).is_err());
     }
 
     #[test]
     fn frame_base_follows_the_stack_rule() {
         // No SET_STACK: skip the red zone, align down.
-        assert_eq!(frame_base(0x10_0008, None), Ok(0x10_0008 - 128 & !15));
+        assert_eq!(frame_base(0x10_0008, None), Ok((0x10_0008 - 128) & !15));
         let stack = Some((0x20_0000, 2));
         // Inside the stack: nest below the red zone.
         assert_eq!(frame_base(0x1F_F000, stack), Ok(0x1F_F000 - 128));

@@ -82,7 +82,10 @@ impl Launch {
     pub fn prepare(cfg: Config) -> Result<Launch, LaunchError> {
         let (name, image) = match &cfg.kernel {
             Some(path) => (path.display().to_string(), read("kernel", path)?),
-            None => ("bundled reference Guest".to_string(), BUNDLED_GUEST.to_vec()),
+            None => (
+                "bundled reference Guest".to_string(),
+                BUNDLED_GUEST.to_vec(),
+            ),
         };
         let kernel = Kernel::parse(&name, image)?;
         let initrd = match &cfg.initrd {
@@ -103,7 +106,10 @@ impl Launch {
     fn image(&self) -> BootImage<'_> {
         BootImage {
             kernel: &self.kernel,
-            initrd: self.initrd.as_ref().map(|(n, d)| (n.as_str(), d.as_slice())),
+            initrd: self
+                .initrd
+                .as_ref()
+                .map(|(n, d)| (n.as_str(), d.as_slice())),
             cmdline: &self.cmdline,
             device_model: DEVICE_MODEL_VIRTIO,
         }
@@ -114,6 +120,7 @@ impl Launch {
     pub fn run(&self, on_restart: impl Fn(&str)) -> Result<Stop, LaunchError> {
         let hv = Hypervisor::open(&self.kvm_device)?;
         interrupts::install_kick_handler().map_err(LaunchError::Threads)?;
+        interrupts::install_ctrl_c_handler().map_err(LaunchError::Threads)?;
         loop {
             let stop = self.boot_once(&hv)?;
             match stop {
@@ -129,6 +136,15 @@ impl Launch {
         let tables = host_pages::build(&mem);
         let entry = self.image().load(&mem)?;
         let vm = Vm::new(hv, &mem, &tables, entry)?;
+        tracing::debug!(
+            kernel = %self.kernel.name,
+            mem = self.layout.mem,
+            pfn_limit = self.layout.pfn_limit,
+            host_pages = self.layout.host_pages(),
+            entry = format_args!("{entry:#x}"),
+            cmdline = %self.cmdline,
+            "booting"
+        );
         let irqs = Irqs::new().map_err(LaunchError::Threads)?;
         let mut guest = Guest::new(mem, tables, vm, irqs).map_err(LaunchError::Threads)?;
         Ok(guest.run())

@@ -17,6 +17,7 @@ mod interrupts;
 mod launcher;
 mod memory;
 mod pagewalk;
+mod timer;
 mod vcpu;
 mod vm;
 
@@ -61,7 +62,11 @@ struct Cli {
     #[arg(value_name = "KERNEL")]
     kernel: Option<PathBuf>,
     /// The kernel's command line.
-    #[arg(value_name = "KERNEL_ARGS", trailing_var_arg = true, allow_hyphen_values = true)]
+    #[arg(
+        value_name = "KERNEL_ARGS",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
     kernel_args: Vec<String>,
 }
 
@@ -118,6 +123,7 @@ fn main() -> ExitCode {
     if cli.verbose {
         tracing_subscriber::fmt()
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
                     .unwrap_or_else(|_| "lguest=debug".into()),

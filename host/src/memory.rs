@@ -13,7 +13,8 @@
 
 use lguest_abi::PAGE_SIZE;
 use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+    Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
 };
 
 /// Where everything lies for one boot.
@@ -160,7 +161,9 @@ impl GuestMemory {
     /// initial tables) in the Host's read-only pages. `None` if neither.
     pub fn read_table_u64(&self, addr: u64) -> Option<u64> {
         let host_ro = self.layout.host_base()..self.layout.host_rw_base();
-        if addr % 8 != 0 || (addr >= self.layout.guest_limit() && !host_ro.contains(&addr)) {
+        if !addr.is_multiple_of(8)
+            || (addr >= self.layout.guest_limit() && !host_ro.contains(&addr))
+        {
             return None;
         }
         self.mmap.read_obj::<u64>(GuestAddress(addr)).ok()

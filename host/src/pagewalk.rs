@@ -60,16 +60,26 @@ mod tests {
         };
         let mem = GuestMemory::new(layout).unwrap();
         let t = host_pages::build(&mem);
-        assert_eq!(translate(&mem, t.init_pml4, 0x12345, Access::Write), Some(0x12345));
-        assert_eq!(translate(&mem, t.init_pml4, mem_bytes + 0x1000 * 2, Access::Read), None);
+        assert_eq!(
+            translate(&mem, t.init_pml4, 0x12345, Access::Write),
+            Some(0x12345)
+        );
+        assert_eq!(
+            translate(&mem, t.init_pml4, mem_bytes + 0x1000 * 2, Access::Read),
+            None
+        );
         assert_eq!(translate(&mem, t.init_pml4, t.idt_base, Access::Read), None);
 
         // A Guest PML4 at 0x10000 mapping va 0x4000_0000_0000 read-only to 0x3000.
         let user = pte::PRESENT | pte::USER;
-        mem.write_u64(0x10000, 0x11000 | user | pte::WRITABLE).unwrap(); // slot 0
-        mem.write_u64(0x10000 + 128 * 8, 0x11000 | user | pte::WRITABLE).unwrap(); // slot 128
-        mem.write_u64(0x11000, 0x12000 | user | pte::WRITABLE).unwrap();
-        mem.write_u64(0x12000, 0x13000 | user | pte::WRITABLE).unwrap();
+        mem.write_u64(0x10000, 0x11000 | user | pte::WRITABLE)
+            .unwrap(); // slot 0
+        mem.write_u64(0x10000 + 128 * 8, 0x11000 | user | pte::WRITABLE)
+            .unwrap(); // slot 128
+        mem.write_u64(0x11000, 0x12000 | user | pte::WRITABLE)
+            .unwrap();
+        mem.write_u64(0x12000, 0x13000 | user | pte::WRITABLE)
+            .unwrap();
         mem.write_u64(0x13000, 0x3000 | user).unwrap();
         let va = 0x4000_0000_0000;
         assert_eq!(translate(&mem, 0x10000, va + 5, Access::Read), Some(0x3005));

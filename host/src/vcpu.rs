@@ -13,9 +13,10 @@
 //! stack, as lguest's `set_guest_interrupt` did.
 
 use crate::host_pages::{self, HostTables, HOST_VA, STUB_FRAME_WORDS, TRAP_PORT};
-use crate::interrupts::{frame_base, ClockEvent, Gate, Irqs};
+use crate::interrupts::{frame_base, Gate, Irqs};
 use crate::memory::GuestMemory;
 use crate::pagewalk::{translate, Access};
+use crate::timer::ClockEvent;
 use crate::vm::Vm;
 use kvm_ioctls::{SyncReg, VcpuExit};
 use lguest_abi::{lguest_data_off as ld, *};
@@ -106,14 +107,16 @@ impl Guest {
 
     /// Runs the Guest until it stops.
     pub fn run(&mut self) -> Stop {
-        loop {
+        let stop = loop {
             if let Err(stop) = self.prepare_entry() {
-                return stop;
+                break stop;
             }
             if let Err(stop) = self.run_once() {
-                return stop;
+                break stop;
             }
-        }
+        };
+        tracing::debug!(?stop, "guest stopped");
+        stop
     }
 
     /// One KVM_RUN and the handling of its exit.
@@ -141,7 +144,9 @@ impl Guest {
             Ok(VcpuExit::Shutdown) => return Err(kill("triple fault")),
             Ok(VcpuExit::Hlt) => return Err(kill("hlt reached the Host")),
             Ok(VcpuExit::FailEntry(reason, _)) => {
-                return Err(kill(format!("KVM could not enter the Guest (reason {reason:#x})")))
+                return Err(kill(format!(
+                    "KVM could not enter the Guest (reason {reason:#x})"
+                )))
             }
             Ok(VcpuExit::InternalError) => return Err(kill("KVM internal error")),
             Ok(other) => return Err(kill(format!("unexpected KVM exit {other:?}"))),
@@ -204,8 +209,7 @@ impl Guest {
     /// Reads word `i` of the stub frame at host virtual address `frame`.
     fn frame_word(&self, frame: u64, i: u64) -> u64 {
         let off = frame - HOST_VA + i * 8;
-        self.mem
-            .read_host_u64(off / PAGE_SIZE, off % PAGE_SIZE)
+        self.mem.read_host_u64(off / PAGE_SIZE, off % PAGE_SIZE)
     }
 
     fn set_frame_word(&self, frame: u64, i: u64, v: u64) {
@@ -244,6 +248,7 @@ impl Guest {
             VEC_UD if self.code_bytes(rip) == Some(INT_1F_BYTES) => Some(rip),
             _ => None,
         };
+        tracing::trace!(vector, error, rip = format_args!("{rip:#x}"), "trap");
         if let Some(site) = hcall_site {
             let r = &self.vm.vcpu.sync_regs().regs;
             let args = [r.rax, r.rdx, r.rbx, r.rcx, r.rsi];
@@ -317,9 +322,14 @@ impl Guest {
     fn prepare_entry(&mut self) -> Result<(), Stop> {
         self.vm.vcpu.set_kvm_immediate_exit(0);
         loop {
-            // Drain the wake-up counter first, so a raise after the look
-            // below still wakes the sleep.
-            let _ = self.irqs.wake.read();
+            if crate::interrupts::user_stopped() {
+                return Err(kill("ended by the user (three Ctrl-C)"));
+            }
+            if self.halted {
+                // Drain the wake-up counter before looking, so a raise after
+                // the look below still wakes the sleep.
+                let _ = self.irqs.wake.read();
+            }
             let at = match self.trap_frame {
                 Some(frame) => Some(Where::StubFrame(frame)),
                 None if self.vm.vcpu.sync_regs().sregs.cs.selector & 3 == 3 => {
@@ -349,7 +359,10 @@ impl Guest {
         let Some(data) = self.lguest_data else {
             return Ok(());
         };
-        let blocked = self.mem.read_u32(data + ld::BLOCKED_INTERRUPTS as u64).unwrap_or(!0);
+        let blocked = self
+            .mem
+            .read_u32(data + ld::BLOCKED_INTERRUPTS as u64)
+            .unwrap_or(!0);
         let mut gates = 0u32;
         for irq in 0..LGUEST_IRQS {
             if self.idt[(FIRST_EXTERNAL_VECTOR as u32 + irq) as usize].is_some() {
@@ -377,6 +390,7 @@ impl Guest {
                 self.irqs.clear(irq);
                 candidates &= !(1 << irq);
                 let vector = FIRST_EXTERNAL_VECTOR + irq as u8;
+                tracing::trace!(irq, "delivering IRQ");
                 let gate = self.idt[vector as usize].expect("candidates have gates");
                 self.deliver(w, vector, gate, None)?;
             }
@@ -450,7 +464,9 @@ impl Guest {
             sp -= 8;
             let pa = translate(&self.mem, self.cr3, sp, Access::Write)
                 .filter(|pa| self.mem.check(*pa, 8).is_ok())
-                .ok_or_else(|| kill(format!("cannot deliver vector {vector}: bad stack {sp:#x}")))?;
+                .ok_or_else(|| {
+                    kill(format!("cannot deliver vector {vector}: bad stack {sp:#x}"))
+                })?;
             self.mem.write_u64(pa, w).expect("checked");
         }
         self.set_context(

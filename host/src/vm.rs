@@ -74,9 +74,10 @@ use std::os::fd::FromRawFd;
 
 /// One Guest's VM and vCPU.
 pub struct Vm {
-    // The VM must outlive its vCPU and memslots; fields drop in order.
+    // Fields drop in order: the vCPU goes before the VM it belongs to.
     pub vcpu: VcpuFd,
-    pub vm: VmFd,
+    /// Kept open: closing it destroys the VM.
+    _vm: VmFd,
     pub tsc_khz: u32,
 }
 
@@ -191,16 +192,17 @@ impl Vm {
         vcpu.set_sync_valid_reg(kvm_ioctls::SyncReg::SystemRegister);
         debug_assert_ne!(KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS, 0);
 
-        Ok(Vm { vcpu, vm, tsc_khz })
+        Ok(Vm {
+            vcpu,
+            _vm: vm,
+            tsc_khz,
+        })
     }
 }
 
 /// The TSC is a clock only if it is invariant (CPUID 0x8000_0007 EDX bit 8).
 fn host_tsc_is_invariant() -> bool {
-    // SAFETY: CPUID is available on every x86-64 CPU; leaf 0x8000_0000 says
-    // whether the extended leaf exists before we ask for it.
-    unsafe {
-        let max = core::arch::x86_64::__cpuid(0x8000_0000).eax;
-        max >= 0x8000_0007 && core::arch::x86_64::__cpuid(0x8000_0007).edx & (1 << 8) != 0
-    }
+    // Leaf 0x8000_0000 says whether the extended leaf exists.
+    let max = core::arch::x86_64::__cpuid(0x8000_0000).eax;
+    max >= 0x8000_0007 && core::arch::x86_64::__cpuid(0x8000_0007).edx & (1 << 8) != 0
 }

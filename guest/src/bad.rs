@@ -1,0 +1,131 @@
+//! `bad=CASE`: break the ABI on purpose.
+//!
+//! The Host answers a grossly invalid request not with an error but with
+//! Sudden Death: it stops the Guest for good. Each case here does one such
+//! thing; if we are still running afterwards, the Host failed, and we say so
+//! and crash, so the failure can't be mistaken for a kill.
+
+use core::arch::asm;
+
+use lguest_abi::{hcall as nr, FIRST_EXTERNAL_VECTOR, GATE_INTERRUPT, PAGE_SHIFT};
+
+use crate::hcall::{self, hcall};
+use crate::interrupts;
+use crate::lguest_data;
+use crate::pagetable;
+use crate::println;
+
+/// The Host is still letting us run: report it.
+fn still_alive(case: &str) -> ! {
+    crate::fail(
+        case_label(case).as_str(),
+        format_args!("Host did not kill the Guest"),
+    );
+}
+
+/// "bad=CASE", for the failure line.
+fn case_label(case: &str) -> crate::console::Msg<64> {
+    crate::console::Msg::from_fmt(format_args!("bad={case}"))
+}
+
+/// A hypercall the Host must answer by ending the Guest.
+fn deadly(nr: u64, arg1: u64, arg2: u64, arg3: u64) {
+    // SAFETY: every call made through here is one the Host must refuse;
+    // should it wrongly go ahead, none of them touches memory Rust uses (the
+    // addresses are the Host's, the GDT entry and IDT gate unused, the stack
+    // unused), and we crash right after anyway.
+    unsafe { hcall(nr, arg1, arg2, arg3, 0) };
+}
+
+/// bad=before-init: a hypercall before LGUEST_INIT. It can't print first:
+/// printing is a hypercall too. It is this NOTIFY that must end us.
+pub fn before_init() -> ! {
+    hcall::notify_str(c"lguest-guest: bad=before-init: this NOTIFY comes before LGUEST_INIT\n");
+    // Still here: register properly so we can report it.
+    lguest_data::init();
+    still_alive("before-init");
+}
+
+/// Every other case, after LGUEST_INIT (and after the IDT, but for `trap`).
+pub fn run(case: &str) -> ! {
+    println!("lguest-guest: bad={case}: breaking the ABI, the Host must end the Guest");
+    // The first address the Guest may not touch.
+    let limit = lguest_data::pfn_limit() << PAGE_SHIFT;
+    // A gate that would be fine but for what each case changes.
+    let timer_vector = FIRST_EXTERNAL_VECTOR as u64;
+    let stub = interrupts::stub(timer_vector as usize);
+
+    match case {
+        "hypercall" => deadly(99, 0, 0, 0),
+        "init-twice" => deadly(nr::LGUEST_INIT, lguest_data::ptr() as u64, 0, 0),
+        "address" => deadly(nr::LOAD_GDT, limit, 12, 0),
+        "notify" => deadly(nr::NOTIFY, limit, 0, 0),
+        "idt-type" => {
+            // Type 5 is a task gate: long mode has none.
+            let (low, high) = interrupts::gate(stub, 5);
+            deadly(nr::LOAD_IDT_ENTRY, timer_vector, low, high);
+        }
+        "idt-vector" => {
+            let (low, high) = interrupts::gate(stub, GATE_INTERRUPT);
+            deadly(nr::LOAD_IDT_ENTRY, 300, low, high);
+        }
+        "queued-halt" => {
+            // async_hcall won't queue a HALT; queue() takes anything.
+            let flags = lguest_data::irq_save();
+            // SAFETY: the Host must end us when it meets this HALT; were it
+            // to sleep instead, nothing of ours would change. Interrupts
+            // are off while we queue.
+            let queued = unsafe { hcall::queue(nr::HALT, 0, 0, 0, 0) };
+            lguest_data::irq_restore(flags);
+            if !queued {
+                crate::fail("bad=queued-halt", format_args!("the async ring is full"));
+            }
+            hcall::flush_async();
+        }
+        "trap" => {
+            // SAFETY: ud2 only traps; with no IDT entry the Host must end us.
+            unsafe { asm!("ud2", options(nomem, nostack)) };
+        }
+        "host-write" => host_write(limit),
+        "pgd511" => {
+            if let Err(why) = pagetable::build() {
+                crate::fail("bad=pgd511", format_args!("{why}"));
+            }
+            // SAFETY: the Host must refuse this PML4; the rest of it is the
+            // identity map we run on anyway.
+            unsafe {
+                pagetable::set_pml4_slot(lguest_abi::HOST_PML4_SLOT, 0);
+                pagetable::load();
+            }
+        }
+        // 0x10 is the Host's ring-0 data selector.
+        "stack" => deadly(
+            nr::SET_STACK,
+            lguest_abi::HOST_DS as u64,
+            interrupts::alt_stack_top(),
+            interrupts::ALT_STACK_PAGES,
+        ),
+        // A present 64-bit TSS descriptor (type 9): a system descriptor.
+        "gdt" => deadly(nr::LOAD_GDT_ENTRY, 10, 0x0000_8900_0000_0067, 0),
+        _ => crate::fail(case_label(case).as_str(), format_args!("unknown bad case")),
+    }
+    still_alive(case);
+}
+
+/// bad=host-write: map the first Host-owned page (at pfn_limit << 12: the
+/// Host's IDT, read-only to us) through our alias window, and write to it.
+fn host_write(limit: u64) {
+    if let Err(why) = pagetable::build() {
+        crate::fail("bad=host-write", format_args!("{why}"));
+    }
+    // SAFETY: the alias page maps Host memory that no Rust reference points
+    // to; the tables are otherwise the identity map we run on.
+    unsafe {
+        pagetable::set_alias_pte(0, limit | pagetable::PAGE_FLAGS, false);
+        pagetable::hook_alias();
+        pagetable::load();
+    }
+    let target = pagetable::alias_addr(0) as *mut u64;
+    // SAFETY: the page is mapped (just above); the write is the point.
+    unsafe { target.write_volatile(0) };
+}

@@ -1,0 +1,79 @@
+//! What the Launcher tells us at boot: boot_params (Linux's "zero page", at
+//! physical 0) and the kernel command line it points to.
+//!
+//! We only read these, and nothing writes them after the Launcher, so plain
+//! shared views of them are sound for the whole life of the Guest.
+
+use lguest_abi::{boot_params as bp, CMDLINE_MAX};
+
+/// Read a little-endian value at `offset` in boot_params.
+fn boot_param<T: Copy>(offset: usize) -> T {
+    let p = core::ptr::with_exposed_provenance::<T>(lguest_abi::BOOT_PARAMS_ADDR as usize + offset);
+    // SAFETY: boot_params is the first page of RAM, identity-mapped; the
+    // offsets are the ABI's, inside that page. Some fields aren't naturally
+    // aligned (the e820 table), hence read_unaligned.
+    unsafe { p.read_unaligned() }
+}
+
+/// RAM size: the end of the highest usable e820 entry (the Launcher gives
+/// one, {0, mem, RAM}). The device page sits right after it.
+pub fn mem() -> u64 {
+    let entries = boot_param::<u8>(bp::E820_ENTRIES) as usize;
+    (0..entries)
+        .map(|i| bp::E820_TABLE + i * bp::E820_ENTRY_SIZE)
+        .filter(|&entry| boot_param::<u32>(entry + 16) == bp::E820_RAM)
+        .map(|entry| boot_param::<u64>(entry) + boot_param::<u64>(entry + 8))
+        .max()
+        .unwrap_or(0)
+}
+
+/// The command line, up to its NUL (at most 4095 bytes).
+pub fn cmdline() -> &'static str {
+    let addr = boot_param::<u32>(bp::CMD_LINE_PTR) as usize;
+    if addr == 0 {
+        return "";
+    }
+    let base = core::ptr::with_exposed_provenance::<u8>(addr);
+    // SAFETY: the Launcher put the command line at cmd_line_ptr (0x1000), in
+    // RAM, at most CMDLINE_MAX bytes plus its NUL, and nothing changes it.
+    let bytes = unsafe { core::slice::from_raw_parts(base, CMDLINE_MAX) };
+    let len = bytes.iter().position(|&b| b == 0).unwrap_or(CMDLINE_MAX);
+    match core::str::from_utf8(&bytes[..len]) {
+        Ok(s) => s,
+        // Keep what makes sense rather than nothing.
+        Err(e) => core::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or(""),
+    }
+}
+
+/// The words of the command line that concern us. A later word wins over an
+/// earlier one; words we don't know are someone else's (Linux would have
+/// them) and are ignored.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// `test=NAME[,NAME...]`
+    pub test: Option<&'static str>,
+    /// `bad=CASE`
+    pub bad: Option<&'static str>,
+    /// `bench=NAME`
+    pub bench: Option<&'static str>,
+    /// `iters=N`, as given.
+    pub iters: Option<&'static str>,
+}
+
+impl Options {
+    pub fn parse(cmdline: &'static str) -> Options {
+        let mut options = Options::default();
+        for word in cmdline.split_ascii_whitespace() {
+            if let Some(value) = word.strip_prefix("test=") {
+                options.test = Some(value);
+            } else if let Some(value) = word.strip_prefix("bad=") {
+                options.bad = Some(value);
+            } else if let Some(value) = word.strip_prefix("bench=") {
+                options.bench = Some(value);
+            } else if let Some(value) = word.strip_prefix("iters=") {
+                options.iters = Some(value);
+            }
+        }
+        options
+    }
+}

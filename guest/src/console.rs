@@ -1,0 +1,186 @@
+//! The early console: `print!` and `println!`.
+//!
+//! The Host prints any NUL-terminated string we NOTIFY it of (one below
+//! `mem`, at most 4096 bytes) on its stdout, exactly as it is. That is one
+//! exit per NOTIFY, so we collect text in a buffer and send it a line at a
+//! time, or when the buffer fills.
+
+use core::ffi::CStr;
+use core::fmt::{self, Write};
+
+use lguest_abi::EARLY_CONSOLE_MAX;
+
+use crate::cell::GuestCell;
+use crate::hcall;
+use crate::lguest_data;
+
+/// The line being collected, with room for its NUL.
+struct Console {
+    buf: [u8; EARLY_CONSOLE_MAX],
+    len: usize,
+    /// Set while someone is filling `buf`, so the panic handler knows
+    /// whether it may flush it.
+    busy: bool,
+}
+
+static CONSOLE: GuestCell<Console> = GuestCell::new(Console {
+    buf: [0; EARLY_CONSOLE_MAX],
+    len: 0,
+    busy: false,
+});
+
+impl Console {
+    fn push(&mut self, byte: u8) {
+        // A NUL would end the string early; nobody prints one on purpose.
+        if byte == 0 {
+            return;
+        }
+        self.buf[self.len] = byte;
+        self.len += 1;
+        if byte == b'\n' || self.len == EARLY_CONSOLE_MAX - 1 {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.len == 0 {
+            return;
+        }
+        self.buf[self.len] = 0;
+        let line = CStr::from_bytes_until_nul(&self.buf).expect("the NUL was just written");
+        hcall::notify_str(line);
+        self.len = 0;
+    }
+}
+
+/// Append `s` to the console, sending each completed line to the Host.
+pub fn write_str(s: &str) {
+    // Keep interrupt handlers out while we own the buffer.
+    let flags = lguest_data::irq_save();
+    // SAFETY: virtual interrupts are off, and no trap handler prints through
+    // this buffer (the panic handler checks `busy` and uses its own), so this
+    // is the only reference to CONSOLE while it lives.
+    let console = unsafe { &mut *CONSOLE.as_ptr() };
+    console.busy = true;
+    for &byte in s.as_bytes() {
+        console.push(byte);
+    }
+    console.busy = false;
+    lguest_data::irq_restore(flags);
+}
+
+/// Send a partial line, unless the console is in the middle of a write (we
+/// are a panic inside it). Returns whether the console was free.
+pub fn flush_if_idle() -> bool {
+    let flags = lguest_data::irq_save();
+    // SAFETY: as in write_str; if `busy` is set, we don't touch the buffer.
+    let console = unsafe { &mut *CONSOLE.as_ptr() };
+    let idle = !console.busy;
+    if idle {
+        let partial = console.len != 0;
+        console.flush();
+        if partial {
+            hcall::notify_str(c"\n");
+        }
+    }
+    lguest_data::irq_restore(flags);
+    idle
+}
+
+struct ConsoleWriter;
+
+impl Write for ConsoleWriter {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        write_str(s);
+        Ok(())
+    }
+}
+
+/// What `print!` expands to.
+pub fn print_fmt(args: fmt::Arguments) {
+    // ConsoleWriter never fails.
+    let _ = ConsoleWriter.write_fmt(args);
+}
+
+#[macro_export]
+macro_rules! print {
+    ($($arg:tt)*) => {
+        $crate::console::print_fmt(format_args!($($arg)*))
+    };
+}
+
+#[macro_export]
+macro_rules! println {
+    () => {
+        $crate::console::write_str("\n")
+    };
+    ($($arg:tt)*) => {
+        $crate::console::print_fmt(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// A short formatted message in a fixed buffer, always NUL-terminated: for
+/// failure details and SHUTDOWN reasons, which must sit in our memory while
+/// the Host reads them. Text that doesn't fit is cut at a character boundary.
+#[derive(Clone, Copy)]
+pub struct Msg<const N: usize> {
+    buf: [u8; N],
+    len: usize,
+    /// Something didn't fit: take nothing more, so the cut stays at the end.
+    full: bool,
+}
+
+impl<const N: usize> Msg<N> {
+    pub const fn new() -> Self {
+        Msg {
+            buf: [0; N],
+            len: 0,
+            full: false,
+        }
+    }
+
+    /// Format `args` into a new message.
+    pub fn from_fmt(args: fmt::Arguments) -> Self {
+        let mut msg = Self::new();
+        // Msg's write_str never fails; it truncates.
+        let _ = msg.write_fmt(args);
+        msg
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only whole UTF-8 characters are ever copied in.
+        core::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+    }
+
+    pub fn as_cstr(&self) -> &CStr {
+        // buf[len] is always 0 (see write_str), and nothing before it is.
+        CStr::from_bytes_until_nul(&self.buf[..=self.len]).unwrap_or(c"")
+    }
+}
+
+impl<const N: usize> Default for Msg<N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<const N: usize> Write for Msg<N> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for c in s.chars() {
+            let mut utf8 = [0; 4];
+            let bytes = c.encode_utf8(&mut utf8).as_bytes();
+            // Drop NULs; keep the last byte for the terminating one.
+            if c == '\0' || self.full {
+                continue;
+            }
+            if self.len + bytes.len() > N - 1 {
+                self.full = true;
+                continue;
+            }
+            self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+            self.len += bytes.len();
+        }
+        self.buf[self.len] = 0;
+        Ok(())
+    }
+}

@@ -1,0 +1,412 @@
+//! Interrupts and traps.
+//!
+//! The Host, not the CPU, delivers to us: it pushes a frame exactly like the
+//! CPU would (SS, RSP, RFLAGS, CS, RIP and for some vectors an error code)
+//! and jumps to the offset in the gate we loaded for the vector with
+//! LOAD_IDT_ENTRY. The IF bit of the pushed RFLAGS is our virtual interrupt
+//! flag (irq_enabled) at that moment, and an interrupt gate turns
+//! irq_enabled off, just as the CPU clears IF.
+//!
+//! Every vector gets a small stub that makes the frame look the same (a dummy
+//! error code where the CPU pushes none, then the vector number), saves the
+//! general registers and calls `dispatch` with a pointer to the lot. The way
+//! out is the delicate part, see `lguest_noirq_start` below.
+
+use core::arch::global_asm;
+use core::mem::offset_of;
+
+use lguest_abi::{
+    hcall as nr, FIRST_EXTERNAL_VECTOR, GATE_INTERRUPT, GATE_TRAP, GUEST_CS, IGNORED_VECTORS,
+};
+
+use crate::cell::GuestCell;
+use crate::hcall;
+use crate::lguest_data;
+use crate::time;
+
+/// The vectors we have stubs for: the 32 CPU traps and the 32 IRQs.
+pub const VECTORS: usize = 64;
+
+/// What the stubs leave on the stack for `dispatch`, lowest address first:
+/// the registers they pushed, then the vector and error code, then the frame
+/// the Host built.
+#[repr(C)]
+#[derive(Debug)]
+pub struct TrapFrame {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rbp: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+    pub vector: u64,
+    /// The CPU's error code, or 0 for vectors that have none.
+    pub error: u64,
+    /// The interrupted context: change `rip` to resume somewhere else.
+    pub rip: u64,
+    pub cs: u64,
+    pub rflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+}
+
+/// Where the Host pushed SS (the highest word of its frame), relative to the
+/// TrapFrame: tests check it against the stack rules of ABI section 6.
+pub const SS_SLOT: u64 = offset_of!(TrapFrame, ss) as u64;
+
+/*
+ * The stubs. `.irp` stamps one out per vector. For the vectors where the CPU
+ * pushes an error code (8, 10-14, 17, 21) the Host pushes one too; for the
+ * rest we push a 0 so that every frame has the same shape. A table of their
+ * addresses follows, for the IDT.
+ *
+ * The common path saves every general register (we interrupted arbitrary
+ * code, which expects them all back), passes the frame to `dispatch`, and
+ * restores them. `dispatch` follows the C calling convention, which wants a
+ * 16-byte aligned stack at the call; the Host aligned its frame, so we would
+ * be aligned anyway, but we make sure rather than count.
+ *
+ * Then the way out. `iretq` pops RIP, CS, RFLAGS, RSP and SS, but from ring 3
+ * it cannot change the real interrupt flag, and the real one isn't ours
+ * anyway: we must copy the frame's IF bit back into irq_enabled ourselves.
+ * Once irq_enabled is on, the Host may interrupt us again, and if it did so
+ * before the iretq it would push a new frame on top of this one and we could
+ * recurse without bound. So the store and the iretq sit between
+ * lguest_noirq_start and lguest_noirq_end, whose addresses we gave the Host
+ * in lguest_data: it never delivers while RIP is in there. This is lguest's
+ * lguest_iret, moved to 64 bits.
+ */
+global_asm!(
+    r#"
+    .section .text.lguest_entry, "ax"
+
+    .irp vec, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,32,33,34,35,36,37,38,39,40,41,42,43,44,45,46,47,48,49,50,51,52,53,54,55,56,57,58,59,60,61,62,63
+    .balign 16
+lguest_vector_\vec:
+    .if (\vec == 8) || ((\vec >= 10) && (\vec <= 14)) || (\vec == 17) || (\vec == 21)
+    .else
+    push 0
+    .endif
+    push \vec
+    jmp lguest_trap_common
+    .endr
+
+    .balign 16
+lguest_trap_common:
+    push r15
+    push r14
+    push r13
+    push r12
+    push r11
+    push r10
+    push r9
+    push r8
+    push rbp
+    push rdi
+    push rsi
+    push rdx
+    push rcx
+    push rbx
+    push rax
+    mov rdi, rsp
+    mov rbx, rsp
+    and rsp, -16
+    call {dispatch}
+    mov rsp, rbx
+    pop rax
+    pop rbx
+    pop rcx
+    pop rdx
+    pop rsi
+    pop rdi
+    pop rbp
+    pop r8
+    pop r9
+    pop r10
+    pop r11
+    pop r12
+    pop r13
+    pop r14
+    pop r15
+    add rsp, 16
+    push rax
+    mov rax, [rsp + 24]
+    and eax, 0x200
+    .global lguest_noirq_start
+lguest_noirq_start:
+    mov dword ptr [rip + {lguest_data}], eax
+    pop rax
+    iretq
+    .global lguest_noirq_end
+lguest_noirq_end:
+
+    .section .rodata.lguest_vector_table, "a"
+    .balign 8
+    .global lguest_vector_table
+lguest_vector_table:
+    .irp vec, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,32,33,34,35,36,37,38,39,40,41,42,43,44,45,46,47,48,49,50,51,52,53,54,55,56,57,58,59,60,61,62,63
+    .quad lguest_vector_\vec
+    .endr
+"#,
+    dispatch = sym dispatch,
+    lguest_data = sym lguest_data::LGUEST_DATA,
+);
+
+extern "C" {
+    static lguest_noirq_start: u8;
+    static lguest_noirq_end: u8;
+    static lguest_vector_table: [u64; VECTORS];
+}
+
+/// The window the Host must not deliver in, for lguest_data.
+pub fn noirq_window() -> (u64, u64) {
+    (
+        &raw const lguest_noirq_start as u64,
+        &raw const lguest_noirq_end as u64,
+    )
+}
+
+/// The address of the stub for `vector`.
+pub fn stub(vector: usize) -> u64 {
+    assert!(vector < VECTORS);
+    // SAFETY: the table is VECTORS addresses in .rodata, written by the
+    // assembler and never changed.
+    unsafe { (&raw const lguest_vector_table[vector]).read() }
+}
+
+/// An x86-64 gate descriptor, as two 64-bit halves: the handler's offset
+/// split over both, present, DPL 3 and our code selector (the Host ignores
+/// those two), and the gate type.
+pub fn gate(offset: u64, gate_type: u8) -> (u64, u64) {
+    let low = (offset & 0xFFFF)
+        | (GUEST_CS as u64) << 16
+        | (gate_type as u64 & 0xF) << 40
+        | 3 << 45
+        | 1 << 47
+        | (offset >> 16 & 0xFFFF) << 48;
+    (low, offset >> 32)
+}
+
+/// Load the IDT: trap gates for the CPU's vectors (a fault doesn't change
+/// whether interrupts are on, just as Linux does it) and interrupt gates for
+/// the IRQs (their handlers run with interrupts off). Then take the timer
+/// and turn interrupts on.
+pub fn init() {
+    for vector in 0..VECTORS {
+        // The Host ignores NMI, #DF, #MC and the hypercall vector: it
+        // handles those itself.
+        if IGNORED_VECTORS.contains(&(vector as u64)) {
+            continue;
+        }
+        let gate_type = if vector < FIRST_EXTERNAL_VECTOR as usize {
+            GATE_TRAP
+        } else {
+            GATE_INTERRUPT
+        };
+        let (low, high) = gate(stub(vector), gate_type);
+        // Batched through the async ring: one exit for the whole table
+        // instead of one per gate.
+        // SAFETY: the gate points at our own stub, which handles any vector.
+        unsafe { hcall::async_hcall(nr::LOAD_IDT_ENTRY, vector as u64, low, high, 0) };
+    }
+    hcall::flush_async();
+    set_handler(
+        FIRST_EXTERNAL_VECTOR + lguest_abi::TIMER_IRQ as u8,
+        Some(time::timer_irq),
+    );
+    lguest_data::irq_enable();
+}
+
+/*
+ * Handlers. Each vector has at most one, a plain function that gets the
+ * frame and may change it. The tests install and remove their own.
+ */
+
+pub type Handler = fn(&mut TrapFrame);
+
+static HANDLERS: [GuestCell<Option<Handler>>; VECTORS] = [const { GuestCell::new(None) }; VECTORS];
+
+/// IRQs that came with no handler (a device we don't drive).
+static SPURIOUS: GuestCell<u64> = GuestCell::new(0);
+
+/// Install `handler` for `vector`; returns the one it replaces.
+pub fn set_handler(vector: u8, handler: Option<Handler>) -> Option<Handler> {
+    let slot = &HANDLERS[vector as usize];
+    let old = slot.read();
+    slot.write(handler);
+    old
+}
+
+/// Called by the stubs (and only by them).
+extern "C" fn dispatch(frame: &mut TrapFrame) {
+    let vector = frame.vector as usize;
+    match HANDLERS.get(vector).and_then(|slot| slot.read()) {
+        Some(handler) => handler(frame),
+        None if vector >= FIRST_EXTERNAL_VECTOR as usize => SPURIOUS.write(SPURIOUS.read() + 1),
+        None => panic!(
+            "unexpected trap {} at {:#x} (error {:#x}, cr2 {:#x})",
+            vector,
+            frame.rip,
+            frame.error,
+            lguest_data::cr2()
+        ),
+    }
+}
+
+/*
+ * Expected traps. A test that wants to see a trap says where it will happen
+ * (`site`, the faulting instruction's address, from a label in its assembly)
+ * and where to go on (`resume`). The handler checks the trap is the expected
+ * one, writes down what the frame looked like and moves RIP. Any other trap of
+ * that vector is a real bug and panics.
+ */
+
+/// What one expected trap looked like, as its handler saw it.
+#[derive(Clone, Copy, Debug)]
+pub struct TrapRecord {
+    /// How many times the trap happened.
+    pub hits: u32,
+    pub rip: u64,
+    pub error: u64,
+    pub cs: u64,
+    pub ss: u64,
+    /// The interrupted RSP and RFLAGS, from the Host's frame.
+    pub rsp: u64,
+    pub rflags: u64,
+    /// lguest_data.cr2 as the handler saw it.
+    pub cr2: u64,
+    /// lguest_data.irq_enabled as the handler saw it.
+    pub irq_enabled: u32,
+    /// Where the TrapFrame was: tells us which stack the Host delivered on.
+    pub frame: u64,
+}
+
+impl TrapRecord {
+    /// No trap (yet).
+    pub const NONE: TrapRecord = TrapRecord {
+        hits: 0,
+        rip: 0,
+        error: 0,
+        cs: 0,
+        ss: 0,
+        rsp: 0,
+        rflags: 0,
+        cr2: 0,
+        irq_enabled: 0,
+        frame: 0,
+    };
+}
+
+#[derive(Clone, Copy)]
+struct Expectation {
+    site: u64,
+    resume: u64,
+    /// Run in the handler, after the record is written.
+    action: Option<Handler>,
+    record: TrapRecord,
+}
+
+static EXPECTED: [GuestCell<Expectation>; FIRST_EXTERNAL_VECTOR as usize] = [const {
+    GuestCell::new(Expectation {
+        site: 0,
+        resume: 0,
+        action: None,
+        record: TrapRecord::NONE,
+    })
+};
+    FIRST_EXTERNAL_VECTOR as usize];
+
+fn expected_trap(frame: &mut TrapFrame) {
+    let slot = &EXPECTED[frame.vector as usize];
+    let mut expect = slot.read();
+    if frame.rip != expect.site {
+        panic!(
+            "unexpected trap {} at {:#x} (expected at {:#x}; error {:#x}, cr2 {:#x})",
+            frame.vector,
+            frame.rip,
+            expect.site,
+            frame.error,
+            lguest_data::cr2()
+        );
+    }
+    // A trap that keeps coming back (a resume that retries an instruction
+    // which still faults) would loop forever: stop it.
+    if expect.record.hits >= 16 {
+        panic!("trap {} at {:#x} keeps repeating", frame.vector, frame.rip);
+    }
+    expect.record = TrapRecord {
+        hits: expect.record.hits + 1,
+        rip: frame.rip,
+        error: frame.error,
+        cs: frame.cs,
+        ss: frame.ss,
+        rsp: frame.rsp,
+        rflags: frame.rflags,
+        cr2: lguest_data::cr2(),
+        irq_enabled: lguest_data::irq_enabled(),
+        frame: frame as *const TrapFrame as u64,
+    };
+    slot.write(expect);
+    if let Some(action) = expect.action {
+        action(frame);
+    }
+    frame.rip = expect.resume;
+}
+
+/// Run `f`, expecting trap `vector` at `site`, resuming at `resume` (which
+/// may be `site` itself, to retry, if `action` fixes the cause). Returns what
+/// the trap looked like; `hits` is 0 if it never happened.
+pub fn expect_trap(
+    vector: u8,
+    site: u64,
+    resume: u64,
+    action: Option<Handler>,
+    f: impl FnOnce(),
+) -> TrapRecord {
+    let slot = &EXPECTED[vector as usize];
+    slot.write(Expectation {
+        site,
+        resume,
+        action,
+        record: TrapRecord::NONE,
+    });
+    let old = set_handler(vector, Some(expected_trap));
+    f();
+    set_handler(vector, old);
+    slot.read().record
+}
+
+/*
+ * The alternate interrupt stack, for SET_STACK (the stack test, and
+ * bad=stack). The Host ends a Guest whose RSP is in the page below the
+ * stack when it delivers ("Guest stack overflow"), so that page is a guard
+ * that nothing ever runs on: it keeps our boot stack, whichever static the
+ * linker puts before this one, from ever being mistaken for an overflow.
+ */
+
+pub const ALT_STACK_PAGES: u64 = 4;
+
+#[repr(C, align(4096))]
+pub struct AltStack {
+    guard: [u8; 4096],
+    stack: [u8; ALT_STACK_PAGES as usize * 4096],
+}
+
+pub static ALT_STACK: GuestCell<AltStack> = GuestCell::new(AltStack {
+    guard: [0; 4096],
+    stack: [0; ALT_STACK_PAGES as usize * 4096],
+});
+
+/// The alternate stack's top (it grows down from here).
+pub fn alt_stack_top() -> u64 {
+    ALT_STACK.as_ptr() as u64 + core::mem::size_of::<AltStack>() as u64
+}

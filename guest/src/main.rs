@@ -1,0 +1,137 @@
+//! The reference Guest of lguest in Rust.
+//!
+//! A Guest kernel is a program that doesn't know it isn't alone: it runs in
+//! ring 3 on a machine the Host made for it, and asks the Host, through
+//! hypercalls, for anything a kernel would do with privileged instructions.
+//! This one is small on purpose. It boots, says hello and powers off; or, told
+//! so on its command line, tests every corner of the ABI the Host promises
+//! (`test=`), breaks the ABI on purpose to check the Host kills it (`bad=`),
+//! or times the Host's exits (`bench=`).
+//!
+//! The story starts at `_start`, below, and continues in `kmain`.
+
+#![no_std]
+#![no_main]
+
+mod bad;
+mod bench;
+mod boot;
+mod cell;
+mod console;
+mod hcall;
+mod interrupts;
+mod lguest_data;
+mod pagetable;
+mod tests;
+mod time;
+
+use core::arch::global_asm;
+use core::fmt;
+use core::panic::PanicInfo;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use lguest_abi::{SHUTDOWN_CRASH, SHUTDOWN_POWEROFF};
+
+use crate::cell::GuestCell;
+use crate::console::Msg;
+
+/// Our stack, in .bss, for everything but what SET_STACK moves elsewhere.
+const BOOT_STACK_SIZE: usize = 64 * 1024;
+
+#[repr(C, align(16))]
+struct BootStack([u8; BOOT_STACK_SIZE]);
+
+static BOOT_STACK: GuestCell<BootStack> = GuestCell::new(BootStack([0; BOOT_STACK_SIZE]));
+
+/*
+ * The Launcher enters here, at the ELF entry point, with RSI pointing at
+ * boot_params (which is at 0, so RSI is 0), interrupts virtually on but no
+ * IDT to take them, and no stack at all: RSP is 0. Rust needs a stack, so we
+ * point RSP at the top of BOOT_STACK (16-byte aligned, so the call leaves
+ * kmain with the alignment the C convention promises) and call kmain, which
+ * never returns.
+ */
+global_asm!(
+    r#"
+    .section .text._start, "ax"
+    .global _start
+_start:
+    lea rsp, [rip + {stack} + {stack_size}]
+    xor ebp, ebp
+    call {kmain}
+    ud2
+"#,
+    stack = sym BOOT_STACK,
+    stack_size = const BOOT_STACK_SIZE,
+    kmain = sym kmain,
+);
+
+extern "C" fn kmain() -> ! {
+    // The command line is memory the Launcher filled: reading it needs no
+    // hypercall, which is as well, since our first must be LGUEST_INIT.
+    let options = boot::Options::parse(boot::cmdline());
+    if options.bad == Some("before-init") {
+        bad::before_init();
+    }
+
+    lguest_data::init();
+
+    // Measuring the bare boot: nothing more than INIT, then off.
+    if options.bench == Some("exit") {
+        hcall::shutdown(c"bench=exit", SHUTDOWN_POWEROFF);
+    }
+
+    // bad=trap wants a trap with no gate to take it: the Host must end us.
+    if options.bad != Some("trap") {
+        interrupts::init();
+    }
+
+    if let Some(case) = options.bad {
+        bad::run(case);
+    }
+    if let Some(name) = options.bench {
+        bench::run(name, options.iters);
+    }
+    if let Some(names) = options.test {
+        tests::run(names);
+    }
+
+    println!(
+        "lguest-guest: Hello from the reference Guest: {} MiB of RAM, tsc {} kHz",
+        boot::mem() >> 20,
+        lguest_data::tsc_khz()
+    );
+    hcall::shutdown(c"reference Guest finished", SHUTDOWN_POWEROFF);
+}
+
+/// Report a failure the way self-test Guests do (ABI section 10), on the
+/// console and as the SHUTDOWN reason, and crash.
+pub fn fail(what: &str, detail: fmt::Arguments) -> ! {
+    let reason = Msg::<256>::from_fmt(format_args!("FAIL {what}: {detail}"));
+    println!("lguest-guest: {}", reason.as_str());
+    hcall::shutdown(reason.as_cstr(), SHUTDOWN_CRASH);
+}
+
+/// A panic is a bug in this Guest (or a Host that broke its promises): say
+/// so and crash. The message is formatted once into a buffer of its own
+/// rather than through the console, which the panic may have interrupted.
+#[panic_handler]
+fn panic(info: &PanicInfo) -> ! {
+    static PANICKING: AtomicBool = AtomicBool::new(false);
+    if PANICKING.swap(true, Ordering::SeqCst) {
+        hcall::shutdown(c"panic while panicking", SHUTDOWN_CRASH);
+    }
+    console::flush_if_idle();
+    let message = Msg::<256>::from_fmt(format_args!("{}", info.message()));
+    let line = match info.location() {
+        Some(at) => Msg::<512>::from_fmt(format_args!(
+            "lguest-guest: panic: {} at {}:{}\n",
+            message.as_str(),
+            at.file(),
+            at.line()
+        )),
+        None => Msg::<512>::from_fmt(format_args!("lguest-guest: panic: {}\n", message.as_str())),
+    };
+    hcall::notify_str(line.as_cstr());
+    hcall::shutdown(message.as_cstr(), SHUTDOWN_CRASH);
+}

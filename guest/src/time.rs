@@ -1,0 +1,117 @@
+//! Time: the TSC, the one-shot timer and waiting.
+//!
+//! The Host gives us one clock event: SET_CLOCKEVENT(delta in ns) raises
+//! IRQ 0 once, never early. For measuring we read the TSC directly (rdtsc
+//! works in ring 3) and convert with lguest_data.tsc_khz, which the Host sets
+//! if the TSC runs at a constant rate.
+
+use core::arch::asm;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use crate::cell::GuestCell;
+use crate::hcall;
+use crate::interrupts::TrapFrame;
+use crate::lguest_data;
+
+/// Timer interrupts taken so far.
+static TICKS: AtomicU64 = AtomicU64::new(0);
+
+/// What the last timer interrupt looked like, for the tests.
+#[derive(Clone, Copy, Debug)]
+pub struct Tick {
+    /// The TSC when the handler ran.
+    pub tsc: u64,
+    /// irq_enabled inside the handler: an interrupt gate must have cleared it.
+    pub irq_enabled: u32,
+    /// The RFLAGS the Host pushed: its IF is irq_enabled as it was before.
+    pub rflags: u64,
+}
+
+static LAST_TICK: GuestCell<Tick> = GuestCell::new(Tick {
+    tsc: 0,
+    irq_enabled: 0,
+    rflags: 0,
+});
+
+/// The TSC frequency we measured ourselves, if the Host gave none.
+static CALIBRATED_KHZ: AtomicU64 = AtomicU64::new(0);
+
+pub fn rdtsc() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: rdtsc only reads the time stamp counter (CR4.TSD is clear, so
+    // ring 3 may).
+    unsafe {
+        asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
+    };
+    (hi as u64) << 32 | lo as u64
+}
+
+/// The IRQ 0 handler, installed by interrupts::init.
+pub fn timer_irq(frame: &mut TrapFrame) {
+    LAST_TICK.write(Tick {
+        tsc: rdtsc(),
+        irq_enabled: lguest_data::irq_enabled(),
+        rflags: frame.rflags,
+    });
+    TICKS.fetch_add(1, Ordering::SeqCst);
+}
+
+pub fn ticks() -> u64 {
+    TICKS.load(Ordering::SeqCst)
+}
+
+pub fn last_tick() -> Tick {
+    LAST_TICK.read()
+}
+
+/// Sleep until `ticks()` reaches `target` (an armed timer must get it
+/// there).
+///
+/// Interrupts go off before we look at the count: otherwise the tick could
+/// arrive between the look and the HALT, and we would sleep for ever. A
+/// halted Guest still wakes for an interrupt, and the Host turns interrupts
+/// on as it delivers (Linux's "sti; hlt", in one hypercall).
+pub fn wait_for_ticks(target: u64) {
+    loop {
+        let flags = lguest_data::irq_save();
+        if ticks() >= target {
+            lguest_data::irq_restore(flags);
+            return;
+        }
+        hcall::halt();
+        lguest_data::irq_restore(flags);
+    }
+}
+
+/// The TSC frequency: the Host's figure if it gave one, else our own,
+/// measured once against the timer. The timer never fires early, so that
+/// figure is, if anything, too high, which makes `busy_wait_us` wait longer,
+/// never shorter. Needs interrupts (interrupts::init) when the Host gives 0.
+pub fn tsc_khz() -> u64 {
+    let khz = lguest_data::tsc_khz() as u64;
+    if khz != 0 {
+        return khz;
+    }
+    let calibrated = CALIBRATED_KHZ.load(Ordering::SeqCst);
+    if calibrated != 0 {
+        return calibrated;
+    }
+    const CALIBRATE_MS: u64 = 10;
+    let target = ticks() + 1;
+    let start = rdtsc();
+    hcall::set_clockevent(CALIBRATE_MS * 1_000_000);
+    wait_for_ticks(target);
+    let khz = (last_tick().tsc - start) / CALIBRATE_MS;
+    let khz = khz.max(1);
+    CALIBRATED_KHZ.store(khz, Ordering::SeqCst);
+    khz
+}
+
+/// Spin for at least `us` microseconds, interrupts as they are.
+pub fn busy_wait_us(us: u64) {
+    let cycles = us * tsc_khz() / 1000;
+    let start = rdtsc();
+    while rdtsc() - start < cycles {
+        core::hint::spin_loop();
+    }
+}
