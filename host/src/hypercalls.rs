@@ -282,8 +282,12 @@ impl Guest {
         Ok(0)
     }
 
-    /// NOTIFY: below `mem`, a string for the early console.
+    /// NOTIFY: a device's descriptor or ring (the bus), or below `mem`, a
+    /// string for the early console.
     fn notify(&mut self, addr: u64) -> HResult {
+        if self.bus.notify(addr) {
+            return Ok(0);
+        }
         if addr < self.mem.layout.mem {
             let text = self
                 .mem

@@ -120,6 +120,8 @@ pub struct Irqs {
     /// The "look again within 1 ms" timer, and whether it is armed.
     recheck: Mutex<TimerFd>,
     recheck_armed: AtomicBool,
+    /// Sudden Death decided off the vCPU thread (by a device).
+    death: Mutex<Option<String>>,
 }
 
 impl Irqs {
@@ -132,6 +134,7 @@ impl Irqs {
             vcpu_thread: unsafe { libc::pthread_self() },
             recheck: Mutex::new(nonblocking_timer()?),
             recheck_armed: AtomicBool::new(false),
+            death: Mutex::new(None),
         }))
     }
 
@@ -139,6 +142,21 @@ impl Irqs {
     pub fn raise(&self, irq: u32) {
         self.pending.fetch_or(1 << irq, Ordering::SeqCst);
         self.kick();
+    }
+
+    /// Ends the Guest from another thread: the vCPU stops at its next look.
+    /// Only the first reason is kept.
+    pub fn kill(&self, reason: String) {
+        self.death
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(reason);
+        self.kick();
+    }
+
+    /// The reason another thread ended the Guest, if one did.
+    pub fn death(&self) -> Option<String> {
+        self.death.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Wakes a halted vCPU and interrupts a running one.

@@ -5,6 +5,8 @@
 //! in [`Launch::prepare`], before /dev/kvm is even opened.
 
 use crate::boot::{BootError, BootImage, Kernel};
+use crate::bus::{self, Bus};
+use crate::devices::{self, block::Disk, tap, Backends};
 use crate::host_pages;
 use crate::interrupts::{self, Irqs};
 use crate::memory::{GuestMemory, Layout};
@@ -35,6 +37,8 @@ pub enum LaunchError {
     Memory(std::io::Error),
     #[error("cannot start the Host's threads: {0}")]
     Threads(std::io::Error),
+    #[error("{0}")]
+    Device(String),
 }
 
 /// What to boot.
@@ -45,6 +49,11 @@ pub struct Config {
     pub initrd: Option<PathBuf>,
     pub cmdline: String,
     pub kvm_device: PathBuf,
+    /// `--block` specs, `FILE[,ro]`.
+    pub block: Vec<String>,
+    /// `--tunnet` spec.
+    pub tunnet: Option<String>,
+    pub rng: bool,
 }
 
 /// A checked configuration, ready to boot (again and again on restart).
@@ -54,6 +63,7 @@ pub struct Launch {
     cmdline: String,
     layout: Layout,
     kvm_device: PathBuf,
+    backends: Backends,
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, LaunchError> {
@@ -64,11 +74,10 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, LaunchError> {
     })
 }
 
-/// The memory layout for `mem_mb` MiB: RAM, then one device page (the
-/// descriptor page; empty until devices arrive), then the Host's pages.
-pub fn layout_for(mem_mb: u64) -> Layout {
+/// The memory layout for `mem_mb` MiB: RAM, then the device pages (the
+/// descriptor page and the rings), then the Host's pages.
+pub fn layout_for(mem_mb: u64, device_pages: u64) -> Layout {
     let mem = mem_mb << 20;
-    let device_pages = 1;
     let pfn_limit = mem / PAGE_SIZE + device_pages;
     Layout {
         mem,
@@ -92,14 +101,54 @@ impl Launch {
             Some(path) => Some((path.display().to_string(), read("initrd", path)?)),
             None => None,
         };
+        let disks = cfg
+            .block
+            .iter()
+            .map(|spec| Disk::open(spec).map(std::sync::Arc::new))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(LaunchError::Device)?;
+        let tunnet = cfg
+            .tunnet
+            .as_deref()
+            .map(tap::parse_tunnet)
+            .transpose()
+            .map_err(LaunchError::Device)?;
+        // The tap is the one set-up step with an effect outside us (it goes
+        // away with us), so it comes after every check that needs none.
+        let net = match tunnet {
+            Some((target, mac)) => {
+                let tap = tap::Tap::create(&target).map_err(LaunchError::Device)?;
+                Some((
+                    std::sync::Arc::new(tap),
+                    mac.unwrap_or_else(tap::random_mac),
+                ))
+            }
+            None => None,
+        };
+        let backends = Backends {
+            raw_terminal: false,
+            disks,
+            net,
+            rng: cfg.rng,
+        };
+        let devices = backends.devices();
+        bus::check_fits(&devices).map_err(LaunchError::Device)?;
+        let layout = layout_for(cfg.mem_mb, bus::device_pages(&devices));
+        BootImage {
+            kernel: &kernel,
+            initrd: initrd.as_ref().map(|(n, d)| (n.as_str(), d.as_slice())),
+            cmdline: &cfg.cmdline,
+            device_model: DEVICE_MODEL_VIRTIO,
+        }
+        .check(layout.mem)?;
         let launch = Launch {
             kernel,
             initrd,
             cmdline: cfg.cmdline,
-            layout: layout_for(cfg.mem_mb),
+            layout,
             kvm_device: cfg.kvm_device,
+            backends,
         };
-        launch.image().check(launch.layout.mem)?;
         Ok(launch)
     }
 
@@ -121,8 +170,15 @@ impl Launch {
         let hv = Hypervisor::open(&self.kvm_device)?;
         interrupts::install_kick_handler().map_err(LaunchError::Threads)?;
         interrupts::install_ctrl_c_handler().map_err(LaunchError::Threads)?;
+        let raw = devices::terminal::make_raw();
+        let backends = Backends {
+            raw_terminal: raw,
+            disks: self.backends.disks.clone(),
+            net: self.backends.net.clone(),
+            rng: self.backends.rng,
+        };
         loop {
-            let stop = self.boot_once(&hv)?;
+            let stop = self.boot_once(&hv, &backends)?;
             match stop {
                 Stop::Restart(reason) => on_restart(&reason),
                 other => return Ok(other),
@@ -131,7 +187,7 @@ impl Launch {
     }
 
     /// One boot, from fresh memory to the Guest's stop.
-    pub fn boot_once(&self, hv: &Hypervisor) -> Result<Stop, LaunchError> {
+    pub fn boot_once(&self, hv: &Hypervisor, backends: &Backends) -> Result<Stop, LaunchError> {
         let mem = GuestMemory::new(self.layout).map_err(LaunchError::Memory)?;
         let tables = host_pages::build(&mem);
         let entry = self.image().load(&mem)?;
@@ -146,7 +202,8 @@ impl Launch {
             "booting"
         );
         let irqs = Irqs::new().map_err(LaunchError::Threads)?;
-        let mut guest = Guest::new(mem, tables, vm, irqs).map_err(LaunchError::Threads)?;
+        let bus = Bus::new(&mem, backends.devices(), &irqs).map_err(LaunchError::Threads)?;
+        let mut guest = Guest::new(mem, tables, vm, irqs, bus).map_err(LaunchError::Threads)?;
         Ok(guest.run())
     }
 }

@@ -11,6 +11,8 @@
 
 mod bench;
 mod boot;
+mod bus;
+mod devices;
 mod host_pages;
 mod hypercalls;
 mod interrupts;
@@ -19,6 +21,7 @@ mod memory;
 mod pagewalk;
 mod timer;
 mod vcpu;
+mod virtio;
 mod vm;
 
 use clap::Parser;
@@ -49,6 +52,17 @@ struct Cli {
     /// Load FILE as the initial RAM disk, at the top of memory.
     #[arg(long, value_name = "FILE")]
     initrd: Option<PathBuf>,
+    /// Give the Guest a disk backed by FILE (repeatable); `,ro` makes it
+    /// read-only.
+    #[arg(long, value_name = "FILE[,ro]")]
+    block: Vec<String>,
+    /// Give the Guest a network: a new tap device with this address (the
+    /// Guest's side of a /24), or one added to an existing bridge.
+    #[arg(long, value_name = "IPADDR[:MAC]|bridge:NAME[:MAC]")]
+    tunnet: Option<String>,
+    /// Give the Guest a random-number device.
+    #[arg(long)]
+    rng: bool,
     /// Trace the Host's work on stderr.
     #[arg(long)]
     verbose: bool,
@@ -157,6 +171,9 @@ fn main() -> ExitCode {
         initrd: cli.initrd.clone(),
         cmdline: words.join(" "),
         kvm_device,
+        block: cli.block.clone(),
+        tunnet: cli.tunnet.clone(),
+        rng: cli.rng,
     };
     let launch = match Launch::prepare(config) {
         Ok(l) => l,
@@ -168,6 +185,7 @@ fn main() -> ExitCode {
     let stop = launch.run(|reason| {
         eprintln!("lguest: guest restarting: {}", escape(reason));
     });
+    devices::terminal::restore();
     match stop {
         Ok(Stop::PowerOff(reason)) => {
             eprintln!("lguest: guest powered off: {}", escape(&reason));

@@ -58,7 +58,9 @@ pub struct OutOfBounds {
 }
 
 /// The Guest's memory: RAM plus device pages (one region) and the Host pages
-/// (two regions, so they can be given to KVM as separate memslots).
+/// (two regions, so they can be given to KVM as separate memslots). Clones
+/// share the same mappings (device threads hold one).
+#[derive(Clone)]
 pub struct GuestMemory {
     pub layout: Layout,
     mmap: GuestMemoryMmap,

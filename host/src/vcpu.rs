@@ -12,6 +12,7 @@
 //! ([`Guest::prepare_entry`]), and builds the frame itself, on the Guest's
 //! stack, as lguest's `set_guest_interrupt` did.
 
+use crate::bus::Bus;
 use crate::host_pages::{self, HostTables, HOST_VA, STUB_FRAME_WORDS, TRAP_PORT};
 use crate::interrupts::{frame_base, Gate, Irqs};
 use crate::memory::GuestMemory;
@@ -55,8 +56,9 @@ enum Where {
 
 /// One running Guest: lguest's `struct lguest`.
 pub struct Guest {
-    // Drop order matters: the timer thread stops first, then the VM goes,
-    // and only then its memory.
+    // Drop order matters: the device and timer threads stop first, then the
+    // VM goes, and only then its memory.
+    pub(crate) bus: Bus,
     pub(crate) clock: ClockEvent,
     pub(crate) vm: Vm,
     pub mem: GuestMemory,
@@ -84,11 +86,13 @@ impl Guest {
         tables: HostTables,
         mut vm: Vm,
         irqs: Arc<Irqs>,
+        bus: Bus,
     ) -> std::io::Result<Guest> {
         let clock = ClockEvent::start(irqs.clone())?;
         crate::interrupts::set_kick_target(vm.vcpu.get_kvm_run());
         let cr3 = tables.init_pml4;
         Ok(Guest {
+            bus,
             clock,
             vm,
             mem,
@@ -324,6 +328,9 @@ impl Guest {
         loop {
             if crate::interrupts::user_stopped() {
                 return Err(kill("ended by the user (three Ctrl-C)"));
+            }
+            if let Some(reason) = self.irqs.death() {
+                return Err(kill(reason));
             }
             if self.halted {
                 // Drain the wake-up counter before looking, so a raise after

@@ -1,0 +1,174 @@
+//! The lguest bus (ABI section 8): a page of device descriptors just above
+//! the top of RAM, rings the Launcher assigns, and NOTIFY to kick.
+//!
+//! ```text
+//! mem:          descriptor page: {type, num_vq, feature_len, config_len, status}
+//!               + num_vq x {num, irq, pfn} + Host features + Guest features + config,
+//!               back to back, type 0 ending the list; the console first
+//! mem + 4096:   the rings, one after another, each 4096-aligned
+//! ```
+//!
+//! NOTIFY with a ring's address kicks that queue (an eventfd write: the
+//! device's own thread does the work); NOTIFY with a descriptor's address
+//! means its status changed, and a status of 0 (or FAILED) resets it before
+//! NOTIFY returns.
+
+use crate::interrupts::Irqs;
+use crate::memory::GuestMemory;
+use crate::virtio::queue::ring_bytes;
+use crate::virtio::{Device, QueueSetup, Running, COMMON_FEATURES};
+use lguest_abi::{
+    DeviceDesc, VqConfig, FEATURE_LEN, LGUEST_IRQS, PAGE_SIZE, VIRTIO_STATUS_FAILED,
+    VRING_DEFAULT_NUM,
+};
+use std::sync::Arc;
+use zerocopy::IntoBytes;
+
+/// Pages the bus needs above RAM for these devices: the descriptor page and
+/// every ring.
+pub fn device_pages(devices: &[Box<dyn Device>]) -> u64 {
+    let rings: u64 = devices
+        .iter()
+        .map(|d| d.queue_names().len() as u64 * ring_bytes(VRING_DEFAULT_NUM))
+        .sum();
+    1 + rings / PAGE_SIZE
+}
+
+/// Checks the devices fit the bus: one descriptor page, and one IRQ per
+/// queue from IRQ 1.
+pub fn check_fits(devices: &[Box<dyn Device>]) -> Result<(), String> {
+    let queues: usize = devices.iter().map(|d| d.queue_names().len()).sum();
+    if queues >= LGUEST_IRQS as usize {
+        return Err(format!(
+            "too many devices: {queues} queues, but a Guest has IRQs for {}",
+            LGUEST_IRQS - 1
+        ));
+    }
+    let bytes: usize = devices
+        .iter()
+        .map(|d| descriptor(d.as_ref()).total_size())
+        .sum();
+    if bytes >= PAGE_SIZE as usize {
+        return Err("too many devices for one descriptor page".into());
+    }
+    Ok(())
+}
+
+fn descriptor(d: &dyn Device) -> DeviceDesc {
+    DeviceDesc {
+        type_: d.virtio_id(),
+        num_vq: d.queue_names().len() as u8,
+        feature_len: FEATURE_LEN,
+        config_len: d.config().len() as u8,
+        status: 0,
+    }
+}
+
+struct OnBus {
+    /// Guest-physical address of its descriptor.
+    desc: u64,
+    /// Guest-physical address of each ring.
+    rings: Vec<u64>,
+    guest_features: u64,
+    running: Running,
+}
+
+pub struct Bus {
+    mem: GuestMemory,
+    devices: Vec<OnBus>,
+}
+
+impl Bus {
+    /// Writes the descriptor page and starts every device's thread.
+    pub fn new(
+        mem: &GuestMemory,
+        devices: Vec<Box<dyn Device>>,
+        irqs: &Arc<Irqs>,
+    ) -> std::io::Result<Bus> {
+        let page = mem.layout.mem;
+        let mut at = page;
+        let mut ring = page + PAGE_SIZE;
+        let mut irq = 1u32;
+        let mut on_bus = Vec::new();
+        for device in devices {
+            let desc = descriptor(device.as_ref());
+            let mut bytes = desc.as_bytes().to_vec();
+            let mut setup = Vec::new();
+            let features_at = at + bytes.len() as u64 + 8 * desc.num_vq as u64;
+            let guest_features = features_at + FEATURE_LEN as u64;
+            for _ in 0..desc.num_vq {
+                let vq = VqConfig {
+                    num: VRING_DEFAULT_NUM,
+                    irq: irq as u16,
+                    pfn: (ring / PAGE_SIZE) as u32,
+                };
+                bytes.extend_from_slice(vq.as_bytes());
+                setup.push(QueueSetup {
+                    num: VRING_DEFAULT_NUM,
+                    irq,
+                    ring,
+                    guest_features,
+                });
+                ring += ring_bytes(VRING_DEFAULT_NUM);
+                irq += 1;
+            }
+            bytes.extend_from_slice(&(COMMON_FEATURES | device.features()).to_le_bytes());
+            bytes.extend_from_slice(&[0; FEATURE_LEN as usize]);
+            bytes.extend_from_slice(&device.config());
+            mem.write(at, &bytes).expect("checked by check_fits");
+            let rings = setup.iter().map(|s| s.ring).collect();
+            on_bus.push(OnBus {
+                desc: at,
+                rings,
+                guest_features,
+                running: Running::start(device, setup, mem.clone(), irqs.clone())?,
+            });
+            at += bytes.len() as u64;
+        }
+        Ok(Bus {
+            mem: mem.clone(),
+            devices: on_bus,
+        })
+    }
+
+    /// NOTIFY at `addr`, if it names a descriptor or a ring: true if it did.
+    pub fn notify(&self, addr: u64) -> bool {
+        for d in &self.devices {
+            if addr == d.desc {
+                self.status_changed(d);
+                return true;
+            }
+            if let Some(q) = d.rings.iter().position(|&r| r == addr) {
+                let _ = d.running.kicks[q].write(1);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The Guest wrote a device's status and told us. Status 0 is a reset;
+    /// FAILED is reported and resets too. Anything else (features chosen,
+    /// DRIVER_OK) needs nothing now: a queue reads the features at its first
+    /// kick.
+    fn status_changed(&self, d: &OnBus) {
+        let mut status = [0u8];
+        self.mem
+            .read(d.desc + 4, &mut status)
+            .expect("descriptor page is the Guest's");
+        if status[0] != 0 && status[0] & VIRTIO_STATUS_FAILED == 0 {
+            return;
+        }
+        if status[0] & VIRTIO_STATUS_FAILED != 0 {
+            tracing::warn!(
+                device = d.running.name,
+                "the Guest's driver failed; resetting"
+            );
+        }
+        d.running.reset();
+        let _ = self.mem.write(d.guest_features, &[0; FEATURE_LEN as usize]);
+        let zeros = vec![0u8; ring_bytes(VRING_DEFAULT_NUM) as usize];
+        for &ring in &d.rings {
+            let _ = self.mem.write(ring, &zeros);
+        }
+    }
+}

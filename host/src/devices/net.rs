@@ -1,0 +1,118 @@
+//! The network device (virtio ID 1), `--tunnet`: queue 0 receives frames
+//! from the tap, queue 1 sends the Guest's frames to it. Both carry the
+//! legacy 10-byte virtio-net header, which the tap (IFF_VNET_HDR) speaks too.
+
+use crate::devices::tap::Tap;
+use crate::virtio::queue::{read_from_chain, write_to_chain, Chain};
+use crate::virtio::{Device, Queues};
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
+
+const RX: usize = 0;
+const TX: usize = 1;
+/// Header plus the largest frame we pass (no GSO is negotiated).
+const FRAME_MAX: usize = 10 + 65535;
+
+pub struct Net {
+    tap: Arc<Tap>,
+    mac: [u8; 6],
+    /// A receive buffer taken from the ring while the tap had nothing: the
+    /// ring can't take it back, so it waits here for the next frame.
+    held: Option<Chain>,
+    /// Whether the Guest may have receive buffers; while it has none we
+    /// stop watching the tap until it kicks the receive queue.
+    rx_buffers: bool,
+    frame: Vec<u8>,
+}
+
+impl Net {
+    pub fn new(tap: Arc<Tap>, mac: [u8; 6]) -> Net {
+        Net {
+            tap,
+            mac,
+            held: None,
+            rx_buffers: false,
+            frame: vec![0; FRAME_MAX],
+        }
+    }
+
+    /// Moves frames from the tap into receive buffers while both last.
+    fn receive(&mut self, queues: &mut Queues) -> Result<(), String> {
+        loop {
+            let chain = match self.held.take() {
+                Some(chain) => chain,
+                None => match queues.pop(RX)? {
+                    Some(chain) => chain,
+                    None => {
+                        self.rx_buffers = false;
+                        return Ok(());
+                    }
+                },
+            };
+            match self.tap.read_frame(&mut self.frame) {
+                Ok(n) => {
+                    let written = write_to_chain(queues.mem, &chain, &self.frame[..n]);
+                    queues.push(RX, &chain, written)?;
+                }
+                Err(_) => {
+                    self.held = Some(chain);
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+impl Device for Net {
+    fn name(&self) -> &'static str {
+        "net"
+    }
+    fn virtio_id(&self) -> u8 {
+        lguest_abi::VIRTIO_ID_NET
+    }
+    fn queue_names(&self) -> &'static [&'static str] {
+        &["rx", "tx"]
+    }
+    fn features(&self) -> u32 {
+        1 << VIRTIO_NET_F_MAC
+    }
+    /// {u8 mac[6], u16 status}
+    fn config(&self) -> Vec<u8> {
+        let mut c = self.mac.to_vec();
+        c.extend_from_slice(&0u16.to_le_bytes());
+        c
+    }
+
+    fn kick(&mut self, q: usize, queues: &mut Queues) -> Result<(), String> {
+        if q == RX {
+            self.rx_buffers = true;
+            return self.receive(queues);
+        }
+        while let Some(chain) = queues.pop(TX)? {
+            let frame = read_from_chain(queues.mem, &chain);
+            // A frame the tap refuses (down, or malformed) is dropped, as a
+            // real wire would.
+            let _ = self.tap.write_frame(&frame);
+            queues.push(TX, &chain, 0)?;
+        }
+        Ok(())
+    }
+
+    fn backend_fd(&self) -> Option<RawFd> {
+        Some(self.tap.fd())
+    }
+
+    fn wants_backend(&self) -> bool {
+        self.rx_buffers
+    }
+
+    fn backend_ready(&mut self, queues: &mut Queues) -> Result<(), String> {
+        self.receive(queues)
+    }
+
+    fn reset(&mut self) {
+        self.held = None;
+        self.rx_buffers = false;
+    }
+}

@@ -1,0 +1,205 @@
+//! A Linux tap device for `--tunnet`: a new `lguestN` interface that either
+//! gets an IPv4 address (a point-to-point /24 with the Guest) or joins an
+//! existing bridge. Frames carry the 10-byte virtio-net header (IFF_VNET_HDR),
+//! so the Guest's headers pass straight through.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54CA;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54D0;
+const SIOCBRADDIF: libc::c_ulong = 0x89A2;
+
+/// What `--tunnet=` asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TapSpec {
+    Address(Ipv4Addr),
+    Bridge(String),
+}
+
+/// Parses `IPADDR[:MAC]` or `bridge:NAME[:MAC]`.
+pub fn parse_tunnet(spec: &str) -> Result<(TapSpec, Option<[u8; 6]>), String> {
+    let bad = || format!("--tunnet={spec}: expected IPADDR[:MAC] or bridge:NAME[:MAC]");
+    let (target, mac) = if let Some(rest) = spec.strip_prefix("bridge:") {
+        let (name, mac) = rest
+            .split_once(':')
+            .map_or((rest, None), |(n, m)| (n, Some(m)));
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+            return Err(bad());
+        }
+        (TapSpec::Bridge(name.to_string()), mac)
+    } else {
+        let (ip, mac) = spec
+            .split_once(':')
+            .map_or((spec, None), |(i, m)| (i, Some(m)));
+        (TapSpec::Address(ip.parse().map_err(|_| bad())?), mac)
+    };
+    let mac = mac.map(|m| parse_mac(m).ok_or_else(bad)).transpose()?;
+    Ok((target, mac))
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut mac {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// A random, locally administered unicast MAC.
+pub fn random_mac() -> [u8; 6] {
+    let mut mac = [0u8; 6];
+    // SAFETY: getrandom writes at most 6 bytes into `mac`.
+    unsafe { libc::getrandom(mac.as_mut_ptr().cast(), mac.len(), 0) };
+    mac[0] = (mac[0] & 0xFE) | 0x02;
+    mac
+}
+
+pub struct Tap {
+    file: File,
+    pub name: String,
+}
+
+fn ifreq(name: &str) -> libc::ifreq {
+    // SAFETY: ifreq is plain data; all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    req
+}
+
+fn name_of(req: &libc::ifreq) -> String {
+    req.ifr_name
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8 as char)
+        .collect()
+}
+
+/// An ioctl on `fd` with an ifreq, as an io::Result.
+fn ioctl(fd: RawFd, request: libc::c_ulong, req: &mut libc::ifreq) -> std::io::Result<()> {
+    // SAFETY: every request used here takes a pointer to one ifreq, which
+    // we own for the duration of the call.
+    if unsafe { libc::ioctl(fd, request as _, req as *mut libc::ifreq) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl Tap {
+    /// Creates the tap and configures it as `spec` says.
+    pub fn create(spec: &TapSpec) -> Result<Tap, String> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("/dev/net/tun")
+            .map_err(|e| format!("cannot open /dev/net/tun: {e}"))?;
+        let mut req = ifreq("lguest%d");
+        req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
+        ioctl(file.as_raw_fd(), TUNSETIFF, &mut req)
+            .map_err(|e| format!("cannot create a tap device: {e}"))?;
+        let name = name_of(&req);
+        // No offloads: the Guest negotiates none, so frames are whole.
+        // SAFETY: TUNSETOFFLOAD takes an integer argument.
+        unsafe { libc::ioctl(file.as_raw_fd(), TUNSETOFFLOAD as _, 0) };
+        let tap = Tap { file, name };
+        tap.configure(spec)
+            .map_err(|e| format!("cannot set up tap {}: {e}", tap.name))?;
+        Ok(tap)
+    }
+
+    fn configure(&self, spec: &TapSpec) -> std::io::Result<()> {
+        // SAFETY: a plain socket call; the result is checked and owned.
+        let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if sock < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `sock` is a fresh descriptor nobody else owns.
+        let sock = unsafe { OwnedFd::from_raw_fd(sock) };
+        let fd = sock.as_raw_fd();
+        match spec {
+            TapSpec::Address(ip) => {
+                for (request, addr) in [
+                    (libc::SIOCSIFADDR, *ip),
+                    (libc::SIOCSIFNETMASK, Ipv4Addr::new(255, 255, 255, 0)),
+                ] {
+                    let mut req = ifreq(&self.name);
+                    let sin = libc::sockaddr_in {
+                        sin_family: libc::AF_INET as libc::sa_family_t,
+                        sin_port: 0,
+                        sin_addr: libc::in_addr {
+                            s_addr: u32::from(addr).to_be(),
+                        },
+                        sin_zero: [0; 8],
+                    };
+                    // SAFETY: sockaddr_in fits in the ifreq's sockaddr slot.
+                    unsafe {
+                        std::ptr::write(std::ptr::addr_of_mut!(req.ifr_ifru.ifru_addr).cast(), sin)
+                    };
+                    ioctl(fd, request, &mut req)?;
+                }
+            }
+            TapSpec::Bridge(bridge) => {
+                let mut req = ifreq(&self.name);
+                ioctl(fd, libc::SIOCGIFINDEX, &mut req)?;
+                // SAFETY: SIOCGIFINDEX filled the ifindex member.
+                let index = unsafe { req.ifr_ifru.ifru_ifindex };
+                let mut req = ifreq(bridge);
+                req.ifr_ifru.ifru_ifindex = index;
+                ioctl(fd, SIOCBRADDIF, &mut req)?;
+            }
+        }
+        let mut req = ifreq(&self.name);
+        ioctl(fd, libc::SIOCGIFFLAGS, &mut req)?;
+        // SAFETY: SIOCGIFFLAGS filled the flags member.
+        let flags = unsafe { req.ifr_ifru.ifru_flags };
+        req.ifr_ifru.ifru_flags = flags | (libc::IFF_UP | libc::IFF_RUNNING) as i16;
+        ioctl(fd, libc::SIOCSIFFLAGS, &mut req)
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// One frame (with its virtio-net header) in, if one is waiting.
+    pub fn read_frame(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        (&self.file).read(buf)
+    }
+
+    /// One frame (with its virtio-net header) out.
+    pub fn write_frame(&self, frame: &[u8]) -> std::io::Result<usize> {
+        (&self.file).write(frame)
+    }
+}
+
+use std::os::unix::fs::OpenOptionsExt;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tunnet_specs() {
+        assert_eq!(
+            parse_tunnet("192.168.19.1").unwrap(),
+            (TapSpec::Address(Ipv4Addr::new(192, 168, 19, 1)), None)
+        );
+        assert_eq!(
+            parse_tunnet("10.0.0.1:02:00:00:00:00:01").unwrap().1,
+            Some([2, 0, 0, 0, 0, 1])
+        );
+        assert_eq!(
+            parse_tunnet("bridge:br0").unwrap().0,
+            TapSpec::Bridge("br0".into())
+        );
+        assert!(parse_tunnet("bridge:br0:zz").is_err());
+        assert!(parse_tunnet("300.1.1.1").is_err());
+        assert!(parse_tunnet("bridge:").is_err());
+        assert!(random_mac()[0] & 3 == 2);
+    }
+}

@@ -1,0 +1,337 @@
+//! Virtio devices, as the lguest bus ([`crate::bus`]) runs them.
+//!
+//! A device ([`Device`]) only moves bytes between its queues and its backend
+//! (stdin, a file, a tap, the kernel's random source). Each runs on a thread
+//! of its own, woken by an eventfd per queue (written when the Guest kicks it
+//! with NOTIFY) and by its backend's descriptor, so the vCPU never waits on
+//! I/O. A Guest that breaks the ring rules ends in Sudden Death with a reason
+//! naming the device and queue.
+
+pub mod queue;
+
+use crate::interrupts::Irqs;
+use crate::memory::GuestMemory;
+use queue::{Chain, Queue, RingFeatures};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+use virtio_bindings::virtio_config::{VIRTIO_F_ANY_LAYOUT, VIRTIO_F_NOTIFY_ON_EMPTY};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Features every device offers (ABI section 8).
+pub const COMMON_FEATURES: u32 = 1 << VIRTIO_F_NOTIFY_ON_EMPTY
+    | 1 << VIRTIO_F_ANY_LAYOUT
+    | 1 << VIRTIO_RING_F_INDIRECT_DESC
+    | 1 << VIRTIO_RING_F_EVENT_IDX;
+
+/// One device's backend and behaviour.
+pub trait Device: Send {
+    /// Its name in messages: "console", "block", "net", "rng".
+    fn name(&self) -> &'static str;
+    /// The virtio device ID (the descriptor's type).
+    fn virtio_id(&self) -> u8;
+    /// Its queues, by name, in order.
+    fn queue_names(&self) -> &'static [&'static str];
+    /// Device-specific feature bits (the common ones are added).
+    fn features(&self) -> u32;
+    /// Its config space.
+    fn config(&self) -> Vec<u8>;
+    /// Queue `q` was kicked (or just became ready).
+    fn kick(&mut self, q: usize, queues: &mut Queues) -> Result<(), String>;
+    /// A backend descriptor to watch, if any.
+    fn backend_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// Whether to watch the backend now (e.g. not while no buffer can take
+    /// what it would give).
+    fn wants_backend(&self) -> bool {
+        false
+    }
+    /// The backend is readable.
+    fn backend_ready(&mut self, _queues: &mut Queues) -> Result<(), String> {
+        Ok(())
+    }
+    /// The Guest reset the device: forget everything about its queues.
+    fn reset(&mut self) {}
+}
+
+/// The queues of one device, as a device sees them while it works.
+pub struct Queues<'a> {
+    pub mem: &'a GuestMemory,
+    queues: &'a mut [Option<Queue>],
+    names: &'static [&'static str],
+    irqs: &'a [u32],
+    irq_state: &'a Irqs,
+}
+
+impl Queues<'_> {
+    fn context(&self, q: usize, e: String) -> String {
+        format!("queue {q} ({}): {e}", self.names[q])
+    }
+
+    /// Ends the Guest (the user asked to, through this device).
+    pub fn stop_guest(&self, reason: &str) {
+        self.irq_state.kill(reason.to_string());
+    }
+
+    /// The next chain the Guest offers on queue `q`.
+    pub fn pop(&mut self, q: usize) -> Result<Option<Chain>, String> {
+        match &mut self.queues[q] {
+            Some(queue) => queue.pop(self.mem).map_err(|e| self.context(q, e)),
+            None => Ok(None),
+        }
+    }
+
+    /// Hands a chain back with `len` bytes written, interrupting the Guest
+    /// if it wants to hear of it.
+    pub fn push(&mut self, q: usize, chain: &Chain, len: u32) -> Result<(), String> {
+        let queue = self.queues[q].as_mut().expect("popped from a ready queue");
+        let notify = queue
+            .push(self.mem, chain.head, len)
+            .map_err(|e| format!("queue {q} ({}): {e}", self.names[q]))?;
+        if notify {
+            self.irq_state.raise(self.irqs[q]);
+        }
+        Ok(())
+    }
+}
+
+/// What the bus and a device's thread share.
+pub struct DeviceState {
+    pub device: Box<dyn Device>,
+    /// Live queues (None until the first kick after setup or reset).
+    queues: Vec<Option<Queue>>,
+}
+
+/// A device's place on the bus for one boot.
+pub struct Running {
+    pub name: &'static str,
+    pub state: Arc<Mutex<DeviceState>>,
+    pub kicks: Vec<Arc<EventFd>>,
+    stop: Arc<EventFd>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Where a device's queues are and what they need to start.
+#[derive(Clone)]
+pub struct QueueSetup {
+    pub num: u16,
+    pub irq: u32,
+    /// Guest-physical address of the ring.
+    pub ring: u64,
+    /// Where the Guest's accepted features are, on the descriptor page.
+    pub guest_features: u64,
+}
+
+pub fn lock(state: &Mutex<DeviceState>) -> MutexGuard<'_, DeviceState> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl DeviceState {
+    /// Forgets every queue (reset, or FAILED).
+    pub fn reset(&mut self) {
+        for q in &mut self.queues {
+            *q = None;
+        }
+        self.device.reset();
+    }
+}
+
+const BACKEND: u64 = 64;
+const STOP: u64 = 65;
+
+impl Running {
+    /// Starts the device's thread.
+    pub fn start(
+        device: Box<dyn Device>,
+        setup: Vec<QueueSetup>,
+        mem: GuestMemory,
+        irqs: Arc<Irqs>,
+    ) -> std::io::Result<Running> {
+        let name = device.name();
+        let state = Arc::new(Mutex::new(DeviceState {
+            queues: setup.iter().map(|_| None).collect(),
+            device,
+        }));
+        let kicks: Vec<_> = (0..setup.len())
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).map(Arc::new))
+            .collect::<Result<_, _>>()?;
+        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        let epoll = Epoll::new()?;
+        for (q, k) in kicks.iter().enumerate() {
+            epoll.ctl(
+                ControlOperation::Add,
+                k.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, q as u64),
+            )?;
+        }
+        epoll.ctl(
+            ControlOperation::Add,
+            stop.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, STOP),
+        )?;
+        let mut worker = Worker {
+            state: state.clone(),
+            kicks: kicks.clone(),
+            setup,
+            mem,
+            irqs,
+            epoll,
+            backend: Backend::None,
+        };
+        let thread = crate::interrupts::without_sigint(|| {
+            std::thread::Builder::new()
+                .name(format!("lguest-{name}"))
+                .spawn(move || worker.run())
+        })?;
+        Ok(Running {
+            name,
+            state,
+            kicks,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Resets the device; done when this returns (the Guest's NOTIFY waits).
+    pub fn reset(&self) {
+        let mut state = lock(&self.state);
+        for k in &self.kicks {
+            let _ = k.read();
+        }
+        state.reset();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// How the worker watches the backend descriptor.
+enum Backend {
+    /// Nothing to watch (or not now).
+    None,
+    /// Registered with epoll.
+    Watched(RawFd),
+    /// epoll can't watch it (a regular file, /dev/null): it is always ready.
+    AlwaysReady,
+}
+
+struct Worker {
+    state: Arc<Mutex<DeviceState>>,
+    kicks: Vec<Arc<EventFd>>,
+    setup: Vec<QueueSetup>,
+    mem: GuestMemory,
+    irqs: Arc<Irqs>,
+    epoll: Epoll,
+    backend: Backend,
+}
+
+impl Worker {
+    fn run(&mut self) {
+        let mut events = vec![EpollEvent::default(); self.kicks.len() + 2];
+        loop {
+            self.watch_backend();
+            let timeout = if matches!(self.backend, Backend::AlwaysReady) {
+                0
+            } else {
+                -1
+            };
+            let n = match self.epoll.wait(timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            let mut ready: Vec<u64> = events[..n].iter().map(|e| e.data()).collect();
+            if matches!(self.backend, Backend::AlwaysReady) {
+                ready.push(BACKEND);
+            }
+            for token in ready {
+                let result = match token {
+                    STOP => return,
+                    BACKEND => self.with_queues(None, |d, q| d.backend_ready(q)),
+                    q => {
+                        let q = q as usize;
+                        let _ = self.kicks[q].read();
+                        self.with_queues(Some(q), |d, queues| d.kick(q, queues))
+                    }
+                };
+                if let Err(reason) = result {
+                    let name = lock(&self.state).device.name();
+                    self.irqs.kill(format!("{name} {reason}"));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Runs `f` with the device and its queues, first bringing up queue
+    /// `kicked` if this is its first kick since setup or reset.
+    fn with_queues(
+        &mut self,
+        kicked: Option<usize>,
+        f: impl FnOnce(&mut dyn Device, &mut Queues) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let mut guard = lock(&self.state);
+        let state = &mut *guard;
+        if let Some(q) = kicked {
+            if state.queues[q].is_none() {
+                let setup = &self.setup[q];
+                // The Guest has finished choosing features by its first kick.
+                let features = self.mem.read_u32(setup.guest_features).unwrap_or(0);
+                let bit = |b: u32| features & (1 << b) != 0;
+                state.queues[q] = Some(Queue::new(
+                    setup.num,
+                    setup.ring,
+                    RingFeatures {
+                        event_idx: bit(VIRTIO_RING_F_EVENT_IDX),
+                        indirect: bit(VIRTIO_RING_F_INDIRECT_DESC),
+                        notify_on_empty: bit(VIRTIO_F_NOTIFY_ON_EMPTY),
+                    },
+                ));
+            }
+        }
+        let irqs: Vec<u32> = self.setup.iter().map(|s| s.irq).collect();
+        let names = state.device.queue_names();
+        let mut queues = Queues {
+            mem: &self.mem,
+            queues: &mut state.queues,
+            names,
+            irqs: &irqs,
+            irq_state: &self.irqs,
+        };
+        f(state.device.as_mut(), &mut queues)
+    }
+
+    /// Adds or removes the backend from epoll as the device wants.
+    fn watch_backend(&mut self) {
+        let (fd, wanted) = {
+            let state = lock(&self.state);
+            (state.device.backend_fd(), state.device.wants_backend())
+        };
+        match (&self.backend, fd, wanted) {
+            (Backend::None, Some(fd), true) => {
+                let ev = EpollEvent::new(EventSet::IN, BACKEND);
+                self.backend = match self.epoll.ctl(ControlOperation::Add, fd, ev) {
+                    Ok(()) => Backend::Watched(fd),
+                    Err(e) if e.raw_os_error() == Some(libc::EPERM) => Backend::AlwaysReady,
+                    Err(_) => Backend::None,
+                };
+            }
+            (Backend::Watched(fd), _, false) => {
+                let _ = self
+                    .epoll
+                    .ctl(ControlOperation::Delete, *fd, EpollEvent::default());
+                self.backend = Backend::None;
+            }
+            (Backend::AlwaysReady, _, false) => self.backend = Backend::None,
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,451 @@
+//! A legacy split virtqueue, walked from the device side.
+//!
+//! Everything in the ring is written by the Guest, so nothing is trusted: the
+//! avail index may not run more than `num` ahead of us, every descriptor index
+//! must be in range, a chain may not revisit a descriptor or be longer than
+//! the ring (indirect tables included), and every buffer must lie in Guest
+//! memory. Any breach is an error whose text becomes the Sudden Death reason.
+//!
+//! ```text
+//! base:                 descriptors   {u64 addr, u32 len, u16 flags, u16 next} x num
+//! base + 16 num:        avail ring    {u16 flags, u16 idx, u16 ring[num], u16 used_event}
+//! next 4096 boundary:   used ring     {u16 flags, u16 idx, {u32 id, u32 len}[num], u16 avail_event}
+//! ```
+
+use crate::memory::GuestMemory;
+use std::sync::atomic::{fence, Ordering};
+use virtio_bindings::virtio_ring::{
+    VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
+
+const DESC_SIZE: u64 = 16;
+
+/// Bytes a ring of `num` entries takes, both parts, 4096-aligned.
+pub fn ring_bytes(num: u16) -> u64 {
+    used_offset(num) + (4 + 8 * num as u64 + 2).next_multiple_of(4096)
+}
+
+fn used_offset(num: u16) -> u64 {
+    (DESC_SIZE * num as u64 + 4 + 2 * num as u64 + 2).next_multiple_of(4096)
+}
+
+/// One buffer of a chain, checked to lie in Guest memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Buffer {
+    pub addr: u64,
+    pub len: u32,
+    /// Device-writable (the Guest reads it back).
+    pub writable: bool,
+}
+
+/// A descriptor chain taken from the avail ring.
+#[derive(Debug, Default)]
+pub struct Chain {
+    pub head: u16,
+    pub buffers: Vec<Buffer>,
+}
+
+impl Chain {
+    pub fn readable(&self) -> impl Iterator<Item = &Buffer> {
+        self.buffers.iter().filter(|b| !b.writable)
+    }
+    pub fn writable(&self) -> impl Iterator<Item = &Buffer> {
+        self.buffers.iter().filter(|b| b.writable)
+    }
+}
+
+/// The negotiated ring features that change how we walk and signal.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RingFeatures {
+    pub event_idx: bool,
+    pub indirect: bool,
+    pub notify_on_empty: bool,
+}
+
+pub struct Queue {
+    num: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    features: RingFeatures,
+    /// Next avail entry we will take.
+    next_avail: u16,
+    /// Next used entry we will fill.
+    next_used: u16,
+    /// The used index when we last signalled the Guest (for EVENT_IDX).
+    signalled_used: u16,
+}
+
+impl Queue {
+    /// A queue of `num` entries whose ring starts at `base`.
+    pub fn new(num: u16, base: u64, features: RingFeatures) -> Queue {
+        Queue {
+            num,
+            desc: base,
+            avail: base + DESC_SIZE * num as u64,
+            used: base + used_offset(num),
+            features,
+            next_avail: 0,
+            next_used: 0,
+            signalled_used: 0,
+        }
+    }
+
+    fn read_u16(mem: &GuestMemory, addr: u64) -> Result<u16, String> {
+        let mut b = [0u8; 2];
+        mem.read(addr, &mut b).map_err(|e| e.to_string())?;
+        Ok(u16::from_le_bytes(b))
+    }
+
+    fn write_u16(mem: &GuestMemory, addr: u64, v: u16) -> Result<(), String> {
+        mem.write(addr, &v.to_le_bytes()).map_err(|e| e.to_string())
+    }
+
+    fn avail_idx(&self, mem: &GuestMemory) -> Result<u16, String> {
+        Self::read_u16(mem, self.avail + 2)
+    }
+
+    /// Takes the next available chain, if any.
+    pub fn pop(&mut self, mem: &GuestMemory) -> Result<Option<Chain>, String> {
+        let idx = self.avail_idx(mem)?;
+        let waiting = idx.wrapping_sub(self.next_avail);
+        if waiting > self.num {
+            return Err(format!(
+                "avail index jumped from {} to {idx} (ring of {})",
+                self.next_avail, self.num
+            ));
+        }
+        if waiting == 0 {
+            return Ok(None);
+        }
+        // Read the entry only after seeing the index that covers it.
+        fence(Ordering::Acquire);
+        let slot = self.avail + 4 + 2 * (self.next_avail % self.num) as u64;
+        let head = Self::read_u16(mem, slot)?;
+        let chain = self.walk(mem, head)?;
+        self.next_avail = self.next_avail.wrapping_add(1);
+        if self.features.event_idx {
+            // avail_event: kick us again when the Guest adds past this.
+            let at = self.used + 4 + 8 * self.num as u64;
+            Self::write_u16(mem, at, self.next_avail)?;
+        }
+        Ok(Some(chain))
+    }
+
+    /// Follows a chain from `head`, through one level of indirect table.
+    fn walk(&self, mem: &GuestMemory, head: u16) -> Result<Chain, String> {
+        let mut chain = Chain {
+            head,
+            buffers: Vec::new(),
+        };
+        let mut visited = vec![false; self.num as usize];
+        let mut index = head;
+        loop {
+            if index >= self.num {
+                return Err(format!(
+                    "descriptor index {index} out of range (ring of {})",
+                    self.num
+                ));
+            }
+            if std::mem::replace(&mut visited[index as usize], true) {
+                return Err(format!("descriptor chain from {head} loops at {index}"));
+            }
+            let (addr, len, flags, next) = read_desc(mem, self.desc + DESC_SIZE * index as u64)?;
+            if flags & VRING_DESC_F_INDIRECT as u16 != 0 {
+                if !self.features.indirect {
+                    return Err(format!("indirect descriptor {index} without INDIRECT_DESC"));
+                }
+                self.walk_indirect(mem, index, addr, len, &mut chain)?;
+            } else {
+                chain
+                    .buffers
+                    .push(check_buffer(mem, index, addr, len, flags)?);
+            }
+            if chain.buffers.len() > self.num as usize {
+                return Err(format!(
+                    "descriptor chain from {head} is longer than the ring ({})",
+                    self.num
+                ));
+            }
+            if flags & VRING_DESC_F_NEXT as u16 == 0 {
+                return Ok(chain);
+            }
+            index = next;
+        }
+    }
+
+    fn walk_indirect(
+        &self,
+        mem: &GuestMemory,
+        index: u16,
+        table: u64,
+        len: u32,
+        chain: &mut Chain,
+    ) -> Result<(), String> {
+        if len == 0 || !(len as u64).is_multiple_of(DESC_SIZE) {
+            return Err(format!("indirect descriptor {index} has bad length {len}"));
+        }
+        mem.check(table, len as u64)
+            .map_err(|e| format!("indirect table of descriptor {index}: {e}"))?;
+        let count = len as u64 / DESC_SIZE;
+        if count > self.num as u64 {
+            return Err(format!(
+                "descriptor chain through indirect table {index} is longer than the ring ({})",
+                self.num
+            ));
+        }
+        let mut visited = vec![false; count as usize];
+        let mut i = 0u16;
+        loop {
+            if i as u64 >= count || std::mem::replace(&mut visited[i as usize], true) {
+                return Err(format!(
+                    "indirect table of descriptor {index}: chain loops or leaves it at {i}"
+                ));
+            }
+            let (addr, len, flags, next) = read_desc(mem, table + DESC_SIZE * i as u64)?;
+            if flags & VRING_DESC_F_INDIRECT as u16 != 0 {
+                return Err(format!(
+                    "indirect table of descriptor {index} nests another"
+                ));
+            }
+            chain.buffers.push(check_buffer(mem, i, addr, len, flags)?);
+            if flags & VRING_DESC_F_NEXT as u16 == 0 {
+                return Ok(());
+            }
+            i = next;
+        }
+    }
+
+    /// Returns a chain to the Guest with `len` bytes written into it.
+    /// Returns whether the Guest wants an interrupt for it now.
+    pub fn push(&mut self, mem: &GuestMemory, head: u16, len: u32) -> Result<bool, String> {
+        let slot = self.used + 4 + 8 * (self.next_used % self.num) as u64;
+        let mut elem = [0u8; 8];
+        elem[..4].copy_from_slice(&(head as u32).to_le_bytes());
+        elem[4..].copy_from_slice(&len.to_le_bytes());
+        mem.write(slot, &elem).map_err(|e| e.to_string())?;
+        // The entry must be visible before the index that publishes it.
+        fence(Ordering::Release);
+        self.next_used = self.next_used.wrapping_add(1);
+        Self::write_u16(mem, self.used + 2, self.next_used)?;
+        fence(Ordering::SeqCst);
+        self.needs_interrupt(mem)
+    }
+
+    /// Interrupt suppression: EVENT_IDX's used_event if negotiated, else the
+    /// avail ring's NO_INTERRUPT flag; NOTIFY_ON_EMPTY overrides both when we
+    /// have consumed everything.
+    fn needs_interrupt(&mut self, mem: &GuestMemory) -> Result<bool, String> {
+        let old = self.signalled_used;
+        let new = self.next_used;
+        if self.features.notify_on_empty && self.avail_idx(mem)? == self.next_avail {
+            self.signalled_used = new;
+            return Ok(true);
+        }
+        let wanted = if self.features.event_idx {
+            let used_event = Self::read_u16(mem, self.avail + 4 + 2 * self.num as u64)?;
+            // vring_need_event: did we just pass used_event?
+            new.wrapping_sub(used_event).wrapping_sub(1) < new.wrapping_sub(old)
+        } else {
+            Self::read_u16(mem, self.avail)? & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0
+        };
+        if wanted {
+            self.signalled_used = new;
+        }
+        Ok(wanted)
+    }
+}
+
+fn read_desc(mem: &GuestMemory, at: u64) -> Result<(u64, u32, u16, u16), String> {
+    let mut d = [0u8; DESC_SIZE as usize];
+    mem.read(at, &mut d).map_err(|e| e.to_string())?;
+    Ok((
+        u64::from_le_bytes(d[0..8].try_into().expect("8 bytes")),
+        u32::from_le_bytes(d[8..12].try_into().expect("4 bytes")),
+        u16::from_le_bytes([d[12], d[13]]),
+        u16::from_le_bytes([d[14], d[15]]),
+    ))
+}
+
+fn check_buffer(
+    mem: &GuestMemory,
+    index: u16,
+    addr: u64,
+    len: u32,
+    flags: u16,
+) -> Result<Buffer, String> {
+    mem.check(addr, len as u64)
+        .map_err(|e| format!("descriptor {index} buffer: {e}"))?;
+    Ok(Buffer {
+        addr,
+        len,
+        writable: flags & VRING_DESC_F_WRITE as u16 != 0,
+    })
+}
+
+/// Copies `data` into the chain's writable buffers, in order; returns how
+/// many bytes fit.
+pub fn write_to_chain(mem: &GuestMemory, chain: &Chain, mut data: &[u8]) -> u32 {
+    let mut written = 0;
+    for b in chain.writable() {
+        if data.is_empty() {
+            break;
+        }
+        let n = data.len().min(b.len as usize);
+        mem.write(b.addr, &data[..n]).expect("checked by the walk");
+        written += n as u32;
+        data = &data[n..];
+    }
+    written
+}
+
+/// Gathers the chain's readable buffers into one vector.
+pub fn read_from_chain(mem: &GuestMemory, chain: &Chain) -> Vec<u8> {
+    let mut out = Vec::new();
+    for b in chain.readable() {
+        let start = out.len();
+        out.resize(start + b.len as usize, 0);
+        mem.read(b.addr, &mut out[start..])
+            .expect("checked by the walk");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::Layout;
+
+    const NUM: u16 = 8;
+    const BASE: u64 = 0x10000;
+
+    fn mem() -> GuestMemory {
+        GuestMemory::new(Layout {
+            mem: 1 << 20,
+            pfn_limit: 256,
+            host_ro_pages: 1,
+            host_rw_pages: 1,
+        })
+        .unwrap()
+    }
+
+    fn desc(m: &GuestMemory, i: u16, addr: u64, len: u32, flags: u32, next: u16) {
+        let at = BASE + 16 * i as u64;
+        m.write_u64(at, addr).unwrap();
+        m.write_u32(at + 8, len).unwrap();
+        m.write(at + 12, &(flags as u16).to_le_bytes()).unwrap();
+        m.write(at + 14, &next.to_le_bytes()).unwrap();
+    }
+
+    fn offer(m: &GuestMemory, q: &Queue, slot: u16, head: u16, idx: u16) {
+        m.write(q.avail + 4 + 2 * slot as u64, &head.to_le_bytes())
+            .unwrap();
+        m.write(q.avail + 2, &idx.to_le_bytes()).unwrap();
+    }
+
+    #[test]
+    fn layout_is_the_legacy_one() {
+        assert_eq!(used_offset(256), 8192);
+        assert_eq!(ring_bytes(256), 12288);
+    }
+
+    #[test]
+    fn takes_a_chain_and_returns_it() {
+        let m = mem();
+        let mut q = Queue::new(NUM, BASE, RingFeatures::default());
+        assert!(q.pop(&m).unwrap().is_none());
+        desc(&m, 0, 0x2000, 16, VRING_DESC_F_NEXT, 1);
+        desc(&m, 1, 0x3000, 100, VRING_DESC_F_WRITE, 0);
+        offer(&m, &q, 0, 0, 1);
+        let c = q.pop(&m).unwrap().unwrap();
+        assert_eq!(c.head, 0);
+        assert_eq!(c.readable().count(), 1);
+        assert_eq!(c.writable().next().unwrap().len, 100);
+        assert!(q.push(&m, 0, 42).unwrap());
+        assert_eq!(Queue::read_u16(&m, q.used + 2).unwrap(), 1);
+        assert_eq!(m.read_u32(q.used + 8).unwrap(), 42);
+        // NO_INTERRUPT suppresses the next one.
+        m.write(q.avail, &1u16.to_le_bytes()).unwrap();
+        offer(&m, &q, 1, 1, 2);
+        q.pop(&m).unwrap().unwrap();
+        assert!(!q.push(&m, 1, 0).unwrap());
+    }
+
+    #[test]
+    fn hostile_rings_are_refused_with_a_reason() {
+        let m = mem();
+        let limit = m.layout.guest_limit();
+        type Setup = Box<dyn Fn(&GuestMemory, &Queue)>;
+        let cases: Vec<(Setup, &str)> = vec![
+            (
+                Box::new(|m, q| {
+                    desc(m, 0, limit, 16, 0, 0);
+                    offer(m, q, 0, 0, 1)
+                }),
+                "outside guest memory",
+            ),
+            (
+                Box::new(|m, q| {
+                    desc(m, 0, 0x2000, 16, VRING_DESC_F_NEXT, 1);
+                    desc(m, 1, 0x2000, 16, VRING_DESC_F_NEXT, 0);
+                    offer(m, q, 0, 0, 1)
+                }),
+                "loops",
+            ),
+            (Box::new(|m, q| offer(m, q, 0, 300, 1)), "out of range"),
+            (
+                Box::new(|m, q| offer(m, q, 0, 0, 1000)),
+                "avail index jumped",
+            ),
+        ];
+        for (setup, want) in cases {
+            let m2 = mem();
+            let mut q = Queue::new(NUM, BASE, RingFeatures::default());
+            setup(&m2, &q);
+            let err = q.pop(&m2).unwrap_err();
+            assert!(err.contains(want), "{err:?} lacks {want:?}");
+        }
+        drop(m);
+    }
+
+    #[test]
+    fn indirect_tables_are_walked_and_bounded() {
+        let m = mem();
+        let features = RingFeatures {
+            indirect: true,
+            ..Default::default()
+        };
+        // A table of 3 at 0x5000.
+        for i in 0..3u64 {
+            let at = 0x5000 + 16 * i;
+            m.write_u64(at, 0x6000 + i * 0x100).unwrap();
+            m.write_u32(at + 8, 8).unwrap();
+            let flags = if i < 2 {
+                VRING_DESC_F_NEXT
+            } else {
+                VRING_DESC_F_WRITE
+            };
+            m.write(at + 12, &(flags as u16).to_le_bytes()).unwrap();
+            m.write(at + 14, &(i as u16 + 1).to_le_bytes()).unwrap();
+        }
+        let mut q = Queue::new(NUM, BASE, features);
+        desc(&m, 0, 0x5000, 48, VRING_DESC_F_INDIRECT, 0);
+        offer(&m, &q, 0, 0, 1);
+        let c = q.pop(&m).unwrap().unwrap();
+        assert_eq!(c.buffers.len(), 3);
+        assert!(c.buffers[2].writable);
+
+        // A table longer than the ring.
+        let mut q = Queue::new(NUM, BASE, features);
+        desc(
+            &m,
+            0,
+            0x5000,
+            16 * (NUM as u32 + 1),
+            VRING_DESC_F_INDIRECT,
+            0,
+        );
+        offer(&m, &q, 0, 0, 1);
+        assert!(q.pop(&m).unwrap_err().contains("longer than the ring"));
+    }
+}
