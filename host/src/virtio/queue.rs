@@ -375,10 +375,10 @@ mod tests {
     fn hostile_rings_are_refused_with_a_reason() {
         let m = mem();
         let limit = m.layout.guest_limit();
-        type Setup = Box<dyn Fn(&GuestMemory, &Queue)>;
+        type Setup<'a> = Box<dyn Fn(&GuestMemory, &Queue) + 'a>;
         let cases: Vec<(Setup, &str)> = vec![
             (
-                Box::new(|m, q| {
+                Box::new(move |m, q| {
                     desc(m, 0, limit, 16, 0, 0);
                     offer(m, q, 0, 0, 1)
                 }),
