@@ -10,6 +10,14 @@
 //!   `int $0x1f` bytes before every call, so each one takes the trap path.
 //! - P2: launch-to-exit of the bundled Guest, against a Guest that powers off
 //!   as soon as it has said LGUEST_INIT (create, run, tear down).
+//! - P3: the Guest reading a 256 MiB disk from end to end (`bench=blk`),
+//!   against the host reading the same file from its page cache.
+//! - P4: the Guest sending full-size frames to a tap (`bench=net`), against
+//!   the host writing the same frames to a tap of its own.
+//! - P5: the Launcher's resident memory beyond the Guest RAM it touched, with
+//!   a disk and rng, the Guest idle at its prompt; against an idle `cat`.
+//! - P6: a byte written to the console until its echo comes back
+//!   (`bench=echo`), against P1's bare exit.
 
 use crate::boot::tiny_elf;
 use std::path::{Path, PathBuf};
@@ -18,6 +26,14 @@ use std::time::Instant;
 
 const RUNS: usize = 5;
 const ITERS: u64 = 5000;
+const MIB: f64 = 1024.0 * 1024.0;
+/// P3's disk image.
+const DISK_BYTES: usize = 256 << 20;
+/// P4's frames: Ethernet's largest, with the 10-byte virtio-net header.
+const FRAME: usize = 10 + 1514;
+const FRAMES: u64 = 20000;
+/// P6's round trips.
+const ECHOES: usize = 200;
 
 /// The floor Guest for P2, at 0x200000: fill the async ring's status bytes
 /// (lguest_data at 0x201000) with 0xFF, LGUEST_INIT, then SHUTDOWN power-off
@@ -65,12 +81,11 @@ impl Bench {
         c
     }
 
-    /// Runs the bundled Guest's `bench=NAME` and returns microseconds per
-    /// iteration, from its own rdtsc count.
-    fn guest_loop(&self, name: &str) -> Result<f64, String> {
-        let append = format!("bench={name} iters={ITERS}");
+    /// Runs the bundled Guest with `args` and returns the fields of its
+    /// `lguest-bench:` line, with the time it measured in seconds.
+    fn guest_report(&self, args: &[&str]) -> Result<(Vec<(String, f64)>, f64), String> {
         let out = self
-            .lguest(&["--append", &append])
+            .lguest(args)
             .output()
             .map_err(|e| format!("cannot run {}: {e}", self.exe.display()))?;
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -79,21 +94,51 @@ impl Bench {
             .find(|l| l.starts_with("lguest-bench: "))
             .ok_or_else(|| {
                 format!(
-                    "bench={name}: no result ({})",
+                    "lguest {}: no result ({})",
+                    args.join(" "),
                     String::from_utf8_lossy(&out.stderr).trim()
                 )
             })?;
-        let field = |key: &str| -> Result<f64, String> {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(key))
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| format!("bench={name}: no {key} in '{line}'"))
+        let fields: Vec<(String, f64)> = line
+            .split_whitespace()
+            .filter_map(|w| w.split_once('='))
+            .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+            .collect();
+        let get = |key: &str| {
+            fields
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| *v)
+                .ok_or_else(|| format!("no {key} in '{line}'"))
         };
-        let (iters, cycles, khz) = (field("iters=")?, field("cycles=")?, field("tsc_khz=")?);
+        let khz = get("tsc_khz")?;
         if khz == 0.0 {
             return Err("the TSC is not invariant here; cycles cannot be turned into time".into());
         }
-        Ok(cycles / khz * 1000.0 / iters)
+        let seconds = get("cycles")? / (khz * 1000.0);
+        Ok((fields, seconds))
+    }
+
+    /// Microseconds per iteration of the Guest's `bench=NAME` loop.
+    fn guest_loop(&self, name: &str) -> Result<f64, String> {
+        let append = format!("bench={name} iters={ITERS}");
+        let (fields, seconds) = self.guest_report(&["--append", &append])?;
+        let iters = fields
+            .iter()
+            .find(|(k, _)| k == "iters")
+            .map_or(ITERS as f64, |(_, v)| *v);
+        Ok(seconds * 1e6 / iters)
+    }
+
+    /// MiB/s the Guest reports for a `bytes=` benchmark.
+    fn guest_throughput(&self, args: &[&str]) -> Result<f64, String> {
+        let (fields, seconds) = self.guest_report(args)?;
+        let bytes = fields
+            .iter()
+            .find(|(k, _)| k == "bytes")
+            .map(|(_, v)| *v)
+            .ok_or("no bytes= in the result")?;
+        Ok(bytes / MIB / seconds)
     }
 
     /// Wall-clock milliseconds from spawn to exit, checking it powered off.
@@ -117,11 +162,92 @@ impl Bench {
 
 /// One output line (ABI section 10).
 fn report(name: &str, unit: &str, values: Vec<f64>, floors: Vec<f64>) {
+    report_line(name, unit, values, floors, "");
+}
+
+fn report_line(name: &str, unit: &str, values: Vec<f64>, floors: Vec<f64>, extra: &str) {
     let (v, f) = (median(values), median(floors));
     println!(
-        "{name} value={v:.3} unit={unit} floor={f:.3} ratio={:.3} runs={RUNS}",
+        "{name} value={v:.3} unit={unit} floor={f:.3} ratio={:.3} runs={RUNS}{extra}",
         v / f
     );
+}
+
+/// A file removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(what: &str, bytes: &[u8]) -> Result<Scratch, String> {
+        let path = std::env::temp_dir().join(format!("lguest-bench-{what}-{}", std::process::id()));
+        std::fs::write(&path, bytes)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        Ok(Scratch(path))
+    }
+    fn arg(&self) -> String {
+        self.0.display().to_string()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// P3's floor: the host reading the whole file from the page cache, MiB/s.
+fn host_read(path: &Path) -> Result<f64, String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 64 << 10];
+    let start = Instant::now();
+    let mut total = 0usize;
+    loop {
+        let n = f.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    Ok(total as f64 / MIB / start.elapsed().as_secs_f64())
+}
+
+/// P4's floor: the host writing the same frames into a tap of its own, MiB/s.
+fn host_tap_write(tap: &crate::devices::tap::Tap) -> Result<f64, String> {
+    let mut frame = vec![0u8; FRAME];
+    // virtio-net header all zero, then a broadcast frame of ours.
+    frame[10..16].copy_from_slice(&[0xFF; 6]);
+    frame[16..22].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+    frame[22..24].copy_from_slice(&[0x88, 0xB5]); // local experimental ethertype
+    let start = Instant::now();
+    for _ in 0..FRAMES {
+        while tap.write_frame(&frame).is_err() {}
+    }
+    Ok((FRAMES as usize * FRAME) as f64 / MIB / start.elapsed().as_secs_f64())
+}
+
+/// Resident kiB of `pid`: all of it, and the largest mapping (Guest RAM).
+fn rss_kib(pid: u32) -> Result<(f64, f64), String> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .map_err(|e| format!("cannot read smaps of {pid}: {e}"))?;
+    let (mut total, mut largest, mut size, mut guest) = (0.0, 0.0, 0.0, 0.0);
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        match (
+            words.next(),
+            words.next().and_then(|v| v.parse::<f64>().ok()),
+        ) {
+            (Some("Size:"), Some(v)) => size = v,
+            (Some("Rss:"), Some(v)) => {
+                total += v;
+                if size > largest {
+                    largest = size;
+                    guest = v;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok((total, guest))
 }
 
 pub fn run(kvm: &Path) -> Result<(), String> {
@@ -136,30 +262,153 @@ pub fn run(kvm: &Path) -> Result<(), String> {
         .open(kvm)
         .map_err(|e| format!("cannot open {}: {e}", kvm.display()))?;
 
+    // P1: a hypercall against a bare exit.
     let (mut out, mut hcall, mut ud) = (vec![], vec![], vec![]);
     for _ in 0..RUNS {
         out.push(bench.guest_loop("out")?);
         hcall.push(bench.guest_loop("hcall")?);
         ud.push(bench.guest_loop("ud")?);
     }
+    let exit_floor = median(out.clone());
     report("P1-hcall-out", "us", hcall, out.clone());
     report("P1-hcall-ud", "us", ud, out);
 
-    let floor_path =
-        std::env::temp_dir().join(format!("lguest-bench-floor-{}", std::process::id()));
-    std::fs::write(&floor_path, floor_guest())
-        .map_err(|e| format!("cannot write {}: {e}", floor_path.display()))?;
-    let floor_arg = floor_path.display().to_string();
+    // P2: launch to exit against a Guest that exits at once.
+    let floor_guest = Scratch::new("floor", &floor_guest())?;
     let (mut boot, mut floor) = (vec![], vec![]);
-    let result = (|| {
-        for _ in 0..RUNS {
-            boot.push(bench.launch(&[])?);
-            floor.push(bench.launch(&["64", &floor_arg])?);
-        }
-        Ok::<(), String>(())
-    })();
-    let _ = std::fs::remove_file(&floor_path);
-    result?;
+    for _ in 0..RUNS {
+        boot.push(bench.launch(&[])?);
+        floor.push(bench.launch(&["64", &floor_guest.arg()])?);
+    }
     report("P2-launch", "ms", boot, floor);
+
+    // P3: the Guest reading a disk against the host reading the same file.
+    let disk: Vec<u8> = (0..DISK_BYTES).map(|i| (i / 4096) as u8).collect();
+    let disk = Scratch::new("disk", &disk)?;
+    let block = format!("--block={}", disk.arg());
+    let (mut guest, mut host) = (vec![], vec![]);
+    for _ in 0..RUNS {
+        guest.push(bench.guest_throughput(&[&block, "--append", "bench=blk"])?);
+        host.push(host_read(&disk.0)?);
+    }
+    report_line("P3-blk-read", "MiB/s", guest, host, " higher=better");
+    drop(disk);
+
+    // P4: the Guest sending to a tap against the host writing to one.
+    match crate::devices::tap::Tap::create(&crate::devices::tap::TapSpec::Address(
+        std::net::Ipv4Addr::new(169, 254, 77, 1),
+    )) {
+        Ok(tap) => {
+            let append = format!("bench=net iters={FRAMES}");
+            let (mut guest, mut host) = (vec![], vec![]);
+            for _ in 0..RUNS {
+                guest.push(bench.guest_throughput(&[
+                    "--tunnet=169.254.78.1",
+                    "--append",
+                    &append,
+                ])?);
+                host.push(host_tap_write(&tap)?);
+            }
+            report_line(
+                "P4-net-tx",
+                "MiB/s",
+                guest,
+                host,
+                " higher=better floor=host-writes-to-tap",
+            );
+        }
+        Err(e) => eprintln!("lguest: P4 not measured: {e}"),
+    }
+
+    // P5: resident memory beyond the Guest's RAM, against a bare process.
+    let (mut launcher, mut bare) = (vec![], vec![]);
+    let disk = Scratch::new("p5disk", &vec![0u8; 1 << 20])?;
+    let block = format!("--block={}", disk.arg());
+    for _ in 0..RUNS {
+        launcher.push(bench.idle_rss(&[&block, "--rng"])?);
+        bare.push(idle_rss_of(Command::new("cat"))?);
+    }
+    report("P5-rss", "MiB", launcher, bare);
+
+    // P6: a byte through the console and back, against one bare exit.
+    let mut echo = vec![];
+    for _ in 0..RUNS {
+        echo.push(bench.echo()?);
+    }
+    report("P6-console-echo", "us", echo, vec![exit_floor; RUNS]);
     Ok(())
+}
+
+/// Resident MiB of a process idling on a pipe (P5's floor).
+fn idle_rss_of(mut cmd: Command) -> Result<f64, String> {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let rss = rss_kib(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(rss?.0 / 1024.0)
+}
+
+impl Bench {
+    /// Launcher RSS beyond Guest RAM, MiB, once the Guest sits at its prompt.
+    fn idle_rss(&self, args: &[&str]) -> Result<f64, String> {
+        use std::io::Read;
+        let mut child = self
+            .lguest(args)
+            .stdin(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", self.exe.display()))?;
+        let mut stdout = child.stdout.take().expect("piped");
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        while !String::from_utf8_lossy(&seen).contains("lguest> ") {
+            match stdout.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        let rss = rss_kib(child.id());
+        drop(child.stdin.take());
+        let _ = child.wait();
+        let (total, guest) = rss?;
+        Ok((total - guest) / 1024.0)
+    }
+
+    /// Microseconds for one byte to come back through the console.
+    fn echo(&self) -> Result<f64, String> {
+        use std::io::{Read, Write};
+        let mut child = self
+            .lguest(&["--append", "bench=echo"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", self.exe.display()))?;
+        let mut stdin = child.stdin.take().expect("piped");
+        let mut stdout = child.stdout.take().expect("piped");
+        let mut one = [0u8; 1];
+        // Warm up, and skip whatever the Guest printed before echoing.
+        stdin.write_all(b"!").map_err(|e| e.to_string())?;
+        loop {
+            stdout
+                .read_exact(&mut one)
+                .map_err(|e| format!("bench=echo: {e}"))?;
+            if one[0] == b'!' {
+                break;
+            }
+        }
+        let start = Instant::now();
+        for _ in 0..ECHOES {
+            stdin.write_all(b"x").map_err(|e| e.to_string())?;
+            stdout
+                .read_exact(&mut one)
+                .map_err(|e| format!("bench=echo: {e}"))?;
+        }
+        let us = start.elapsed().as_secs_f64() * 1e6 / ECHOES as f64;
+        drop(stdin);
+        let _ = child.wait();
+        Ok(us)
+    }
 }

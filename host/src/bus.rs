@@ -172,3 +172,90 @@ impl Bus {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::{console::Console, rng::Rng};
+    use crate::memory::Layout;
+
+    /// Walks the page the way seed 002's lguest bus driver does.
+    fn scan(mem: &GuestMemory) -> Vec<(u8, Vec<(u16, u16, u32)>, u32, usize)> {
+        let mut found = Vec::new();
+        let mut at = mem.layout.mem;
+        loop {
+            let mut d = [0u8; 5];
+            mem.read(at, &mut d).unwrap();
+            if d[0] == 0 {
+                return found;
+            }
+            let (num_vq, feature_len, config_len) = (d[1] as u64, d[2] as u64, d[3] as usize);
+            let mut vqs = Vec::new();
+            for i in 0..num_vq {
+                let mut v = [0u8; 8];
+                mem.read(at + 5 + 8 * i, &mut v).unwrap();
+                vqs.push((
+                    u16::from_le_bytes([v[0], v[1]]),
+                    u16::from_le_bytes([v[2], v[3]]),
+                    u32::from_le_bytes(v[4..8].try_into().unwrap()),
+                ));
+            }
+            let features = mem.read_u32(at + 5 + 8 * num_vq).unwrap();
+            found.push((d[0], vqs, features, config_len));
+            at += 5 + 8 * num_vq + 2 * feature_len + config_len as u64;
+        }
+    }
+
+    #[test]
+    fn descriptor_page_is_what_the_guest_driver_expects() {
+        // Device threads may raise IRQs, which kick this thread.
+        crate::interrupts::install_kick_handler().unwrap();
+        let devices: Vec<Box<dyn Device>> = vec![Box::new(Console::new(false)), Box::new(Rng)];
+        check_fits(&devices).unwrap();
+        let pages = device_pages(&devices);
+        assert_eq!(pages, 1 + 3 * 3, "descriptor page and three 3-page rings");
+        let mem_bytes = 4 << 20;
+        let mem = GuestMemory::new(Layout {
+            mem: mem_bytes,
+            pfn_limit: mem_bytes / PAGE_SIZE + pages,
+            host_ro_pages: 1,
+            host_rw_pages: 1,
+        })
+        .unwrap();
+        let irqs = Irqs::new().unwrap();
+        let bus = Bus::new(&mem, devices, &irqs).unwrap();
+
+        let found = scan(&mem);
+        assert_eq!(found.len(), 2);
+        let (console, rng) = (&found[0], &found[1]);
+        assert_eq!(
+            console.0,
+            lguest_abi::VIRTIO_ID_CONSOLE,
+            "the console comes first"
+        );
+        assert_eq!(rng.0, lguest_abi::VIRTIO_ID_RNG);
+        let first_ring = (mem_bytes / PAGE_SIZE + 1) as u32;
+        assert_eq!(
+            console.1,
+            vec![(256, 1, first_ring), (256, 2, first_ring + 3)]
+        );
+        assert_eq!(rng.1, vec![(256, 3, first_ring + 6)]);
+        for (_, _, features, config_len) in &found {
+            assert_eq!(features & COMMON_FEATURES, COMMON_FEATURES);
+            assert_eq!(*config_len, 0);
+        }
+
+        // A ring address kicks, a descriptor address is a status change,
+        // anything else is not the bus's.
+        assert!(bus.notify(u64::from(first_ring) * PAGE_SIZE));
+        assert!(bus.notify(mem_bytes));
+        assert!(!bus.notify(mem_bytes + 1));
+
+        // Reset clears the Guest's features.
+        let guest_features = mem_bytes + 5 + 16 + 4;
+        mem.write_u32(guest_features, 0xFFFF).unwrap();
+        mem.write(mem_bytes + 4, &[0]).unwrap();
+        assert!(bus.notify(mem_bytes));
+        assert_eq!(mem.read_u32(guest_features).unwrap(), 0);
+    }
+}
