@@ -27,6 +27,12 @@ pub fn mem() -> u64 {
         .unwrap_or(0)
 }
 
+/// Which device model sits at `mem` (boot_params' hardware_subarch_data):
+/// 2 is the virtio descriptor page we drive.
+pub fn device_model() -> u64 {
+    boot_param::<u64>(bp::HARDWARE_SUBARCH_DATA)
+}
+
 /// The command line, up to its NUL (at most 4095 bytes).
 pub fn cmdline() -> &'static str {
     let addr = boot_param::<u32>(bp::CMD_LINE_PTR) as usize;
@@ -58,6 +64,12 @@ pub struct Options {
     pub bench: Option<&'static str>,
     /// `iters=N`, as given.
     pub iters: Option<&'static str>,
+    /// `ip=A.B.C.D`: our address on the virtio network.
+    pub ip: Option<&'static str>,
+    /// `hostip=A.B.C.D`: the Host's end of the tap, for the net test.
+    pub hostip: Option<&'static str>,
+    /// `console-input=1`: the console test may wait for a line on stdin.
+    pub console_input: bool,
 }
 
 impl Options {
@@ -72,6 +84,12 @@ impl Options {
                 options.bench = Some(value);
             } else if let Some(value) = word.strip_prefix("iters=") {
                 options.iters = Some(value);
+            } else if let Some(value) = word.strip_prefix("ip=") {
+                options.ip = Some(value);
+            } else if let Some(value) = word.strip_prefix("hostip=") {
+                options.hostip = Some(value);
+            } else if let Some(value) = word.strip_prefix("console-input=") {
+                options.console_input = value == "1";
             }
         }
         options

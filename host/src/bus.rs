@@ -179,8 +179,12 @@ mod tests {
     use crate::devices::{console::Console, rng::Rng};
     use crate::memory::Layout;
 
+    /// One descriptor as the Guest finds it: type, vqconfigs (num, irq,
+    /// pfn), Host features, config length.
+    type Found = (u8, Vec<(u16, u16, u32)>, u32, usize);
+
     /// Walks the page the way seed 002's lguest bus driver does.
-    fn scan(mem: &GuestMemory) -> Vec<(u8, Vec<(u16, u16, u32)>, u32, usize)> {
+    fn scan(mem: &GuestMemory) -> Vec<Found> {
         let mut found = Vec::new();
         let mut at = mem.layout.mem;
         loop {
