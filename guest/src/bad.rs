@@ -14,6 +14,7 @@ use crate::interrupts;
 use crate::lguest_data;
 use crate::pagetable;
 use crate::println;
+use crate::virtio;
 
 /// The Host is still letting us run: report it.
 fn still_alive(case: &str) -> ! {
@@ -107,6 +108,10 @@ pub fn run(case: &str) -> ! {
         ),
         // A present 64-bit TSS descriptor (type 9): a system descriptor.
         "gdt" => deadly(nr::LOAD_GDT_ENTRY, 10, 0x0000_8900_0000_0067, 0),
+        // Broken rings, on the console's transmit queue.
+        case if virtio::bad::is_virtio_case(case) => {
+            virtio::bad::run(case, case_label(case).as_str())
+        }
         _ => crate::fail(case_label(case).as_str(), format_args!("unknown bad case")),
     }
     still_alive(case);

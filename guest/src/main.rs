@@ -3,10 +3,11 @@
 //! A Guest kernel is a program that doesn't know it isn't alone: it runs in
 //! ring 3 on a machine the Host made for it, and asks the Host, through
 //! hypercalls, for anything a kernel would do with privileged instructions.
-//! This one is small on purpose. It boots, says hello and powers off; or, told
-//! so on its command line, tests every corner of the ABI the Host promises
+//! This one is small on purpose. It boots, says hello, brings up its virtio
+//! devices and offers a prompt on the console; or, told so on its command
+//! line, tests every corner of the ABI the Host promises and its devices
 //! (`test=`), breaks the ABI on purpose to check the Host kills it (`bad=`),
-//! or times the Host's exits (`bench=`).
+//! or times the Host's exits and devices (`bench=`).
 //!
 //! The story starts at `_start`, below, and continues in `kmain`.
 
@@ -22,8 +23,10 @@ mod hcall;
 mod interrupts;
 mod lguest_data;
 mod pagetable;
+mod shell;
 mod tests;
 mod time;
+mod virtio;
 
 use core::arch::global_asm;
 use core::fmt;
@@ -93,7 +96,7 @@ extern "C" fn kmain() -> ! {
         bench::run(name, options.iters);
     }
     if let Some(names) = options.test {
-        tests::run(names);
+        tests::run(names, &options);
     }
 
     println!(
@@ -101,6 +104,13 @@ extern "C" fn kmain() -> ! {
         boot::mem() >> 20,
         lguest_data::tsc_khz()
     );
+
+    // The devices: say what we found, and give the console a prompt.
+    let mut devices = virtio::Devices::scan();
+    devices.probe_all();
+    if devices.console.is_some() {
+        shell::run(&mut devices, &options);
+    }
     hcall::shutdown(c"reference Guest finished", SHUTDOWN_POWEROFF);
 }
 

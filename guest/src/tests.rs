@@ -1,6 +1,7 @@
 //! `test=NAME[,NAME...]` or `test=all`: the self-tests.
 //!
-//! Each test checks one promise of the ABI from the Guest's side, prints
+//! Each test checks one promise of the ABI from the Guest's side (the device
+//! tests, in tests/devices.rs, one virtio device each), prints
 //! `lguest-guest: test NAME ... ok` when it holds, and the run ends with
 //! `lguest-guest: all N tests passed` and a power off. The first failure
 //! prints `lguest-guest: FAIL NAME: detail` and crashes (ABI section 10), so
@@ -20,6 +21,7 @@ use lguest_abi::{
 };
 use lguest_abi::{GUEST_CS, GUEST_DS, PAGE_SHIFT, RED_ZONE, RESERVE_MEM};
 
+use crate::boot::Options;
 use crate::cell::GuestCell;
 use crate::console::Msg;
 use crate::hcall::{self, hcall};
@@ -28,6 +30,7 @@ use crate::lguest_data::{self, IRQ_ON};
 use crate::pagetable;
 use crate::println;
 use crate::time;
+use crate::virtio::Devices;
 
 /// A failed check. What went wrong is in FAILURE, to keep results small.
 struct Failed;
@@ -54,6 +57,8 @@ macro_rules! check {
     };
 }
 
+mod devices;
+
 /// The tests, in the order `all` runs them. Later ones may rely on earlier
 /// ones' leftovers only where noted (pgtable leaves our own page tables in
 /// use, on purpose).
@@ -72,24 +77,39 @@ const TESTS: [(&str, Test); 12] = [
     ("ts", test_ts),
 ];
 
-/// Run the comma-separated tests in `names` (`all` is every test) and power
-/// off, or crash at the first failure.
-pub fn run(names: &str) -> ! {
+/// Run the comma-separated tests in `names` (`all` is every test, and the
+/// device tests for the devices there are) and power off, or crash at the
+/// first failure.
+pub fn run(names: &str, options: &Options) -> ! {
     // If the Host gave no TSC frequency, measure ours now, before any test
     // counts timer interrupts.
     time::tsc_khz();
+    // Only read the descriptor page: a device is brought up by its test.
+    let mut devs = Devices::scan();
     let mut passed = 0;
     for name in names.split(',').filter(|name| !name.is_empty()) {
         if name == "all" {
             for (name, test) in TESTS {
-                run_one(name, test);
+                run_one(name, test, &devs);
                 passed += 1;
+            }
+            for (name, test, id) in devices::DEVICE_TESTS {
+                if devs.has(id) {
+                    run_device_test(name, test, &mut devs, options);
+                    passed += 1;
+                }
             }
             continue;
         }
-        match TESTS.iter().find(|(known, _)| *known == name) {
-            Some(&(name, test)) => run_one(name, test),
-            None => crate::fail(name, format_args!("unknown test")),
+        if let Some(&(name, test)) = TESTS.iter().find(|(known, _)| *known == name) {
+            run_one(name, test, &devs);
+        } else if let Some(&(name, test, _)) = devices::DEVICE_TESTS
+            .iter()
+            .find(|(known, _, _)| *known == name)
+        {
+            run_device_test(name, test, &mut devs, options);
+        } else {
+            crate::fail(name, format_args!("unknown test"));
         }
         passed += 1;
     }
@@ -100,8 +120,28 @@ pub fn run(names: &str) -> ! {
     hcall::shutdown(c"self-tests passed", SHUTDOWN_POWEROFF);
 }
 
-fn run_one(name: &str, test: Test) {
-    match test() {
+/// Run one of the ABI tests. They count interrupts and check irq_pending,
+/// so devices an earlier test brought up must keep their IRQs to themselves
+/// meanwhile: a blocked IRQ is neither delivered nor pending.
+fn run_one(name: &str, test: Test, devs: &Devices) {
+    let mask = devs.irq_mask();
+    let blocked = lguest_data::blocked_interrupts();
+    lguest_data::set_blocked_interrupts(blocked | mask);
+    let result = test();
+    for irq in 0..32 {
+        if mask & !blocked & 1 << irq != 0 {
+            lguest_data::block_irq(irq, false);
+        }
+    }
+    report(name, result);
+}
+
+fn run_device_test(name: &str, test: devices::DeviceTest, devs: &mut Devices, options: &Options) {
+    report(name, test(devs, options));
+}
+
+fn report(name: &str, result: TestResult) {
+    match result {
         Ok(()) => println!("lguest-guest: test {name} ... ok"),
         Err(Failed) => crate::fail(name, format_args!("{}", FAILURE.read().as_str())),
     }

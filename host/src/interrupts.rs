@@ -138,10 +138,14 @@ impl Irqs {
         }))
     }
 
-    /// Marks `irq` pending and gets the vCPU to look at it.
+    /// Marks `irq` pending and gets the vCPU to look at it. An IRQ already
+    /// pending needs no second kick: the vCPU has been told, and if it could
+    /// not deliver, its 1 ms re-look is armed.
     pub fn raise(&self, irq: u32) {
-        self.pending.fetch_or(1 << irq, Ordering::SeqCst);
-        self.kick();
+        let old = self.pending.fetch_or(1 << irq, Ordering::SeqCst);
+        if old & (1 << irq) == 0 {
+            self.kick();
+        }
     }
 
     /// Ends the Guest from another thread: the vCPU stops at its next look.

@@ -72,7 +72,7 @@ pub struct Queue {
     next_avail: u16,
     /// Next used entry we will fill.
     next_used: u16,
-    /// The used index when we last signalled the Guest (for EVENT_IDX).
+    /// The used index at our last interrupt decision (for EVENT_IDX).
     signalled_used: u16,
 }
 
@@ -125,9 +125,13 @@ impl Queue {
         let chain = self.walk(mem, head)?;
         self.next_avail = self.next_avail.wrapping_add(1);
         if self.features.event_idx {
-            // avail_event: kick us again when the Guest adds past this.
+            // avail_event: kick us again when the Guest adds past this. The
+            // full fence orders this store before our next load of the avail
+            // index, or a Guest adding an entry right now could miss it and
+            // not kick, while we miss the entry.
             let at = self.used + 4 + 8 * self.num as u64;
             Self::write_u16(mem, at, self.next_avail)?;
+            fence(Ordering::SeqCst);
         }
         Ok(Some(chain))
     }
@@ -242,17 +246,15 @@ impl Queue {
             self.signalled_used = new;
             return Ok(true);
         }
-        let wanted = if self.features.event_idx {
+        // Like vhost: the next check counts from this one, signalled or not.
+        self.signalled_used = new;
+        if self.features.event_idx {
             let used_event = Self::read_u16(mem, self.avail + 4 + 2 * self.num as u64)?;
-            // vring_need_event: did we just pass used_event?
-            new.wrapping_sub(used_event).wrapping_sub(1) < new.wrapping_sub(old)
+            // vring_need_event: did [old, new) just pass used_event?
+            Ok(new.wrapping_sub(used_event).wrapping_sub(1) < new.wrapping_sub(old))
         } else {
-            Self::read_u16(mem, self.avail)? & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0
-        };
-        if wanted {
-            self.signalled_used = new;
+            Ok(Self::read_u16(mem, self.avail)? & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0)
         }
-        Ok(wanted)
     }
 }
 

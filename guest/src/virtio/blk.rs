@@ -1,0 +1,271 @@
+//! The virtio block device: one queue of requests.
+//!
+//! A request is a chain of three buffers: a header the Host reads {type,
+//! ioprio, sector}, the data (which the Host writes for a read, reads for a
+//! write), and one status byte the Host writes last. Requests complete in any
+//! order, so several can be in flight; we tell them apart by their header,
+//! one per slot.
+
+use core::fmt::{self, Write};
+
+use super::ring::{Buf, Vring};
+use super::{bit, idle, Deadline, Device, Error};
+use super::{VIRTIO_F_ANY_LAYOUT, VIRTIO_RING_F_EVENT_IDX};
+use crate::cell::GuestCell;
+use crate::err;
+
+/// Block feature bits (virtio 0.9.5).
+pub const VIRTIO_BLK_F_SEG_MAX: u32 = 2;
+pub const VIRTIO_BLK_F_RO: u32 = 5;
+pub const VIRTIO_BLK_F_BLK_SIZE: u32 = 6;
+pub const VIRTIO_BLK_F_FLUSH: u32 = 9;
+
+/// Request types.
+pub const VIRTIO_BLK_T_IN: u32 = 0;
+pub const VIRTIO_BLK_T_OUT: u32 = 1;
+pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
+pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+
+/// Status bytes.
+pub const VIRTIO_BLK_S_OK: u8 = 0;
+pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+
+/// Sectors are 512 bytes, whatever blk_size says.
+pub const SECTOR: u64 = 512;
+/// The length of a GET_ID answer.
+pub const ID_BYTES: usize = 20;
+
+/// Config offsets: {u64 capacity, u32 size_max, u32 seg_max, u8 geometry[4],
+/// u32 blk_size}.
+const CFG_CAPACITY: usize = 0;
+const CFG_SEG_MAX: usize = 12;
+const CFG_BLK_SIZE: usize = 20;
+
+/// Requests we can have in flight.
+pub const SLOTS: usize = 16;
+
+/// What a request needs besides its data: the header and the status byte.
+#[repr(C, align(32))]
+#[derive(Clone, Copy)]
+struct Slot {
+    kind: u32,
+    ioprio: u32,
+    sector: u64,
+    status: u8,
+}
+
+const HEADER_BYTES: usize = 16;
+
+static SLOT_MEM: GuestCell<[Slot; SLOTS]> = GuestCell::new(
+    [Slot {
+        kind: 0,
+        ioprio: 0,
+        sector: 0,
+        status: 0,
+    }; SLOTS],
+);
+
+fn slot_ptr(i: usize) -> *mut Slot {
+    assert!(i < SLOTS);
+    // SAFETY: in bounds of our own static.
+    unsafe { SLOT_MEM.as_ptr().cast::<Slot>().add(i) }
+}
+
+/// A big buffer for the block test and benchmark (never both at once): the
+/// Host reads and writes it behind our back, so it too is reached only
+/// through raw pointers.
+pub const BULK_BYTES: usize = 256 * 1024;
+
+#[repr(C, align(4096))]
+pub struct Bulk([u8; BULK_BYTES]);
+
+static BULK: GuestCell<Bulk> = GuestCell::new(Bulk([0; BULK_BYTES]));
+
+/// The bulk buffer's address.
+pub fn bulk() -> u64 {
+    BULK.as_ptr() as u64
+}
+
+/// A finished request.
+#[derive(Clone, Copy, Debug)]
+pub struct Done {
+    pub slot: usize,
+    pub status: u8,
+}
+
+pub struct Blk {
+    pub vq: Vring,
+    /// In 512-byte sectors.
+    pub capacity: u64,
+    pub read_only: bool,
+    pub can_flush: bool,
+    /// Bit i set: slot i is in flight.
+    busy: u32,
+}
+
+impl Blk {
+    pub fn probe(dev: Device) -> Result<Blk, Error> {
+        let accepted = dev.negotiate(
+            bit(VIRTIO_BLK_F_SEG_MAX)
+                | bit(VIRTIO_BLK_F_RO)
+                | bit(VIRTIO_BLK_F_BLK_SIZE)
+                | bit(VIRTIO_BLK_F_FLUSH)
+                | bit(VIRTIO_F_ANY_LAYOUT)
+                | bit(VIRTIO_RING_F_EVENT_IDX),
+        );
+        let setup = || -> Result<Blk, Error> {
+            if dev.num_vq() < 1 {
+                return Err(err!("block device with no queue"));
+            }
+            let capacity = dev
+                .config(CFG_CAPACITY, 8)
+                .ok_or_else(|| err!("block config of {} bytes", dev.header.config_len))?;
+            let has = |f: u32| accepted & bit(f) != 0;
+            // SEG_MAX and BLK_SIZE we accept but need not heed: a request
+            // has one data buffer, and we address the disk in sectors.
+            let blk = Blk {
+                vq: Vring::new(dev.vq(0), has(VIRTIO_RING_F_EVENT_IDX))?,
+                capacity,
+                read_only: has(VIRTIO_BLK_F_RO),
+                can_flush: has(VIRTIO_BLK_F_FLUSH),
+                busy: 0,
+            };
+            dev.driver_ok();
+            Ok(blk)
+        };
+        setup().inspect_err(|_| dev.fail())
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.busy.count_ones() as usize
+    }
+
+    /// Queue a request, without kicking: several can go in one kick. `data`
+    /// is the data buffer (the Host writes it for IN and GET_ID). Returns
+    /// its slot, or None if every slot (or the ring) is full.
+    pub fn start(&mut self, kind: u32, sector: u64, data: Option<(u64, usize)>) -> Option<usize> {
+        let slot = (!self.busy).trailing_zeros() as usize;
+        if slot >= SLOTS || self.vq.num_free() < 3 {
+            return None;
+        }
+        let p = slot_ptr(slot);
+        // SAFETY: the slot is free, so the Host doesn't hold it.
+        unsafe {
+            p.write_volatile(Slot {
+                kind,
+                ioprio: 0,
+                sector,
+                // Not a status the Host writes: shows it wrote none.
+                status: 0xFF,
+            })
+        };
+        let header = Buf::readable(p as u64, HEADER_BYTES);
+        let status = Buf::writable(p as u64 + HEADER_BYTES as u64, 1);
+        let host_writes = matches!(kind, VIRTIO_BLK_T_IN | VIRTIO_BLK_T_GET_ID);
+        let added = match data {
+            Some((addr, len)) => {
+                let data = Buf {
+                    addr,
+                    len: len as u32,
+                    writable: host_writes,
+                };
+                self.vq.add(&[header, data, status])
+            }
+            None => self.vq.add(&[header, status]),
+        };
+        added.ok()?;
+        self.busy |= 1 << slot;
+        Some(slot)
+    }
+
+    pub fn kick(&mut self) {
+        self.vq.kick();
+    }
+
+    /// A finished request, if there is one.
+    pub fn poll(&mut self) -> Option<Done> {
+        let used = self.vq.get_used()?;
+        let offset = used.addr.wrapping_sub(slot_ptr(0) as u64);
+        let slot = (offset / core::mem::size_of::<Slot>() as u64) as usize;
+        if !offset.is_multiple_of(core::mem::size_of::<Slot>() as u64)
+            || slot >= SLOTS
+            || self.busy & 1 << slot == 0
+        {
+            panic!(
+                "virtio block: the Host handed back a request at {:#x} that isn't in flight",
+                used.addr
+            );
+        }
+        self.busy &= !(1 << slot);
+        // SAFETY: the slot is back from the Host; a volatile byte read.
+        let status = unsafe { (&raw const (*slot_ptr(slot)).status).read_volatile() };
+        Some(Done { slot, status })
+    }
+
+    /// Wait for a request to finish, sleeping in between; gives up at
+    /// `deadline`.
+    pub fn wait(&mut self, deadline: &Deadline) -> Result<Done, Error> {
+        loop {
+            if let Some(done) = self.poll() {
+                return Ok(done);
+            }
+            if self.busy == 0 {
+                return Err(err!("waiting for a request with none in flight"));
+            }
+            if deadline.passed() {
+                return Err(err!(
+                    "{} requests still in flight after the deadline",
+                    self.in_flight()
+                ));
+            }
+            idle(Some(deadline), || self.vq.enable_cb());
+            self.vq.disable_cb();
+        }
+    }
+
+    /// One request, start to finish (with nothing else in flight): its
+    /// status.
+    pub fn request(
+        &mut self,
+        kind: u32,
+        sector: u64,
+        data: Option<(u64, usize)>,
+    ) -> Result<Done, Error> {
+        assert!(self.busy == 0, "a lone request with others in flight");
+        if self.start(kind, sector, data).is_none() {
+            return Err(err!("no room for a request in an idle queue"));
+        }
+        self.kick();
+        self.wait(&Deadline::after_ms(10_000))
+    }
+}
+
+/// The config, for listings.
+pub fn describe_config(out: &mut impl Write, dev: &Device) -> fmt::Result {
+    let host = dev.host_features();
+    if let Some(capacity) = dev.config(CFG_CAPACITY, 8) {
+        write!(
+            out,
+            "; {capacity} sectors ({} KiB)",
+            capacity * SECTOR / 1024
+        )?;
+    }
+    if host & bit(VIRTIO_BLK_F_BLK_SIZE) != 0 {
+        if let Some(size) = dev.config(CFG_BLK_SIZE, 4) {
+            write!(out, ", blk_size {size}")?;
+        }
+    }
+    if host & bit(VIRTIO_BLK_F_SEG_MAX) != 0 {
+        if let Some(segs) = dev.config(CFG_SEG_MAX, 4) {
+            write!(out, ", seg_max {segs}")?;
+        }
+    }
+    if host & bit(VIRTIO_BLK_F_FLUSH) != 0 {
+        write!(out, ", flush")?;
+    }
+    if host & bit(VIRTIO_BLK_F_RO) != 0 {
+        write!(out, ", read-only")?;
+    }
+    Ok(())
+}

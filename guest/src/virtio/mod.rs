@@ -1,0 +1,532 @@
+//! Virtio devices on the lguest bus (ABI section 8, device model 2).
+//!
+//! lguest described its devices in the simplest way it could: one page, just
+//! above the Guest's RAM, holding an entry per device, packed back to back.
+//! Each entry is a small header, {type, num_vq, feature_len, config_len,
+//! status}, then a `lguest_vqconfig` per virtqueue saying where the Host put
+//! its ring and which IRQ it raises, then the Host's feature bits, then ours,
+//! then the device's config bytes. A type of 0 ends the list. This is the
+//! lguest_device.c of Linux (seed 002), without the driver model around it.
+//!
+//! The status byte and the NOTIFY hypercall do the rest: we write the status
+//! bits of virtio 0.9.5 as we go, and NOTIFY the entry's address when we have
+//! chosen features, want a reset, or have failed. NOTIFYing a ring's address
+//! kicks that queue.
+//!
+//! The drivers (console, block, net, rng) live in the submodules, over the
+//! vring code of `ring`. Each drives the first device of its type; further
+//! ones are listed but left alone. The Guest has no allocator, so buffers are
+//! statics: the rings themselves are the Host's pages, above our RAM.
+
+pub mod bad;
+pub mod bench;
+pub mod blk;
+pub mod console;
+pub mod net;
+pub mod ring;
+pub mod rng;
+
+use core::cell::Cell;
+use core::fmt::{self, Write};
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use lguest_abi::{
+    hcall as nr, DeviceDesc, VqConfig, CLOCK_MIN_DELTA_NS, DEVICE_MODEL_VIRTIO,
+    FIRST_EXTERNAL_VECTOR, LGUEST_IRQS, PAGE_SIZE, VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE,
+    VIRTIO_ID_NET, VIRTIO_ID_RNG, VIRTIO_STATUS_ACKNOWLEDGE, VIRTIO_STATUS_DRIVER,
+    VIRTIO_STATUS_DRIVER_OK, VIRTIO_STATUS_FAILED,
+};
+
+use crate::console::Msg;
+use crate::hcall::{self, hcall};
+use crate::interrupts::TrapFrame;
+use crate::{boot, lguest_data, println, time};
+
+/*
+ * Feature bits every device may offer (virtio 0.9.5). The block and net ones
+ * are in their drivers.
+ */
+
+/// The Host interrupts when a queue runs empty, whatever we asked. We don't
+/// want that: we never accept it.
+pub const VIRTIO_F_NOTIFY_ON_EMPTY: u32 = 24;
+/// Headers need not sit in a descriptor of their own.
+pub const VIRTIO_F_ANY_LAYOUT: u32 = 27;
+/// A descriptor may point at a table of descriptors.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
+/// used_event and avail_event replace the ring flags.
+pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
+
+/// Bit `n` as a feature mask.
+pub const fn bit(n: u32) -> u32 {
+    1 << n
+}
+
+/// A failure, with its detail: short text in a fixed buffer (small enough
+/// to pass around in a Result).
+pub type Error = Msg<104>;
+
+/// Format an Error.
+#[macro_export]
+macro_rules! err {
+    ($($arg:tt)*) => {
+        $crate::virtio::Error::from_fmt(format_args!($($arg)*))
+    };
+}
+
+/// The most devices we keep track of.
+pub const MAX_DEVICES: usize = 16;
+
+/*
+ * The descriptor page is shared with the Host and its entries are packed
+ * with no regard for alignment, so we read and write it a byte at a time.
+ */
+
+fn peek(addr: u64) -> u8 {
+    // SAFETY: callers only pass addresses inside the descriptor page, which
+    // sits below pfn_limit, identity-mapped; a byte is always aligned.
+    unsafe { core::ptr::with_exposed_provenance::<u8>(addr as usize).read_volatile() }
+}
+
+fn poke(addr: u64, value: u8) {
+    // SAFETY: as for peek; the page is writable like RAM.
+    unsafe { core::ptr::with_exposed_provenance_mut::<u8>(addr as usize).write_volatile(value) }
+}
+
+/// Read `len` (at most 8) little-endian bytes.
+fn peek_le(addr: u64, len: usize) -> u64 {
+    (0..len).fold(0, |value, i| {
+        value | (peek(addr + i as u64) as u64) << (8 * i)
+    })
+}
+
+/// One device's entry on the descriptor page.
+#[derive(Clone, Copy, Debug)]
+pub struct Device {
+    /// The entry's physical address: what a status NOTIFY names.
+    pub at: u64,
+    pub header: DeviceDesc,
+}
+
+const HEADER_SIZE: u64 = core::mem::size_of::<DeviceDesc>() as u64;
+const VQCONFIG_SIZE: u64 = core::mem::size_of::<VqConfig>() as u64;
+
+impl Device {
+    pub fn id(&self) -> u8 {
+        self.header.type_
+    }
+
+    pub fn name(&self) -> &'static str {
+        type_name(self.id())
+    }
+
+    pub fn num_vq(&self) -> usize {
+        self.header.num_vq as usize
+    }
+
+    /// Queue `i`'s config: the vqconfigs follow the header (seed 002's lg_vq).
+    pub fn vq(&self, i: usize) -> VqConfig {
+        assert!(i < self.num_vq());
+        let at = self.at + HEADER_SIZE + VQCONFIG_SIZE * i as u64;
+        VqConfig {
+            num: peek_le(at, 2) as u16,
+            irq: peek_le(at + 2, 2) as u16,
+            pfn: peek_le(at + 4, 4) as u32,
+        }
+    }
+
+    /// The features come after the vqconfigs: the Host's, then ours.
+    fn features_at(&self) -> u64 {
+        self.at + HEADER_SIZE + VQCONFIG_SIZE * self.num_vq() as u64
+    }
+
+    /// Up to 32 feature bits, byte i/8 bit i%8 (all the ABI defines).
+    fn read_features(&self, at: u64) -> u32 {
+        peek_le(at, (self.header.feature_len as usize).min(4)) as u32
+    }
+
+    pub fn host_features(&self) -> u32 {
+        self.read_features(self.features_at())
+    }
+
+    pub fn guest_features(&self) -> u32 {
+        self.read_features(self.features_at() + self.header.feature_len as u64)
+    }
+
+    fn set_guest_features(&self, features: u32) {
+        let at = self.features_at() + self.header.feature_len as u64;
+        for i in 0..self.header.feature_len as u64 {
+            let byte = if i < 4 {
+                (features >> (8 * i)) as u8
+            } else {
+                0
+            };
+            poke(at + i, byte);
+        }
+    }
+
+    /// The config space comes after both feature bitmaps.
+    fn config_at(&self) -> u64 {
+        self.features_at() + 2 * self.header.feature_len as u64
+    }
+
+    /// `len` bytes of config at `offset`, if the config is that long.
+    pub fn config(&self, offset: usize, len: usize) -> Option<u64> {
+        if offset + len > self.header.config_len as usize {
+            return None;
+        }
+        Some(peek_le(self.config_at() + offset as u64, len))
+    }
+
+    pub fn status(&self) -> u8 {
+        peek(self.at + 4)
+    }
+
+    pub fn set_status(&self, status: u8) {
+        poke(self.at + 4, status);
+    }
+
+    /// NOTIFY the entry's address: the Host looks at the status byte.
+    fn notify_status(&self) {
+        // SAFETY: the Host reads our status and features and at most resets
+        // the device, which touches nothing of ours but its rings.
+        unsafe { hcall(nr::NOTIFY, self.at, 0, 0, 0) };
+    }
+
+    /// Status 0 and NOTIFY: when it returns, the Host has forgotten our
+    /// features, rings and queue progress.
+    pub fn reset(&self) {
+        self.set_status(0);
+        self.notify_status();
+    }
+
+    /// Give up on the device: the Host reports it and resets it.
+    pub fn fail(&self) {
+        self.set_status(self.status() | VIRTIO_STATUS_FAILED);
+        self.notify_status();
+    }
+
+    /// The first half of bringing a device up, as virtio 0.9.5 orders it:
+    /// reset it (a driver before us may have left it in any state), say we
+    /// saw it (ACKNOWLEDGE) and can drive it (DRIVER), accept the features
+    /// we `support` of those offered, and NOTIFY to finalize them. Returns
+    /// what we accepted. The driver then sets up its rings and calls
+    /// `driver_ok`.
+    pub fn negotiate(&self, support: u32) -> u32 {
+        self.reset();
+        self.set_status(VIRTIO_STATUS_ACKNOWLEDGE);
+        self.set_status(VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER);
+        // Never NOTIFY_ON_EMPTY: it would undo our interrupt suppression.
+        let accepted = self.host_features() & support & !bit(VIRTIO_F_NOTIFY_ON_EMPTY);
+        self.set_guest_features(accepted);
+        self.notify_status();
+        accepted
+    }
+
+    /// The device is live: its queues are served from their first kick.
+    pub fn driver_ok(&self) {
+        self.set_status(self.status() | VIRTIO_STATUS_DRIVER_OK);
+    }
+}
+
+pub fn type_name(id: u8) -> &'static str {
+    match id {
+        VIRTIO_ID_NET => "net",
+        VIRTIO_ID_BLOCK => "block",
+        VIRTIO_ID_CONSOLE => "console",
+        VIRTIO_ID_RNG => "rng",
+        _ => "unknown",
+    }
+}
+
+/// The queue names of each type, for listings.
+fn queue_name(id: u8, i: usize) -> &'static str {
+    match (id, i) {
+        (VIRTIO_ID_NET | VIRTIO_ID_CONSOLE, 0) => "rx",
+        (VIRTIO_ID_NET | VIRTIO_ID_CONSOLE, 1) => "tx",
+        (VIRTIO_ID_BLOCK, 0) => "requests",
+        (VIRTIO_ID_RNG, 0) => "requests",
+        _ => "queue",
+    }
+}
+
+/// What the descriptor page holds.
+#[derive(Clone, Copy)]
+pub struct Bus {
+    devices: [Option<Device>; MAX_DEVICES],
+    count: usize,
+}
+
+impl Bus {
+    /// Walk the descriptor page as seed 002's scan_devices does: one entry
+    /// after the other, each as long as its header says, until type 0. We
+    /// only read; nothing is said to the Host yet. An entry that would run
+    /// off the page ends the walk.
+    pub fn scan() -> Bus {
+        let mut bus = Bus {
+            devices: [None; MAX_DEVICES],
+            count: 0,
+        };
+        if boot::device_model() != DEVICE_MODEL_VIRTIO {
+            return bus;
+        }
+        let page = boot::mem();
+        let mut offset = 0;
+        while offset + HEADER_SIZE <= PAGE_SIZE && bus.count < MAX_DEVICES {
+            let at = page + offset;
+            let header = DeviceDesc {
+                type_: peek(at),
+                num_vq: peek(at + 1),
+                feature_len: peek(at + 2),
+                config_len: peek(at + 3),
+                status: peek(at + 4),
+            };
+            if header.type_ == 0 {
+                break;
+            }
+            let size = header.total_size() as u64;
+            if offset + size > PAGE_SIZE {
+                println!(
+                    "lguest-guest: virtio: device entry at {at:#x} runs off the descriptor page"
+                );
+                break;
+            }
+            bus.devices[bus.count] = Some(Device { at, header });
+            bus.count += 1;
+            offset += size;
+        }
+        bus
+    }
+
+    pub fn devices(&self) -> impl Iterator<Item = Device> + '_ {
+        self.devices[..self.count].iter().flatten().copied()
+    }
+
+    /// The first device of type `id`.
+    pub fn find(&self, id: u8) -> Option<Device> {
+        self.devices().find(|d| d.id() == id)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
+/*
+ * Interrupts. Every queue's IRQ comes here, and all we do is count: the
+ * drivers look at their used rings when they wake from HALT, and any IRQ
+ * wakes them. So a handler never touches driver state, and the drivers need
+ * no locks.
+ */
+
+static IRQ_COUNTS: [AtomicU32; LGUEST_IRQS as usize] =
+    [const { AtomicU32::new(0) }; LGUEST_IRQS as usize];
+
+pub fn irq_handler(frame: &mut TrapFrame) {
+    let irq = frame.vector as usize - FIRST_EXTERNAL_VECTOR as usize;
+    IRQ_COUNTS[irq].fetch_add(1, Ordering::Relaxed);
+}
+
+/// Interrupts IRQ `irq` has had.
+pub fn irq_count(irq: u16) -> u32 {
+    IRQ_COUNTS
+        .get(irq as usize)
+        .map_or(0, |c| c.load(Ordering::Relaxed))
+}
+
+/// A moment to give up at, on the TSC. While one is armed, `idle` sets the
+/// clock event for it, so a HALT never outlives it; dropping it cancels the
+/// timer, so no stray tick reaches whoever counts ticks next.
+pub struct Deadline {
+    end: u64,
+    armed: Cell<bool>,
+}
+
+impl Deadline {
+    pub fn after_ms(ms: u64) -> Deadline {
+        Deadline {
+            end: time::rdtsc() + ms * time::tsc_khz(),
+            armed: Cell::new(false),
+        }
+    }
+
+    pub fn passed(&self) -> bool {
+        time::rdtsc() >= self.end
+    }
+
+    fn remaining_ns(&self) -> u64 {
+        let cycles = self.end.saturating_sub(time::rdtsc());
+        (cycles as u128 * 1_000_000 / time::tsc_khz() as u128) as u64
+    }
+}
+
+impl Drop for Deadline {
+    fn drop(&mut self) {
+        if self.armed.get() {
+            hcall::set_clockevent(0);
+        }
+    }
+}
+
+/// Sleep until an interrupt arrives (or `deadline` passes), unless `ready`
+/// says there is work already. `ready` runs with interrupts off, and should
+/// ask for the interrupts it wants (Vring::enable_cb) before it looks, so
+/// nothing can slip in between its look and our HALT: an interrupt that comes
+/// meanwhile is held, and HALT returns at once to take it. This is the
+/// "sti; hlt" of wait_for_ticks, with a driver's look in the middle.
+pub fn idle(deadline: Option<&Deadline>, ready: impl FnOnce() -> bool) {
+    let flags = lguest_data::irq_save();
+    if !ready() {
+        match deadline {
+            Some(d) if d.passed() => {}
+            Some(d) => {
+                hcall::set_clockevent(d.remaining_ns().max(CLOCK_MIN_DELTA_NS));
+                d.armed.set(true);
+                hcall::halt();
+            }
+            None => hcall::halt(),
+        }
+    }
+    lguest_data::irq_restore(flags);
+}
+
+/*
+ * The devices we drive, brought up when first wanted: the self-tests only
+ * touch a device when its test runs, so the other tests see no device IRQs.
+ */
+
+pub struct Devices {
+    pub bus: Bus,
+    pub console: Option<console::Console>,
+    pub blk: Option<blk::Blk>,
+    pub net: Option<net::Net>,
+    pub rng: Option<rng::Rng>,
+}
+
+/// Bring a driver up if its device is there and it isn't up yet.
+macro_rules! probe_once {
+    ($self:ident, $field:ident, $id:expr, $driver:path) => {{
+        if $self.$field.is_none() {
+            let dev = $self
+                .bus
+                .find($id)
+                .ok_or_else(|| err!("no virtio {} device", type_name($id)))?;
+            $self.$field = Some($driver(dev)?);
+        }
+        Ok($self.$field.as_mut().expect("just probed"))
+    }};
+}
+
+impl Devices {
+    pub fn scan() -> Devices {
+        Devices {
+            bus: Bus::scan(),
+            console: None,
+            blk: None,
+            net: None,
+            rng: None,
+        }
+    }
+
+    pub fn has(&self, id: u8) -> bool {
+        self.bus.find(id).is_some()
+    }
+
+    pub fn console(&mut self) -> Result<&mut console::Console, Error> {
+        probe_once!(self, console, VIRTIO_ID_CONSOLE, console::Console::probe)
+    }
+
+    pub fn blk(&mut self) -> Result<&mut blk::Blk, Error> {
+        probe_once!(self, blk, VIRTIO_ID_BLOCK, blk::Blk::probe)
+    }
+
+    pub fn net(&mut self) -> Result<&mut net::Net, Error> {
+        probe_once!(self, net, VIRTIO_ID_NET, net::Net::probe)
+    }
+
+    pub fn rng(&mut self) -> Result<&mut rng::Rng, Error> {
+        probe_once!(self, rng, VIRTIO_ID_RNG, rng::Rng::probe)
+    }
+
+    /// Bring up every device we have a driver for, saying on the early
+    /// console what we found and what failed.
+    pub fn probe_all(&mut self) {
+        let bus = self.bus;
+        for dev in bus.devices() {
+            let result = match dev.id() {
+                VIRTIO_ID_CONSOLE if self.console.is_none() => self.console().map(drop),
+                VIRTIO_ID_BLOCK if self.blk.is_none() => self.blk().map(drop),
+                VIRTIO_ID_NET if self.net.is_none() => self.net().map(drop),
+                VIRTIO_ID_RNG if self.rng.is_none() => self.rng().map(drop),
+                _ => {
+                    let mut line = Msg::<256>::new();
+                    let _ = describe(&mut line, &dev);
+                    println!("lguest-guest: virtio: {} (no driver)", line.as_str());
+                    continue;
+                }
+            };
+            let mut line = Msg::<256>::new();
+            let _ = describe(&mut line, &dev);
+            match result {
+                Ok(()) => println!("lguest-guest: virtio: {}", line.as_str()),
+                Err(e) => println!(
+                    "lguest-guest: virtio: {}: failed: {}",
+                    line.as_str(),
+                    e.as_str()
+                ),
+            }
+        }
+    }
+
+    /// The IRQs of every queue we drive, as a blocked_interrupts mask.
+    pub fn irq_mask(&self) -> u32 {
+        let mut mask = 0;
+        for dev in self.bus.devices() {
+            let driven = match dev.id() {
+                VIRTIO_ID_CONSOLE => self.console.is_some(),
+                VIRTIO_ID_BLOCK => self.blk.is_some(),
+                VIRTIO_ID_NET => self.net.is_some(),
+                VIRTIO_ID_RNG => self.rng.is_some(),
+                _ => false,
+            };
+            if driven {
+                for i in 0..dev.num_vq() {
+                    let irq = dev.vq(i).irq as u32;
+                    if irq < LGUEST_IRQS {
+                        mask |= 1 << irq;
+                    }
+                }
+            }
+        }
+        mask
+    }
+}
+
+/// One line about `dev`: type, queues, IRQs, features, status and what its
+/// config says.
+pub fn describe(out: &mut impl Write, dev: &Device) -> fmt::Result {
+    write!(out, "{} at {:#x}: ", dev.name(), dev.at)?;
+    for i in 0..dev.num_vq() {
+        let vq = dev.vq(i);
+        let sep = if i == 0 { "" } else { ", " };
+        let (num, irq) = (vq.num, vq.irq);
+        write!(
+            out,
+            "{sep}{} {num} irq {irq} ({} irqs)",
+            queue_name(dev.id(), i),
+            irq_count(irq)
+        )?;
+    }
+    write!(
+        out,
+        "; features {:#010x}/{:#010x}; status {:#x}",
+        dev.host_features(),
+        dev.guest_features(),
+        dev.status()
+    )?;
+    match dev.id() {
+        VIRTIO_ID_BLOCK => blk::describe_config(out, dev),
+        VIRTIO_ID_NET => net::describe_config(out, dev),
+        _ => Ok(()),
+    }
+}
