@@ -68,8 +68,19 @@ extern "C" fn on_sigint(_: libc::c_int) {
     if first != 0 && now - first < 1_000_000_000 {
         USER_STOP.store(true, Ordering::SeqCst);
         on_kick(0, std::ptr::null_mut(), std::ptr::null_mut());
+        // A halted vCPU may have checked USER_STOP just before we set it and
+        // be about to sleep: the wake-up eventfd reaches it there too.
+        let fd = WAKE_FD.load(Ordering::SeqCst);
+        if fd >= 0 {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: an 8-byte write to an eventfd; async-signal-safe.
+            unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
+        }
     }
 }
+
+/// The current Guest's wake-up eventfd, for the SIGINT handler (-1: none).
+static WAKE_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
 /// Three Ctrl-C within one second end the Guest (the first two are ignored,
 /// so a stray one doesn't kill it). Only the vCPU thread takes SIGINT (the
@@ -127,9 +138,11 @@ pub struct Irqs {
 impl Irqs {
     /// Called on the vCPU thread: kicks will go to this thread.
     pub fn new() -> std::io::Result<Arc<Irqs>> {
+        let wake = EventFd::new(libc::EFD_NONBLOCK)?;
+        WAKE_FD.store(wake.as_raw_fd(), Ordering::SeqCst);
         Ok(Arc::new(Irqs {
             pending: AtomicU32::new(0),
-            wake: EventFd::new(libc::EFD_NONBLOCK)?,
+            wake,
             // SAFETY: pthread_self has no preconditions.
             vcpu_thread: unsafe { libc::pthread_self() },
             recheck: Mutex::new(nonblocking_timer()?),
@@ -198,6 +211,19 @@ impl Irqs {
         let _ = lock(&self.recheck).wait();
         self.recheck_armed.store(false, Ordering::SeqCst);
         self.kick();
+    }
+}
+
+impl Drop for Irqs {
+    fn drop(&mut self) {
+        // The descriptor closes with us: the SIGINT handler must not write
+        // to whatever reuses its number.
+        let _ = WAKE_FD.compare_exchange(
+            self.wake.as_raw_fd(),
+            -1,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
     }
 }
 

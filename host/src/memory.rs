@@ -159,6 +159,16 @@ impl GuestMemory {
         Ok(buf)
     }
 
+    /// The Host address of `[addr, addr + len)` of Guest memory, for I/O that
+    /// goes straight to or from it (a disk read lands in the Guest's buffer
+    /// without a copy of ours). The whole range is checked to be the Guest's.
+    pub fn host_address(&self, addr: u64, len: u64) -> Result<*mut u8, OutOfBounds> {
+        self.check(addr, len)?;
+        self.mmap
+            .get_host_address(GuestAddress(addr))
+            .map_err(|_| OutOfBounds { addr, len })
+    }
+
     /// Reads a page-table entry, which may sit in Guest memory or (for the
     /// initial tables) in the Host's read-only pages. `None` if neither.
     pub fn read_table_u64(&self, addr: u64) -> Option<u64> {

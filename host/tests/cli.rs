@@ -251,3 +251,117 @@ fn a_device_that_is_not_kvm_is_a_setup_error() {
     out.assert_no_panic().assert_code(2);
     out.single_stderr_line("lguest: ");
 }
+
+/*
+ * Device options. Disk files and --tunnet are checked before the KVM device
+ * is opened (and before any tap is made), so these need no KVM either.
+ */
+
+#[test]
+fn help_lists_the_device_options() {
+    let out = run(lguest().arg("--help"));
+    out.assert_no_panic().assert_code(0);
+    for word in ["--block", "--tunnet", "--rng"] {
+        out.assert_stdout_contains(word);
+    }
+}
+
+#[test]
+fn a_disk_not_a_whole_number_of_sectors_is_refused() {
+    let disk = TempFile::new("odd-disk", &[0; 1000]);
+    let line = early_error(&[format!("--block={}", disk.arg()).as_str()]);
+    // About the disk file, not the KVM device: it names the file and the
+    // sector size.
+    assert_mentions(&line, disk.arg());
+    assert_mentions(&line, "512");
+}
+
+#[test]
+fn a_read_only_disk_not_a_whole_number_of_sectors_is_refused() {
+    let disk = TempFile::new("odd-disk-ro", &[0; 513]);
+    let line = early_error(&[format!("--block={},ro", disk.arg()).as_str()]);
+    assert_mentions(&line, disk.arg());
+    assert_mentions(&line, "512");
+}
+
+#[test]
+fn a_missing_disk_file_is_refused() {
+    let path = "/nonexistent/lguest-test-disk.img";
+    let line = early_error(&[format!("--block={path}").as_str()]);
+    assert_mentions(&line, path);
+}
+
+#[test]
+fn a_missing_second_disk_is_refused() {
+    let disk = TempFile::new("first-of-two", &[0; 4096]);
+    let path = "/nonexistent/lguest-test-disk2.img";
+    let line = early_error(&[
+        format!("--block={}", disk.arg()).as_str(),
+        format!("--block={path}").as_str(),
+    ]);
+    assert_mentions(&line, path);
+}
+
+#[test]
+fn an_empty_block_option_is_refused() {
+    early_error(&["--block="]);
+}
+
+#[test]
+fn a_directory_is_not_a_disk() {
+    // Read-only, so that opening it succeeds and the check is on what it is.
+    let dir = std::env::temp_dir();
+    let dir = dir.to_str().expect("temp dir is UTF-8");
+    let line = early_error(&[format!("--block={dir},ro").as_str()]);
+    assert_mentions(&line, dir);
+}
+
+#[test]
+fn good_disks_are_accepted() {
+    // Whole sectors, read-write and read-only: only the KVM device is left
+    // to fail.
+    let a = TempFile::new("good-disk-a", &[0; 4096]);
+    let b = TempFile::new("good-disk-b", &[0; 512]);
+    let line = setup_error(&[
+        format!("--block={}", a.arg()).as_str(),
+        format!("--block={},ro", b.arg()).as_str(),
+        "--rng",
+    ]);
+    assert!(
+        line.contains(FAKE_KVM),
+        "the disks are good; only the KVM device should fail: {line}"
+    );
+}
+
+#[test]
+fn too_many_disks_are_refused() {
+    // A Guest has IRQs 1-31 for queues: the console takes two, each disk
+    // one, so 29 disks fit and 30 do not.
+    let disk = TempFile::new("many-disks", &[0; 512]);
+    let arg = format!("--block={}", disk.arg());
+    let line = setup_error(&vec![arg.as_str(); 29]);
+    assert!(
+        line.contains(FAKE_KVM),
+        "29 disks fit; only the KVM device should fail: {line}"
+    );
+    let line = early_error(&vec![arg.as_str(); 30]);
+    assert_mentions(&line, "too many");
+}
+
+#[test]
+fn tunnet_not_an_address_is_refused() {
+    let line = early_error(&["--tunnet=notanaddress"]);
+    assert_mentions(&line, "notanaddress");
+}
+
+#[test]
+fn tunnet_with_a_bad_mac_is_refused() {
+    let line = early_error(&["--tunnet=10.77.9.1:02:00:zz:00:00:01"]);
+    assert_mentions(&line, "tunnet");
+}
+
+#[test]
+fn tunnet_bridge_without_a_name_is_refused() {
+    let line = early_error(&["--tunnet=bridge:"]);
+    assert_mentions(&line, "tunnet");
+}

@@ -6,10 +6,10 @@
 //! the Guest flushed is on disk. A request past the end, or a write to a
 //! read-only disk, is answered with an error, never a crash.
 
-use crate::virtio::queue::{read_from_chain, write_to_chain, Chain};
+use crate::virtio::queue::{Buffer, Chain};
 use crate::virtio::{Device, Queues};
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use virtio_bindings::virtio_blk::*;
 
@@ -63,6 +63,41 @@ impl Disk {
     }
 }
 
+/// The pieces `(addr, len)` of `bufs` that hold bytes `[skip, skip + take)`
+/// of the data they carry together.
+fn pieces(bufs: &[Buffer], mut skip: u64, mut take: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for b in bufs {
+        let len = b.len as u64;
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        if take == 0 {
+            break;
+        }
+        let n = (len - skip).min(take);
+        out.push((b.addr + skip, n));
+        take -= n;
+        skip = 0;
+    }
+    out
+}
+
+/// Copies between `pieces` of Guest memory and `bytes`, in order.
+fn copy_pieces(queues: &Queues, pieces: &[(u64, u64)], bytes: &mut [u8], to_guest: bool) {
+    let mut at = 0;
+    for &(addr, len) in pieces {
+        let part = &mut bytes[at..at + len as usize];
+        if to_guest {
+            queues.mem.write(addr, part).expect("checked by the walk");
+        } else {
+            queues.mem.read(addr, part).expect("checked by the walk");
+        }
+        at += len as usize;
+    }
+}
+
 pub struct Block {
     disk: Arc<Disk>,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
@@ -78,39 +113,63 @@ impl Block {
 
     /// Does one request; returns the bytes it wrote into the chain.
     fn request(&self, queues: &Queues, chain: &Chain) -> u32 {
-        let input = read_from_chain(queues.mem, chain);
-        let room: u64 = chain.writable().map(|b| b.len as u64).sum();
-        if input.len() < HEADER || room == 0 {
+        let readable: Vec<Buffer> = chain.readable().copied().collect();
+        let writable: Vec<Buffer> = chain.writable().copied().collect();
+        let readable_len: u64 = readable.iter().map(|b| b.len as u64).sum();
+        let writable_len: u64 = writable.iter().map(|b| b.len as u64).sum();
+        if readable_len < HEADER as u64 || writable_len == 0 {
             // No header or no status byte: nothing we can answer into.
             return 0;
         }
-        let kind = u32::from_le_bytes(input[0..4].try_into().expect("4 bytes"));
-        let sector = u64::from_le_bytes(input[8..16].try_into().expect("8 bytes"));
-        let data_in = (room - 1) as usize; // all but the status byte
-        let segments = chain.buffers.len().saturating_sub(2);
-        let (mut reply, status) = if segments > SEG_MAX as usize {
-            (Vec::new(), VIRTIO_BLK_S_IOERR)
+        let mut header = [0u8; HEADER];
+        copy_pieces(
+            queues,
+            &pieces(&readable, 0, HEADER as u64),
+            &mut header,
+            false,
+        );
+        let kind = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
+        let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+        // Data: the readable bytes after the header (a write), or the
+        // writable bytes before the status byte (a read).
+        let data_in = writable_len - 1;
+        let (status, written) = if chain.buffers.len().saturating_sub(2) > SEG_MAX as usize {
+            (VIRTIO_BLK_S_IOERR, 0)
         } else {
             match kind {
-                VIRTIO_BLK_T_IN => self.read(sector, data_in),
-                VIRTIO_BLK_T_OUT => (Vec::new(), self.write(sector, &input[HEADER..])),
-                VIRTIO_BLK_T_FLUSH => (Vec::new(), self.flush()),
-                VIRTIO_BLK_T_GET_ID => {
-                    let n = data_in.min(self.id.len());
-                    (self.id[..n].to_vec(), VIRTIO_BLK_S_OK)
+                VIRTIO_BLK_T_IN => {
+                    let status =
+                        self.transfer(queues, sector, &pieces(&writable, 0, data_in), false);
+                    (
+                        status,
+                        if status == VIRTIO_BLK_S_OK {
+                            data_in
+                        } else {
+                            0
+                        },
+                    )
                 }
-                _ => (Vec::new(), VIRTIO_BLK_S_UNSUPP),
+                VIRTIO_BLK_T_OUT => {
+                    let data = pieces(&readable, HEADER as u64, readable_len - HEADER as u64);
+                    (self.transfer(queues, sector, &data, true), 0)
+                }
+                VIRTIO_BLK_T_FLUSH => (self.flush(), 0),
+                VIRTIO_BLK_T_GET_ID => {
+                    let mut id = self.id.to_vec();
+                    id.resize(data_in as usize, 0);
+                    copy_pieces(queues, &pieces(&writable, 0, data_in), &mut id, true);
+                    (VIRTIO_BLK_S_OK, data_in)
+                }
+                _ => (VIRTIO_BLK_S_UNSUPP, 0),
             }
         };
-        // The status byte is the last writable byte: pad the data up to it.
-        reply.resize(data_in, 0);
-        reply.push(status as u8);
-        let written = write_to_chain(queues.mem, chain, &reply);
-        if kind == VIRTIO_BLK_T_IN || kind == VIRTIO_BLK_T_GET_ID {
-            written
-        } else {
-            1
-        }
+        // The status byte is the last writable byte.
+        let (status_addr, _) = pieces(&writable, data_in, 1)[0];
+        queues
+            .mem
+            .write(status_addr, &[status as u8])
+            .expect("checked by the walk");
+        written as u32 + 1
     }
 
     /// Checks `[sector, sector + bytes)` lies on the disk.
@@ -120,28 +179,50 @@ impl Block {
         (end <= self.disk.sectors * SECTOR).then_some(offset)
     }
 
-    fn read(&self, sector: u64, len: usize) -> (Vec<u8>, u32) {
-        let Some(offset) = self.in_range(sector, len as u64) else {
-            return (Vec::new(), VIRTIO_BLK_S_IOERR);
-        };
-        let mut data = vec![0u8; len];
-        match self.disk.file.read_exact_at(&mut data, offset) {
-            Ok(()) => (data, VIRTIO_BLK_S_OK),
-            Err(_) => (Vec::new(), VIRTIO_BLK_S_IOERR),
-        }
-    }
-
-    fn write(&self, sector: u64, data: &[u8]) -> u32 {
-        if self.disk.read_only {
+    /// Moves the data of one request between the disk and the Guest's
+    /// buffers directly: pread into them, or pwrite from them.
+    fn transfer(&self, queues: &Queues, sector: u64, data: &[(u64, u64)], write: bool) -> u32 {
+        if write && self.disk.read_only {
             return VIRTIO_BLK_S_IOERR;
         }
-        let Some(offset) = self.in_range(sector, data.len() as u64) else {
+        let total = data.iter().map(|p| p.1).sum();
+        let Some(mut offset) = self.in_range(sector, total) else {
             return VIRTIO_BLK_S_IOERR;
         };
-        match self.disk.file.write_all_at(data, offset) {
-            Ok(()) => VIRTIO_BLK_S_OK,
-            Err(_) => VIRTIO_BLK_S_IOERR,
+        let fd = self.disk.file.as_raw_fd();
+        for &(addr, len) in data {
+            let ptr = queues
+                .mem
+                .host_address(addr, len)
+                .expect("checked by the walk");
+            let mut done = 0u64;
+            while done < len {
+                // SAFETY: [ptr, ptr + len) is mapped Guest memory (checked
+                // above); the kernel reads or writes it, and no Rust
+                // reference to it is made.
+                let n = unsafe {
+                    let p = ptr.add(done as usize).cast();
+                    let count = (len - done) as usize;
+                    let at = (offset + done) as libc::off_t;
+                    if write {
+                        libc::pwrite(fd, p, count, at)
+                    } else {
+                        libc::pread(fd, p, count, at)
+                    }
+                };
+                if n <= 0 {
+                    let interrupted =
+                        std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted;
+                    if n < 0 && interrupted {
+                        continue;
+                    }
+                    return VIRTIO_BLK_S_IOERR;
+                }
+                done += n as u64;
+            }
+            offset += len;
         }
+        VIRTIO_BLK_S_OK
     }
 
     fn flush(&self) -> u32 {

@@ -223,6 +223,190 @@ fn join(reader: thread::JoinHandle<String>) -> String {
     reader.join().expect("pipe reader thread")
 }
 
+/// A Launcher left running while the test talks to it: its stdin is piped
+/// (or whatever `start_with_stdin` was given), and what it prints so far can
+/// be looked at before it ends. Dropping it kills the process if it is still
+/// running, so a failing test never leaves a Guest behind.
+pub struct Session {
+    child: Child,
+    what: String,
+    stdin: Option<std::process::ChildStdin>,
+    stdout: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    stderr: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    readers: Vec<thread::JoinHandle<()>>,
+}
+
+impl Session {
+    /// Starts `cmd` with stdin, stdout and stderr piped.
+    pub fn start(cmd: &mut Command) -> Session {
+        Session::start_with_stdin(cmd, Stdio::piped())
+    }
+
+    /// Starts `cmd` with `stdin` as its standard input (a file, a terminal,
+    /// or `Stdio::piped()` to write to it with `send`).
+    pub fn start_with_stdin(cmd: &mut Command, stdin: Stdio) -> Session {
+        let mut child = cmd
+            .stdin(stdin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let stdout = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let readers = vec![
+            collect(child.stdout.take().expect("piped stdout"), stdout.clone()),
+            collect(child.stderr.take().expect("piped stderr"), stderr.clone()),
+        ];
+        Session {
+            stdin: child.stdin.take(),
+            child,
+            what: format!("{cmd:?}"),
+            stdout,
+            stderr,
+            readers,
+        }
+    }
+
+    /// The process id (to signal it).
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What it has printed on stdout so far.
+    pub fn stdout_so_far(&self) -> String {
+        String::from_utf8_lossy(&self.stdout.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+
+    fn stderr_so_far(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+
+    /// Everything printed so far, for assertion messages.
+    pub fn describe_so_far(&self) -> String {
+        format!(
+            "{}\n--- stdout so far ---\n{}\n--- stderr so far ---\n{}\n---",
+            self.what,
+            self.stdout_so_far(),
+            self.stderr_so_far()
+        )
+    }
+
+    /// Writes `text` to its stdin; panics if it cannot (the process is gone,
+    /// or stdin is not a pipe or was closed).
+    pub fn send(&mut self, text: &str) {
+        use std::io::Write;
+        let result = match self.stdin.as_mut() {
+            Some(stdin) => stdin
+                .write_all(text.as_bytes())
+                .and_then(|()| stdin.flush()),
+            None => Err(std::io::Error::other("stdin is not an open pipe")),
+        };
+        if let Err(e) = result {
+            panic!(
+                "cannot write {text:?} to the Launcher's stdin: {e}\n{}",
+                self.describe_so_far()
+            );
+        }
+    }
+
+    /// Closes its stdin: the Guest sees end of input.
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    /// Waits until stdout contains `text`; false if the process ended first
+    /// or `timeout` passed.
+    pub fn wait_for_stdout(&mut self, text: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.stdout_so_far().contains(text) {
+                return true;
+            }
+            let ended = !matches!(self.child.try_wait(), Ok(None));
+            if ended {
+                // Its last words may still be on their way through the pipe.
+                thread::sleep(Duration::from_millis(50));
+                return self.stdout_so_far().contains(text);
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Like `wait_for_stdout`, but panics (showing the output so far) when
+    /// `text` does not come.
+    pub fn expect_stdout(&mut self, text: &str, timeout: Duration) {
+        if !self.wait_for_stdout(text, timeout) {
+            panic!(
+                "expected {text:?} on stdout within {timeout:?}\n{}",
+                self.describe_so_far()
+            );
+        }
+    }
+
+    /// Waits for the process to end (stdin is left as it is) and returns
+    /// what it did; kills it and panics if it has not ended after `timeout`.
+    pub fn finish(mut self, timeout: Duration) -> Outcome {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for lguest") {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "did not finish within {timeout:?}; killed\n{}",
+                    self.describe_so_far()
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        };
+        self.stdin = None;
+        for reader in self.readers.drain(..) {
+            reader.join().expect("pipe reader thread");
+        }
+        Outcome {
+            code: status.code(),
+            status,
+            stdout: self.stdout_so_far(),
+            stderr: self.stderr_so_far(),
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Appends everything from a pipe to `into`, on a thread of its own.
+fn collect(
+    mut pipe: impl Read + Send + 'static,
+    into: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        loop {
+            match pipe.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => into
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    })
+}
+
 /// A file under the system temporary directory, removed when dropped. Its
 /// name holds the process id and the test's name, so tests running side by
 /// side (in this binary or in others) never share one.
