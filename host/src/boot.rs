@@ -5,6 +5,7 @@
 //! bad file is a one-line set-up error, never a Guest that dies strangely.
 
 use crate::memory::GuestMemory;
+use std::borrow::Cow;
 use lguest_abi::{boot_params as bp, CMDLINE_ADDR, CMDLINE_MAX, KERNEL_MIN_ADDR, PAGE_SIZE};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -50,7 +51,9 @@ struct Segment {
 #[derive(Clone, Debug)]
 pub struct Kernel {
     pub name: String,
-    image: Vec<u8>,
+    /// The file's bytes: read from disk, or the bundled Guest in our own
+    /// read-only data (borrowed, not copied).
+    image: Cow<'static, [u8]>,
     segments: Vec<Segment>,
     pub entry: u64,
 }
@@ -71,7 +74,8 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
 
 impl Kernel {
     /// Checks that `image` is an ELF64 ET_EXEC x86-64 file with sane PT_LOADs.
-    pub fn parse(name: &str, image: Vec<u8>) -> Result<Kernel, BootError> {
+    pub fn parse(name: &str, image: impl Into<Cow<'static, [u8]>>) -> Result<Kernel, BootError> {
+        let image = image.into();
         let n = || name.to_string();
         if image.len() < 16 || &image[0..4] != b"\x7fELF" {
             return Err(BootError::NotElf(n()));
@@ -169,14 +173,13 @@ impl Kernel {
         Ok(())
     }
 
-    /// Copies the segments into memory (bytes past p_filesz are zeroed).
+    /// Copies the segments into memory. Bytes past p_filesz must be zero:
+    /// they are, because every boot gets freshly mapped (zero) memory, and
+    /// not writing them spares touching pages the Guest may never use.
     fn load(&self, mem: &GuestMemory) {
         for s in &self.segments {
             let data = &self.image[s.offset..s.offset + s.filesz];
             mem.write(s.paddr, data).expect("checked by check_fits");
-            let zeros = vec![0u8; (s.memsz - s.filesz as u64) as usize];
-            mem.write(s.paddr + s.filesz as u64, &zeros)
-                .expect("checked by check_fits");
         }
     }
 }

@@ -132,18 +132,19 @@ impl Bus {
     }
 
     /// NOTIFY at `addr`, if it names a descriptor or a ring: true if it did.
-    pub fn notify(&self, addr: u64) -> bool {
+    /// An error is a Sudden Death reason (a broken ring served right here).
+    pub fn notify(&self, addr: u64) -> Result<bool, String> {
         for d in &self.devices {
             if addr == d.desc {
                 self.status_changed(d);
-                return true;
+                return Ok(true);
             }
             if let Some(q) = d.rings.iter().position(|&r| r == addr) {
-                let _ = d.running.kicks[q].write(1);
-                return true;
+                d.running.kick(q)?;
+                return Ok(true);
             }
         }
-        false
+        Ok(false)
     }
 
     /// The Guest wrote a device's status and told us. Status 0 is a reset;
@@ -251,15 +252,15 @@ mod tests {
 
         // A ring address kicks, a descriptor address is a status change,
         // anything else is not the bus's.
-        assert!(bus.notify(u64::from(first_ring) * PAGE_SIZE));
-        assert!(bus.notify(mem_bytes));
-        assert!(!bus.notify(mem_bytes + 1));
+        assert_eq!(bus.notify(u64::from(first_ring) * PAGE_SIZE), Ok(true));
+        assert_eq!(bus.notify(mem_bytes), Ok(true));
+        assert_eq!(bus.notify(mem_bytes + 1), Ok(false));
 
         // Reset clears the Guest's features.
         let guest_features = mem_bytes + 5 + 16 + 4;
         mem.write_u32(guest_features, 0xFFFF).unwrap();
         mem.write(mem_bytes + 4, &[0]).unwrap();
-        assert!(bus.notify(mem_bytes));
+        assert_eq!(bus.notify(mem_bytes), Ok(true));
         assert_eq!(mem.read_u32(guest_features).unwrap(), 0);
     }
 }

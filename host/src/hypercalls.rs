@@ -285,7 +285,7 @@ impl Guest {
     /// NOTIFY: a device's descriptor or ring (the bus), or below `mem`, a
     /// string for the early console.
     fn notify(&mut self, addr: u64) -> HResult {
-        if self.bus.notify(addr) {
+        if self.bus.notify(addr).map_err(kill)? {
             return Ok(0);
         }
         if addr < self.mem.layout.mem {

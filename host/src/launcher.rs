@@ -89,11 +89,11 @@ pub fn layout_for(mem_mb: u64, device_pages: u64) -> Layout {
 
 impl Launch {
     pub fn prepare(cfg: Config) -> Result<Launch, LaunchError> {
-        let (name, image) = match &cfg.kernel {
-            Some(path) => (path.display().to_string(), read("kernel", path)?),
+        let (name, image): (String, std::borrow::Cow<'static, [u8]>) = match &cfg.kernel {
+            Some(path) => (path.display().to_string(), read("kernel", path)?.into()),
             None => (
                 "bundled reference Guest".to_string(),
-                BUNDLED_GUEST.to_vec(),
+                BUNDLED_GUEST.into(),
             ),
         };
         let kernel = Kernel::parse(&name, image)?;

@@ -40,8 +40,13 @@ impl Console {
         }
     }
 
-    /// Moves pending input into the Guest's receive buffers.
+    /// Moves pending input into the Guest's receive buffers. We need to
+    /// hear of new receive buffers only while input waits for one: the rest
+    /// of the time we look at the ring when input comes, and the Guest is
+    /// spared a kick per buffer.
     fn deliver(&mut self, queues: &mut Queues) -> Result<(), String> {
+        let waiting = !self.pending.is_empty() || (self.eof && !self.eof_sent);
+        queues.want_kicks(RX, waiting)?;
         while !self.pending.is_empty() {
             let Some(chain) = queues.pop(RX)? else {
                 return Ok(());
@@ -55,6 +60,9 @@ impl Console {
                 queues.push(RX, &chain, 0)?;
                 self.eof_sent = true;
             }
+        }
+        if self.pending.is_empty() && (!self.eof || self.eof_sent) {
+            queues.want_kicks(RX, false)?;
         }
         Ok(())
     }
@@ -108,6 +116,12 @@ impl Device for Console {
         }
         let _ = out.flush();
         Ok(())
+    }
+
+    /// Output is written as the Guest kicks, on its own vCPU thread: a
+    /// write to stdout is short, and an echo needs no thread hand-off.
+    fn serve_inline(&self, q: usize) -> bool {
+        q == TX
     }
 
     fn backend_fd(&self) -> Option<RawFd> {

@@ -39,6 +39,12 @@ pub trait Device: Send {
     fn config(&self) -> Vec<u8>;
     /// Queue `q` was kicked (or just became ready).
     fn kick(&mut self, q: usize, queues: &mut Queues) -> Result<(), String>;
+    /// Whether a kick on queue `q` is served right away on the vCPU thread
+    /// (short, non-blocking work such as console output) instead of waking
+    /// the device's thread: one thread hand-off less per kick.
+    fn serve_inline(&self, _q: usize) -> bool {
+        false
+    }
     /// A backend descriptor to watch, if any.
     fn backend_fd(&self) -> Option<RawFd> {
         None
@@ -75,6 +81,16 @@ impl Queues<'_> {
         self.irq_state.kill(reason.to_string());
     }
 
+    /// Asks for kicks on queue `q` when the Guest adds buffers, or not.
+    pub fn want_kicks(&mut self, q: usize, wanted: bool) -> Result<(), String> {
+        match &mut self.queues[q] {
+            Some(queue) => queue
+                .want_kicks(self.mem, wanted)
+                .map_err(|e| format!("queue {q} ({}): {e}", self.names[q])),
+            None => Ok(()),
+        }
+    }
+
     /// The next chain the Guest offers on queue `q`.
     pub fn pop(&mut self, q: usize) -> Result<Option<Chain>, String> {
         match &mut self.queues[q] {
@@ -107,7 +123,7 @@ pub struct DeviceState {
 /// A device's place on the bus for one boot.
 pub struct Running {
     pub name: &'static str,
-    pub state: Arc<Mutex<DeviceState>>,
+    shared: Arc<Shared>,
     pub kicks: Vec<Arc<EventFd>>,
     stop: Arc<EventFd>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -150,33 +166,27 @@ impl Running {
         irqs: Arc<Irqs>,
     ) -> std::io::Result<Running> {
         let name = device.name();
-        let state = Arc::new(Mutex::new(DeviceState {
-            queues: setup.iter().map(|_| None).collect(),
-            device,
-        }));
-        let kicks: Vec<_> = (0..setup.len())
+        let shared = Arc::new(Shared {
+            state: Mutex::new(DeviceState {
+                queues: setup.iter().map(|_| None).collect(),
+                device,
+            }),
+            setup,
+            mem,
+            irqs,
+        });
+        let kicks: Vec<_> = (0..shared.setup.len())
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).map(Arc::new))
             .collect::<Result<_, _>>()?;
         let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let epoll = Epoll::new()?;
         for (q, k) in kicks.iter().enumerate() {
-            epoll.ctl(
-                ControlOperation::Add,
-                k.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, q as u64),
-            )?;
+            epoll.ctl(ControlOperation::Add, k.as_raw_fd(), EpollEvent::new(EventSet::IN, q as u64))?;
         }
-        epoll.ctl(
-            ControlOperation::Add,
-            stop.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, STOP),
-        )?;
+        epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, STOP))?;
         let mut worker = Worker {
-            state: state.clone(),
+            shared: shared.clone(),
             kicks: kicks.clone(),
-            setup,
-            mem,
-            irqs,
             epoll,
             backend: Backend::None,
         };
@@ -187,16 +197,29 @@ impl Running {
         })?;
         Ok(Running {
             name,
-            state,
+            shared,
             kicks,
             stop,
             thread: Some(thread),
         })
     }
 
+    /// The Guest kicked queue `q`: serve it here, or wake the device's
+    /// thread. An error is the Sudden Death reason.
+    pub fn kick(&self, q: usize) -> Result<(), String> {
+        if lock(&self.shared.state).device.serve_inline(q) {
+            return self
+                .shared
+                .serve(Some(q), |d, queues| d.kick(q, queues))
+                .map_err(|e| format!("{} {e}", self.name));
+        }
+        let _ = self.kicks[q].write(1);
+        Ok(())
+    }
+
     /// Resets the device; done when this returns (the Guest's NOTIFY waits).
     pub fn reset(&self) {
-        let mut state = lock(&self.state);
+        let mut state = lock(&self.shared.state);
         for k in &self.kicks {
             let _ = k.read();
         }
@@ -223,58 +246,20 @@ enum Backend {
     AlwaysReady,
 }
 
-struct Worker {
-    state: Arc<Mutex<DeviceState>>,
-    kicks: Vec<Arc<EventFd>>,
+/// A device, its queues and what serving them needs: shared by the bus (on
+/// the vCPU thread) and the device's own thread.
+struct Shared {
+    state: Mutex<DeviceState>,
     setup: Vec<QueueSetup>,
     mem: GuestMemory,
     irqs: Arc<Irqs>,
-    epoll: Epoll,
-    backend: Backend,
 }
 
-impl Worker {
-    fn run(&mut self) {
-        let mut events = vec![EpollEvent::default(); self.kicks.len() + 2];
-        loop {
-            self.watch_backend();
-            let timeout = if matches!(self.backend, Backend::AlwaysReady) {
-                0
-            } else {
-                -1
-            };
-            let n = match self.epoll.wait(timeout, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(_) => return,
-            };
-            let mut ready: Vec<u64> = events[..n].iter().map(|e| e.data()).collect();
-            if matches!(self.backend, Backend::AlwaysReady) {
-                ready.push(BACKEND);
-            }
-            for token in ready {
-                let result = match token {
-                    STOP => return,
-                    BACKEND => self.with_queues(None, |d, q| d.backend_ready(q)),
-                    q => {
-                        let q = q as usize;
-                        let _ = self.kicks[q].read();
-                        self.with_queues(Some(q), |d, queues| d.kick(q, queues))
-                    }
-                };
-                if let Err(reason) = result {
-                    let name = lock(&self.state).device.name();
-                    self.irqs.kill(format!("{name} {reason}"));
-                    return;
-                }
-            }
-        }
-    }
-
+impl Shared {
     /// Runs `f` with the device and its queues, first bringing up queue
     /// `kicked` if this is its first kick since setup or reset.
-    fn with_queues(
-        &mut self,
+    fn serve(
+        &self,
         kicked: Option<usize>,
         f: impl FnOnce(&mut dyn Device, &mut Queues) -> Result<(), String>,
     ) -> Result<(), String> {
@@ -309,10 +294,57 @@ impl Worker {
         f(state.device.as_mut(), &mut queues)
     }
 
+}
+
+struct Worker {
+    shared: Arc<Shared>,
+    kicks: Vec<Arc<EventFd>>,
+    epoll: Epoll,
+    backend: Backend,
+}
+
+impl Worker {
+    fn run(&mut self) {
+        let mut events = vec![EpollEvent::default(); self.kicks.len() + 2];
+        loop {
+            self.watch_backend();
+            let timeout = if matches!(self.backend, Backend::AlwaysReady) {
+                0
+            } else {
+                -1
+            };
+            let n = match self.epoll.wait(timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            let mut ready: Vec<u64> = events[..n].iter().map(|e| e.data()).collect();
+            if matches!(self.backend, Backend::AlwaysReady) {
+                ready.push(BACKEND);
+            }
+            for token in ready {
+                let result = match token {
+                    STOP => return,
+                    BACKEND => self.shared.serve(None, |d, q| d.backend_ready(q)),
+                    q => {
+                        let q = q as usize;
+                        let _ = self.kicks[q].read();
+                        self.shared.serve(Some(q), |d, queues| d.kick(q, queues))
+                    }
+                };
+                if let Err(reason) = result {
+                    let name = lock(&self.shared.state).device.name();
+                    self.shared.irqs.kill(format!("{name} {reason}"));
+                    return;
+                }
+            }
+        }
+    }
+
     /// Adds or removes the backend from epoll as the device wants.
     fn watch_backend(&mut self) {
         let (fd, wanted) = {
-            let state = lock(&self.state);
+            let state = lock(&self.shared.state);
             (state.device.backend_fd(), state.device.wants_backend())
         };
         match (&self.backend, fd, wanted) {

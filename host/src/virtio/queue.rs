@@ -16,6 +16,7 @@ use crate::memory::GuestMemory;
 use std::sync::atomic::{fence, Ordering};
 use virtio_bindings::virtio_ring::{
     VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    VRING_USED_F_NO_NOTIFY,
 };
 
 const DESC_SIZE: u64 = 16;
@@ -74,6 +75,8 @@ pub struct Queue {
     next_used: u16,
     /// The used index at our last interrupt decision (for EVENT_IDX).
     signalled_used: u16,
+    /// Whether we want the Guest to kick us when it adds buffers.
+    kicks_wanted: bool,
 }
 
 impl Queue {
@@ -88,6 +91,7 @@ impl Queue {
             next_avail: 0,
             next_used: 0,
             signalled_used: 0,
+            kicks_wanted: true,
         }
     }
 
@@ -125,15 +129,41 @@ impl Queue {
         let chain = self.walk(mem, head)?;
         self.next_avail = self.next_avail.wrapping_add(1);
         if self.features.event_idx {
-            // avail_event: kick us again when the Guest adds past this. The
-            // full fence orders this store before our next load of the avail
-            // index, or a Guest adding an entry right now could miss it and
-            // not kick, while we miss the entry.
-            let at = self.used + 4 + 8 * self.num as u64;
-            Self::write_u16(mem, at, self.next_avail)?;
-            fence(Ordering::SeqCst);
+            self.publish_kick_wish(mem)?;
         }
         Ok(Some(chain))
+    }
+
+    /// Asks the Guest to kick us when it adds buffers, or not to: a device
+    /// that will look at the ring anyway when it has something to put in it
+    /// (console input) saves the Guest an exit per buffer.
+    pub fn want_kicks(&mut self, mem: &GuestMemory, wanted: bool) -> Result<(), String> {
+        if self.kicks_wanted != wanted {
+            self.kicks_wanted = wanted;
+            self.publish_kick_wish(mem)?;
+        }
+        Ok(())
+    }
+
+    /// With EVENT_IDX, avail_event says after which entry to kick us (one
+    /// behind what we have taken means never); without it, the used ring's
+    /// NO_NOTIFY flag says whether to. The full fence orders this store
+    /// before our next load of the avail index, or a Guest adding an entry
+    /// right now could miss it and not kick, while we miss the entry.
+    fn publish_kick_wish(&self, mem: &GuestMemory) -> Result<(), String> {
+        if self.features.event_idx {
+            let event = if self.kicks_wanted {
+                self.next_avail
+            } else {
+                self.next_avail.wrapping_sub(1)
+            };
+            Self::write_u16(mem, self.used + 4 + 8 * self.num as u64, event)?;
+        } else {
+            let flags = if self.kicks_wanted { 0 } else { VRING_USED_F_NO_NOTIFY as u16 };
+            Self::write_u16(mem, self.used, flags)?;
+        }
+        fence(Ordering::SeqCst);
+        Ok(())
     }
 
     /// Follows a chain from `head`, through one level of indirect table.
