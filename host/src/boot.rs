@@ -5,8 +5,8 @@
 //! bad file is a one-line set-up error, never a Guest that dies strangely.
 
 use crate::memory::GuestMemory;
-use std::borrow::Cow;
 use lguest_abi::{boot_params as bp, CMDLINE_ADDR, CMDLINE_MAX, KERNEL_MIN_ADDR, PAGE_SIZE};
+use std::borrow::Cow;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BootError {

@@ -91,10 +91,7 @@ impl Launch {
     pub fn prepare(cfg: Config) -> Result<Launch, LaunchError> {
         let (name, image): (String, std::borrow::Cow<'static, [u8]>) = match &cfg.kernel {
             Some(path) => (path.display().to_string(), read("kernel", path)?.into()),
-            None => (
-                "bundled reference Guest".to_string(),
-                BUNDLED_GUEST.into(),
-            ),
+            None => ("bundled reference Guest".to_string(), BUNDLED_GUEST.into()),
         };
         let kernel = Kernel::parse(&name, image)?;
         let initrd = match &cfg.initrd {

@@ -181,9 +181,17 @@ impl Running {
         let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let epoll = Epoll::new()?;
         for (q, k) in kicks.iter().enumerate() {
-            epoll.ctl(ControlOperation::Add, k.as_raw_fd(), EpollEvent::new(EventSet::IN, q as u64))?;
+            epoll.ctl(
+                ControlOperation::Add,
+                k.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, q as u64),
+            )?;
         }
-        epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, STOP))?;
+        epoll.ctl(
+            ControlOperation::Add,
+            stop.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, STOP),
+        )?;
         let mut worker = Worker {
             shared: shared.clone(),
             kicks: kicks.clone(),
@@ -293,7 +301,6 @@ impl Shared {
         };
         f(state.device.as_mut(), &mut queues)
     }
-
 }
 
 struct Worker {

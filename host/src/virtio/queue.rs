@@ -159,7 +159,11 @@ impl Queue {
             };
             Self::write_u16(mem, self.used + 4 + 8 * self.num as u64, event)?;
         } else {
-            let flags = if self.kicks_wanted { 0 } else { VRING_USED_F_NO_NOTIFY as u16 };
+            let flags = if self.kicks_wanted {
+                0
+            } else {
+                VRING_USED_F_NO_NOTIFY as u16
+            };
             Self::write_u16(mem, self.used, flags)?;
         }
         fence(Ordering::SeqCst);
