@@ -1,6 +1,7 @@
-//! Builds the reference Guest for x86_64-unknown-none and bundles it into the
-//! `lguest` binary, so that a bare `lguest` (or `cargo run`) has a kernel to
-//! boot. The Guest is a workspace of its own, built with a target dir of its
+//! Builds the bundled Guests for x86_64-unknown-none (the reference Guest,
+//! and the one that drives virtio-mmio devices with the virtio-drivers crate)
+//! and bundles them into the `lguest` binary, so that a bare `lguest` (or
+//! `cargo run`) has a kernel to boot. The Guest is a workspace of its own, built with a target dir of its
 //! own under OUT_DIR so it never waits on the outer build's lock.
 
 use std::path::PathBuf;
@@ -64,6 +65,11 @@ fn main() {
         status.success(),
         "building the reference Guest (guest/) failed"
     );
-    let elf = out.join("guest-target/x86_64-unknown-none/release/lguest-guest");
-    std::fs::copy(&elf, out.join("lguest-guest")).expect("copy the reference Guest");
+    // Both kernels: the reference Guest and the one built on virtio-drivers.
+    for name in ["lguest-guest", "lguest-guest-drivers"] {
+        let elf = out
+            .join("guest-target/x86_64-unknown-none/release")
+            .join(name);
+        std::fs::copy(&elf, out.join(name)).expect("copy a bundled Guest");
+    }
 }

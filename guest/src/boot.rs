@@ -33,6 +33,14 @@ pub fn device_model() -> u64 {
     boot_param::<u64>(bp::HARDWARE_SUBARCH_DATA)
 }
 
+/// Where the Launcher put the initrd, (start, size), or None: it sits at
+/// the top of RAM, so whoever hands out RAM must stop below it.
+pub fn ramdisk() -> Option<(u64, u64)> {
+    let image = boot_param::<u32>(bp::RAMDISK_IMAGE) as u64;
+    let size = boot_param::<u32>(bp::RAMDISK_SIZE) as u64;
+    (size != 0).then_some((image, size))
+}
+
 /// The command line, up to its NUL (at most 4095 bytes).
 pub fn cmdline() -> &'static str {
     let addr = boot_param::<u32>(bp::CMD_LINE_PTR) as usize;

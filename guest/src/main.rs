@@ -16,27 +16,22 @@
 
 mod bad;
 mod bench;
-mod boot;
-mod cell;
-mod console;
-mod hcall;
-mod interrupts;
-mod lguest_data;
 mod pagetable;
 mod shell;
 mod tests;
-mod time;
 mod virtio;
 
 use core::arch::global_asm;
-use core::fmt;
 use core::panic::PanicInfo;
-use core::sync::atomic::{AtomicBool, Ordering};
 
-use lguest_abi::{SHUTDOWN_CRASH, SHUTDOWN_POWEROFF};
+use lguest_abi::SHUTDOWN_POWEROFF;
+
+// What both Guests share lives in the library (src/lib.rs); these names keep
+// `crate::hcall`, `crate::println`, `crate::fail` and the rest working for
+// the modules above.
+use lguest_guest::{boot, cell, console, fail, hcall, interrupts, lguest_data, println, time};
 
 use crate::cell::GuestCell;
-use crate::console::Msg;
 
 /// Our stack, in .bss, for everything but what SET_STACK moves elsewhere.
 const BOOT_STACK_SIZE: usize = 64 * 1024;
@@ -114,34 +109,9 @@ extern "C" fn kmain() -> ! {
     hcall::shutdown(c"reference Guest finished", SHUTDOWN_POWEROFF);
 }
 
-/// Report a failure the way self-test Guests do (ABI section 10), on the
-/// console and as the SHUTDOWN reason, and crash.
-pub fn fail(what: &str, detail: fmt::Arguments) -> ! {
-    let reason = Msg::<256>::from_fmt(format_args!("FAIL {what}: {detail}"));
-    println!("lguest-guest: {}", reason.as_str());
-    hcall::shutdown(reason.as_cstr(), SHUTDOWN_CRASH);
-}
-
 /// A panic is a bug in this Guest (or a Host that broke its promises): say
-/// so and crash. The message is formatted once into a buffer of its own
-/// rather than through the console, which the panic may have interrupted.
+/// so and crash (see `report::panic`).
 #[panic_handler]
 fn panic(info: &PanicInfo) -> ! {
-    static PANICKING: AtomicBool = AtomicBool::new(false);
-    if PANICKING.swap(true, Ordering::SeqCst) {
-        hcall::shutdown(c"panic while panicking", SHUTDOWN_CRASH);
-    }
-    console::flush_if_idle();
-    let message = Msg::<256>::from_fmt(format_args!("{}", info.message()));
-    let line = match info.location() {
-        Some(at) => Msg::<512>::from_fmt(format_args!(
-            "lguest-guest: panic: {} at {}:{}\n",
-            message.as_str(),
-            at.file(),
-            at.line()
-        )),
-        None => Msg::<512>::from_fmt(format_args!("lguest-guest: panic: {}\n", message.as_str())),
-    };
-    hcall::notify_str(line.as_cstr());
-    hcall::shutdown(message.as_cstr(), SHUTDOWN_CRASH);
+    lguest_guest::report::panic(info)
 }

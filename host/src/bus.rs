@@ -15,18 +15,33 @@
 
 use crate::interrupts::Irqs;
 use crate::memory::GuestMemory;
+use crate::virtio::mmio::{MmioDevice, WINDOW};
 use crate::virtio::queue::ring_bytes;
 use crate::virtio::{Device, QueueSetup, Running, COMMON_FEATURES};
 use lguest_abi::{
     DeviceDesc, VqConfig, FEATURE_LEN, LGUEST_IRQS, PAGE_SIZE, VIRTIO_STATUS_FAILED,
     VRING_DEFAULT_NUM,
 };
+use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
+use virtio_bindings::virtio_config::{VIRTIO_F_ANY_LAYOUT, VIRTIO_F_NOTIFY_ON_EMPTY};
 use zerocopy::IntoBytes;
 
-/// Pages the bus needs above RAM for these devices: the descriptor page and
-/// every ring.
-pub fn device_pages(devices: &[Box<dyn Device>]) -> u64 {
+/// How the Guest reaches its devices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// The lguest bus (ABI section 8): the descriptor page and NOTIFY.
+    LguestBus,
+    /// A virtio-mmio window per device; the descriptor page stays empty.
+    Mmio,
+}
+
+/// Pages above RAM the devices need: the descriptor page, then every ring
+/// (lguest bus) or the mmio windows (a hole, not memory).
+pub fn device_pages(devices: &[Box<dyn Device>], transport: Transport) -> u64 {
+    if transport == Transport::Mmio {
+        return 1 + mmio_hole_pages(devices.len());
+    }
     let rings: u64 = devices
         .iter()
         .map(|d| d.queue_names().len() as u64 * ring_bytes(VRING_DEFAULT_NUM))
@@ -54,6 +69,26 @@ pub fn check_fits(devices: &[Box<dyn Device>]) -> Result<(), String> {
     Ok(())
 }
 
+/// Pages of the hole the mmio windows make.
+pub fn mmio_hole_pages(devices: usize) -> u64 {
+    (devices as u64 * WINDOW).div_ceil(PAGE_SIZE)
+}
+
+/// Where each device's window is, and its IRQ, for RAM of `mem` bytes.
+pub fn mmio_windows(mem: u64, devices: usize) -> Vec<(u64, u32)> {
+    (0..devices)
+        .map(|i| (mem + PAGE_SIZE + i as u64 * WINDOW, i as u32 + 1))
+        .collect()
+}
+
+/// The command-line words that announce the windows, as Linux reads them.
+pub fn mmio_cmdline(mem: u64, devices: usize) -> Vec<String> {
+    mmio_windows(mem, devices)
+        .into_iter()
+        .map(|(base, irq)| format!("virtio_mmio.device=0x{WINDOW:x}@0x{base:x}:{irq}"))
+        .collect()
+}
+
 fn descriptor(d: &dyn Device) -> DeviceDesc {
     DeviceDesc {
         type_: d.virtio_id(),
@@ -76,15 +111,21 @@ struct OnBus {
 pub struct Bus {
     mem: GuestMemory,
     devices: Vec<OnBus>,
+    mmio: Vec<MmioDevice>,
 }
 
 impl Bus {
-    /// Writes the descriptor page and starts every device's thread.
+    /// Writes the descriptor page (or sets up the mmio windows) and starts
+    /// every device's thread.
     pub fn new(
         mem: &GuestMemory,
         devices: Vec<Box<dyn Device>>,
         irqs: &Arc<Irqs>,
+        transport: Transport,
     ) -> std::io::Result<Bus> {
+        if transport == Transport::Mmio {
+            return Self::new_mmio(mem, devices, irqs);
+        }
         let page = mem.layout.mem;
         let mut at = page;
         let mut ring = page + PAGE_SIZE;
@@ -106,8 +147,7 @@ impl Bus {
                 setup.push(QueueSetup {
                     num: VRING_DEFAULT_NUM,
                     irq,
-                    ring,
-                    guest_features,
+                    legacy: Some((ring, guest_features)),
                 });
                 ring += ring_bytes(VRING_DEFAULT_NUM);
                 irq += 1;
@@ -116,19 +156,70 @@ impl Bus {
             bytes.extend_from_slice(&[0; FEATURE_LEN as usize]);
             bytes.extend_from_slice(&device.config());
             mem.write(at, &bytes).expect("checked by check_fits");
-            let rings = setup.iter().map(|s| s.ring).collect();
+            let rings = setup.iter().filter_map(|s| s.legacy).map(|l| l.0).collect();
             on_bus.push(OnBus {
                 desc: at,
                 rings,
                 guest_features,
-                running: Running::start(device, setup, mem.clone(), irqs.clone())?,
+                running: Running::start(device, setup, mem.clone(), irqs.clone(), None)?,
             });
             at += bytes.len() as u64;
         }
         Ok(Bus {
             mem: mem.clone(),
             devices: on_bus,
+            mmio: Vec::new(),
         })
+    }
+
+    fn new_mmio(
+        mem: &GuestMemory,
+        devices: Vec<Box<dyn Device>>,
+        irqs: &Arc<Irqs>,
+    ) -> std::io::Result<Bus> {
+        let windows = mmio_windows(mem.layout.mem, devices.len());
+        let mut mmio = Vec::new();
+        for (device, (base, irq)) in devices.into_iter().zip(windows) {
+            // Modern drivers don't use the legacy-only feature bits.
+            let legacy_only = 1 << VIRTIO_F_NOTIFY_ON_EMPTY | 1 << VIRTIO_F_ANY_LAYOUT;
+            let features = ((COMMON_FEATURES & !legacy_only) | device.features()) as u64;
+            let (id, queues) = (device.virtio_id(), device.queue_names().len());
+            let setup = vec![
+                QueueSetup {
+                    num: VRING_DEFAULT_NUM,
+                    irq,
+                    legacy: None,
+                };
+                queues
+            ];
+            let status = Arc::new(AtomicU32::new(0));
+            let running = Running::start(
+                device,
+                setup,
+                mem.clone(),
+                irqs.clone(),
+                Some(status.clone()),
+            )?;
+            mmio.push(MmioDevice::new(base, id, features, queues, running, status));
+        }
+        Ok(Bus {
+            mem: mem.clone(),
+            devices: Vec::new(),
+            mmio,
+        })
+    }
+
+    /// An MMIO access: Some if it hit a window (an error is a Sudden Death
+    /// reason), None if no device is there.
+    pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) -> Option<Result<(), String>> {
+        let d = self.mmio.iter_mut().find(|d| d.contains(addr))?;
+        Some(d.read(addr, data))
+    }
+
+    pub fn mmio_write(&mut self, addr: u64, data: &[u8]) -> Option<Result<(), String>> {
+        let mem = &self.mem;
+        let d = self.mmio.iter_mut().find(|d| d.contains(addr))?;
+        Some(d.write(addr, data, mem))
     }
 
     /// NOTIFY at `addr`, if it names a descriptor or a ring: true if it did.
@@ -217,18 +308,19 @@ mod tests {
         crate::interrupts::install_kick_handler().unwrap();
         let devices: Vec<Box<dyn Device>> = vec![Box::new(Console::new(false)), Box::new(Rng)];
         check_fits(&devices).unwrap();
-        let pages = device_pages(&devices);
+        let pages = device_pages(&devices, Transport::LguestBus);
         assert_eq!(pages, 1 + 3 * 3, "descriptor page and three 3-page rings");
         let mem_bytes = 4 << 20;
         let mem = GuestMemory::new(Layout {
             mem: mem_bytes,
             pfn_limit: mem_bytes / PAGE_SIZE + pages,
+            mmio_hole_pages: 0,
             host_ro_pages: 1,
             host_rw_pages: 1,
         })
         .unwrap();
         let irqs = Irqs::new().unwrap();
-        let bus = Bus::new(&mem, devices, &irqs).unwrap();
+        let bus = Bus::new(&mem, devices, &irqs, Transport::LguestBus).unwrap();
 
         let found = scan(&mem);
         assert_eq!(found.len(), 2);

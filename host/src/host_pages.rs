@@ -254,6 +254,7 @@ mod tests {
         Layout {
             mem,
             pfn_limit,
+            mmio_hole_pages: 0,
             host_ro_pages: ro_pages_for(pfn_limit),
             host_rw_pages: STACK_PAGES,
         }

@@ -5,7 +5,7 @@
 //! in [`Launch::prepare`], before /dev/kvm is even opened.
 
 use crate::boot::{BootError, BootImage, Kernel};
-use crate::bus::{self, Bus};
+use crate::bus::{self, Bus, Transport};
 use crate::devices::{self, block::Disk, tap, Backends};
 use crate::host_pages;
 use crate::interrupts::{self, Irqs};
@@ -17,6 +17,20 @@ use std::path::{Path, PathBuf};
 
 /// The reference Guest, built by build.rs.
 pub static BUNDLED_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/lguest-guest"));
+/// The Guest that drives virtio-mmio devices with the `virtio-drivers` crate.
+pub static BUNDLED_DRIVERS_GUEST: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/lguest-guest-drivers"));
+
+/// Which kernel to boot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KernelChoice {
+    /// The bundled reference Guest.
+    Reference,
+    /// The bundled virtio-drivers Guest.
+    Drivers,
+    /// A file.
+    File(PathBuf),
+}
 
 /// Memory sizes the Launcher accepts, in MiB.
 pub const MEM_MB_RANGE: std::ops::RangeInclusive<u64> = 2..=65536;
@@ -44,8 +58,7 @@ pub enum LaunchError {
 /// What to boot.
 pub struct Config {
     pub mem_mb: u64,
-    /// None: the bundled reference Guest.
-    pub kernel: Option<PathBuf>,
+    pub kernel: KernelChoice,
     pub initrd: Option<PathBuf>,
     pub cmdline: String,
     pub kvm_device: PathBuf,
@@ -54,6 +67,7 @@ pub struct Config {
     /// `--tunnet` spec.
     pub tunnet: Option<String>,
     pub rng: bool,
+    pub transport: Transport,
 }
 
 /// A checked configuration, ready to boot (again and again on restart).
@@ -64,6 +78,7 @@ pub struct Launch {
     layout: Layout,
     kvm_device: PathBuf,
     backends: Backends,
+    transport: Transport,
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, LaunchError> {
@@ -76,12 +91,13 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, LaunchError> {
 
 /// The memory layout for `mem_mb` MiB: RAM, then the device pages (the
 /// descriptor page and the rings), then the Host's pages.
-pub fn layout_for(mem_mb: u64, device_pages: u64) -> Layout {
+pub fn layout_for(mem_mb: u64, device_pages: u64, mmio_hole_pages: u64) -> Layout {
     let mem = mem_mb << 20;
     let pfn_limit = mem / PAGE_SIZE + device_pages;
     Layout {
         mem,
         pfn_limit,
+        mmio_hole_pages,
         host_ro_pages: host_pages::ro_pages_for(pfn_limit),
         host_rw_pages: host_pages::STACK_PAGES,
     }
@@ -90,8 +106,9 @@ pub fn layout_for(mem_mb: u64, device_pages: u64) -> Layout {
 impl Launch {
     pub fn prepare(cfg: Config) -> Result<Launch, LaunchError> {
         let (name, image): (String, std::borrow::Cow<'static, [u8]>) = match &cfg.kernel {
-            Some(path) => (path.display().to_string(), read("kernel", path)?.into()),
-            None => ("bundled reference Guest".to_string(), BUNDLED_GUEST.into()),
+            KernelChoice::File(path) => (path.display().to_string(), read("kernel", path)?.into()),
+            KernelChoice::Reference => ("bundled reference Guest".into(), BUNDLED_GUEST.into()),
+            KernelChoice::Drivers => ("bundled drivers Guest".into(), BUNDLED_DRIVERS_GUEST.into()),
         };
         let kernel = Kernel::parse(&name, image)?;
         let initrd = match &cfg.initrd {
@@ -130,21 +147,36 @@ impl Launch {
         };
         let devices = backends.devices();
         bus::check_fits(&devices).map_err(LaunchError::Device)?;
-        let layout = layout_for(cfg.mem_mb, bus::device_pages(&devices));
+        let hole = match cfg.transport {
+            Transport::Mmio => bus::mmio_hole_pages(devices.len()),
+            Transport::LguestBus => 0,
+        };
+        let layout = layout_for(cfg.mem_mb, bus::device_pages(&devices, cfg.transport), hole);
+        let mut cmdline = cfg.cmdline;
+        if cfg.transport == Transport::Mmio {
+            // Announce the windows the way Linux reads them.
+            for word in bus::mmio_cmdline(layout.mem, devices.len()) {
+                if !cmdline.is_empty() {
+                    cmdline.push(' ');
+                }
+                cmdline.push_str(&word);
+            }
+        }
         BootImage {
             kernel: &kernel,
             initrd: initrd.as_ref().map(|(n, d)| (n.as_str(), d.as_slice())),
-            cmdline: &cfg.cmdline,
+            cmdline: &cmdline,
             device_model: DEVICE_MODEL_VIRTIO,
         }
         .check(layout.mem)?;
         let launch = Launch {
             kernel,
             initrd,
-            cmdline: cfg.cmdline,
+            cmdline,
             layout,
             kvm_device: cfg.kvm_device,
             backends,
+            transport: cfg.transport,
         };
         Ok(launch)
     }
@@ -199,7 +231,8 @@ impl Launch {
             "booting"
         );
         let irqs = Irqs::new().map_err(LaunchError::Threads)?;
-        let bus = Bus::new(&mem, backends.devices(), &irqs).map_err(LaunchError::Threads)?;
+        let bus = Bus::new(&mem, backends.devices(), &irqs, self.transport)
+            .map_err(LaunchError::Threads)?;
         let mut guest = Guest::new(mem, tables, vm, irqs, bus).map_err(LaunchError::Threads)?;
         Ok(guest.run())
     }

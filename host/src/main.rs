@@ -63,6 +63,15 @@ struct Cli {
     /// Give the Guest a random-number device.
     #[arg(long)]
     rng: bool,
+    /// Which bundled Guest to boot when no KERNEL is given: the reference
+    /// Guest, or the one that drives virtio-mmio devices with the
+    /// virtio-drivers crate (use it with --transport=mmio).
+    #[arg(long, value_enum, default_value = "reference")]
+    guest: GuestArg,
+    /// How the Guest finds its devices: the lguest bus, or a virtio-mmio
+    /// window per device (announced on the kernel command line).
+    #[arg(long, value_enum, default_value = "lguest-bus")]
+    transport: TransportArg,
     /// Trace the Host's work on stderr.
     #[arg(long)]
     verbose: bool,
@@ -82,6 +91,18 @@ struct Cli {
         allow_hyphen_values = true
     )]
     kernel_args: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum GuestArg {
+    Reference,
+    Drivers,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum TransportArg {
+    LguestBus,
+    Mmio,
 }
 
 /// Prints `lguest: <message>` as one line.
@@ -167,13 +188,21 @@ fn main() -> ExitCode {
     words.extend(cli.append.iter().cloned());
     let config = Config {
         mem_mb,
-        kernel: cli.kernel.clone(),
+        kernel: match (&cli.kernel, cli.guest) {
+            (Some(path), _) => launcher::KernelChoice::File(path.clone()),
+            (None, GuestArg::Reference) => launcher::KernelChoice::Reference,
+            (None, GuestArg::Drivers) => launcher::KernelChoice::Drivers,
+        },
         initrd: cli.initrd.clone(),
         cmdline: words.join(" "),
         kvm_device,
         block: cli.block.clone(),
         tunnet: cli.tunnet.clone(),
         rng: cli.rng,
+        transport: match cli.transport {
+            TransportArg::LguestBus => bus::Transport::LguestBus,
+            TransportArg::Mmio => bus::Transport::Mmio,
+        },
     };
     let launch = match Launch::prepare(config) {
         Ok(l) => l,

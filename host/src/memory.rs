@@ -24,6 +24,9 @@ pub struct Layout {
     pub mem: u64,
     /// First page frame the Guest may not touch.
     pub pfn_limit: u64,
+    /// Pages just below pfn_limit that are no memory at all: the virtio-mmio
+    /// windows, where every access exits to the Host.
+    pub mmio_hole_pages: u64,
     /// Host-owned pages that are read-only to the Guest (IDT ... page tables).
     pub host_ro_pages: u64,
     /// Host-owned pages the CPU writes in ring 0 (the stub stack).
@@ -69,8 +72,9 @@ pub struct GuestMemory {
 impl GuestMemory {
     /// Map fresh, zeroed anonymous memory for every region of `layout`.
     pub fn new(layout: Layout) -> std::io::Result<Self> {
+        let hole = layout.mmio_hole_pages * PAGE_SIZE;
         let ranges = [
-            (GuestAddress(0), layout.guest_limit() as usize),
+            (GuestAddress(0), (layout.guest_limit() - hole) as usize),
             (
                 GuestAddress(layout.host_base()),
                 (layout.host_ro_pages * PAGE_SIZE) as usize,
@@ -216,6 +220,7 @@ mod tests {
         GuestMemory::new(Layout {
             mem: 2 << 20,
             pfn_limit: (2 << 20) / PAGE_SIZE + 1,
+            mmio_hole_pages: 0,
             host_ro_pages: 4,
             host_rw_pages: 1,
         })

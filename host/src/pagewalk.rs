@@ -55,6 +55,7 @@ mod tests {
         let layout = Layout {
             mem: mem_bytes,
             pfn_limit,
+            mmio_hole_pages: 0,
             host_ro_pages: host_pages::ro_pages_for(pfn_limit),
             host_rw_pages: host_pages::STACK_PAGES,
         };

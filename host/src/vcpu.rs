@@ -54,6 +54,16 @@ enum Where {
     StubFrame(u64),
 }
 
+/// An MMIO access that hit no device: a write to the Host's read-only pages,
+/// or memory that isn't there.
+fn bad_mmio(layout: &crate::memory::Layout, addr: u64, what: &str) -> Stop {
+    if (layout.host_base()..layout.host_rw_base()).contains(&addr) {
+        kill(format!("write to Host page {addr:#x}"))
+    } else {
+        kill(format!("{what} unbacked physical address {addr:#x}"))
+    }
+}
+
 /// One running Guest: lguest's `struct lguest`.
 pub struct Guest {
     // Drop order matters: the device and timer threads stop first, then the
@@ -143,8 +153,20 @@ impl Guest {
                 data.fill(0xFF);
                 return Ok(());
             }
-            Ok(VcpuExit::MmioWrite(addr, _)) => return Err(self.bad_mmio(addr, "write to")),
-            Ok(VcpuExit::MmioRead(addr, _)) => return Err(self.bad_mmio(addr, "read from")),
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                self.io_pending = true;
+                return match self.bus.mmio_write(addr, data) {
+                    Some(result) => result.map_err(kill),
+                    None => Err(bad_mmio(&self.mem.layout, addr, "write to")),
+                };
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                self.io_pending = true;
+                return match self.bus.mmio_read(addr, data) {
+                    Some(result) => result.map_err(kill),
+                    None => Err(bad_mmio(&self.mem.layout, addr, "read from")),
+                };
+            }
             Ok(VcpuExit::Shutdown) => return Err(kill("triple fault")),
             Ok(VcpuExit::Hlt) => return Err(kill("hlt reached the Host")),
             Ok(VcpuExit::FailEntry(reason, _)) => {
@@ -173,15 +195,6 @@ impl Guest {
         }
         // Any other `out` is ignored, as lguest did.
         Ok(())
-    }
-
-    fn bad_mmio(&self, addr: u64, what: &str) -> Stop {
-        let l = &self.mem.layout;
-        if (l.host_base()..l.host_rw_base()).contains(&addr) {
-            kill(format!("write to Host page {addr:#x}"))
-        } else {
-            kill(format!("{what} unbacked physical address {addr:#x}"))
-        }
     }
 
     pub(crate) fn set_rax(&mut self, value: u64) {

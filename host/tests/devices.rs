@@ -23,23 +23,6 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
 use std::time::Duration;
 
-/// The self-tests the Guest had before it had devices; `test=all` always
-/// runs these.
-const CORE_TESTS: [&str; 12] = [
-    "hypercall",
-    "async",
-    "timer",
-    "mask",
-    "ud",
-    "pf",
-    "de",
-    "pgtable",
-    "wallclock",
-    "stack",
-    "gdt",
-    "ts",
-];
-
 /// How long to wait for something the Guest prints while it runs.
 const WAIT: Duration = Duration::from_secs(20);
 

@@ -10,22 +10,6 @@ mod common;
 
 use common::*;
 
-/// Every self-test of the reference Guest; `test=all` runs exactly these.
-const SELF_TESTS: [&str; 12] = [
-    "hypercall",
-    "async",
-    "timer",
-    "mask",
-    "ud",
-    "pf",
-    "de",
-    "pgtable",
-    "wallclock",
-    "stack",
-    "gdt",
-    "ts",
-];
-
 /// Boots the bundled Guest with `--append CMDLINE`.
 fn boot(cmdline: &str) -> Outcome {
     let out = run(lguest().args(["--append", cmdline]));
@@ -105,7 +89,7 @@ fn all_self_tests_pass() {
     // Without --block, --tunnet or --rng, "all" is the twelve core tests
     // and the two on the console, which is always there.
     let out = boot("test=all");
-    for name in SELF_TESTS.iter().chain(&["console", "reset"]) {
+    for name in CORE_TESTS.iter().chain(&["console", "reset"]) {
         out.assert_stdout_line(&format!("lguest-guest: test {name} ... ok"));
     }
     out.assert_stdout_line("lguest-guest: all 14 tests passed");

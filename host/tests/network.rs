@@ -218,11 +218,33 @@ fn net_self_test_through_the_tap() {
             .args(["--tunnet=10.77.1.1", "--append", "test=net ip=10.77.1.2"]),
         STEP,
     );
+    assert_net_test_passed(&out);
+}
+
+/// The Guest's `test=net` passed and it powered off.
+fn assert_net_test_passed(out: &Outcome) {
     out.assert_no_panic()
         .assert_stdout_line("lguest-guest: test net ... ok")
         .assert_stdout_line("lguest-guest: all 1 tests passed")
         .assert_code(0);
     out.single_stderr_line("lguest: guest powered off: ");
+}
+
+#[test]
+fn net_self_test_over_virtio_mmio_with_virtio_drivers() {
+    require_network!();
+    let ns = Netns::new();
+    let out = run_with_timeout(
+        ns.lguest().args([
+            "--transport=mmio",
+            "--guest=drivers",
+            "--tunnet=10.77.3.1",
+            "--append",
+            "test=net ip=10.77.3.2",
+        ]),
+        STEP,
+    );
+    assert_net_test_passed(&out);
 }
 
 #[test]
@@ -241,11 +263,7 @@ fn net_self_test_through_a_bridge() {
         ]),
         STEP,
     );
-    out.assert_no_panic()
-        .assert_stdout_line("lguest-guest: test net ... ok")
-        .assert_stdout_line("lguest-guest: all 1 tests passed")
-        .assert_code(0);
-    out.single_stderr_line("lguest: guest powered off: ");
+    assert_net_test_passed(&out);
 }
 
 #[test]

@@ -24,6 +24,9 @@ pub struct Net {
     /// stop watching the tap until it kicks the receive queue.
     rx_buffers: bool,
     frame: Vec<u8>,
+    /// Whether the driver is modern (VERSION_1): its header is 12 bytes, the
+    /// last two num_buffers, which we must set to 1.
+    modern: bool,
 }
 
 impl Net {
@@ -33,7 +36,8 @@ impl Net {
             mac,
             held: None,
             rx_buffers: false,
-            frame: vec![0; FRAME_MAX],
+            frame: vec![0; FRAME_MAX + 2],
+            modern: false,
         }
     }
 
@@ -52,6 +56,10 @@ impl Net {
             };
             match self.tap.read_frame(&mut self.frame) {
                 Ok(n) => {
+                    if self.modern && n >= 12 {
+                        // The tap leaves num_buffers alone; one buffer it is.
+                        self.frame[10..12].copy_from_slice(&1u16.to_le_bytes());
+                    }
                     let written = write_to_chain(queues.mem, &chain, &self.frame[..n]);
                     queues.push(RX, &chain, written)?;
                 }
@@ -114,5 +122,12 @@ impl Device for Net {
     fn reset(&mut self) {
         self.held = None;
         self.rx_buffers = false;
+        self.set_driver_features(0);
+    }
+
+    fn set_driver_features(&mut self, features: u64) {
+        self.modern = features & 1 << crate::virtio::mmio::VIRTIO_F_VERSION_1 != 0;
+        // The tap adds or skips the header bytes it doesn't fill.
+        let _ = self.tap.set_header_size(if self.modern { 12 } else { 10 });
     }
 }

@@ -11,6 +11,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 const TUNSETIFF: libc::c_ulong = 0x4004_54CA;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54D0;
 const SIOCBRADDIF: libc::c_ulong = 0x89A2;
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54D8;
 
 /// What `--tunnet=` asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,6 +161,16 @@ impl Tap {
         let flags = unsafe { req.ifr_ifru.ifru_flags };
         req.ifr_ifru.ifru_flags = flags | (libc::IFF_UP | libc::IFF_RUNNING) as i16;
         ioctl(fd, libc::SIOCSIFFLAGS, &mut req)
+    }
+
+    /// The virtio-net header size frames carry: 10 (legacy) or 12 (virtio
+    /// 1.x, with num_buffers).
+    pub fn set_header_size(&self, size: i32) -> std::io::Result<()> {
+        // SAFETY: TUNSETVNETHDRSZ reads one int we own.
+        if unsafe { libc::ioctl(self.fd(), TUNSETVNETHDRSZ as _, &size as *const i32) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     pub fn fd(&self) -> RawFd {

@@ -7,12 +7,14 @@
 //! I/O. A Guest that breaks the ring rules ends in Sudden Death with a reason
 //! naming the device and queue.
 
+pub mod mmio;
 pub mod queue;
 
 use crate::interrupts::Irqs;
 use crate::memory::GuestMemory;
 use queue::{Chain, Queue, RingFeatures};
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use virtio_bindings::virtio_config::{VIRTIO_F_ANY_LAYOUT, VIRTIO_F_NOTIFY_ON_EMPTY};
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -24,6 +26,18 @@ pub const COMMON_FEATURES: u32 = 1 << VIRTIO_F_NOTIFY_ON_EMPTY
     | 1 << VIRTIO_F_ANY_LAYOUT
     | 1 << VIRTIO_RING_F_INDIRECT_DESC
     | 1 << VIRTIO_RING_F_EVENT_IDX;
+
+impl RingFeatures {
+    /// The ring features among negotiated feature bits.
+    pub fn from_bits(features: u64) -> RingFeatures {
+        let bit = |b: u32| features & (1 << b) != 0;
+        RingFeatures {
+            event_idx: bit(VIRTIO_RING_F_EVENT_IDX),
+            indirect: bit(VIRTIO_RING_F_INDIRECT_DESC),
+            notify_on_empty: bit(VIRTIO_F_NOTIFY_ON_EMPTY),
+        }
+    }
+}
 
 /// One device's backend and behaviour.
 pub trait Device: Send {
@@ -60,6 +74,9 @@ pub trait Device: Send {
     }
     /// The Guest reset the device: forget everything about its queues.
     fn reset(&mut self) {}
+    /// The features the driver accepted (a modern driver may change how the
+    /// device formats its buffers, e.g. the net header).
+    fn set_driver_features(&mut self, _features: u64) {}
 }
 
 /// The queues of one device, as a device sees them while it works.
@@ -69,6 +86,7 @@ pub struct Queues<'a> {
     names: &'static [&'static str],
     irqs: &'a [u32],
     irq_state: &'a Irqs,
+    interrupt_status: Option<&'a AtomicU32>,
 }
 
 impl Queues<'_> {
@@ -107,6 +125,9 @@ impl Queues<'_> {
             .push(self.mem, chain.head, len)
             .map_err(|e| format!("queue {q} ({}): {e}", self.names[q]))?;
         if notify {
+            if let Some(status) = self.interrupt_status {
+                status.fetch_or(1, Ordering::SeqCst);
+            }
             self.irq_state.raise(self.irqs[q]);
         }
         Ok(())
@@ -134,10 +155,11 @@ pub struct Running {
 pub struct QueueSetup {
     pub num: u16,
     pub irq: u32,
-    /// Guest-physical address of the ring.
-    pub ring: u64,
-    /// Where the Guest's accepted features are, on the descriptor page.
-    pub guest_features: u64,
+    /// On the lguest bus: the ring the Launcher assigned, and where the
+    /// Guest's accepted features are on the descriptor page; the queue comes
+    /// up at its first kick. None for a transport that sets queues up itself
+    /// ([`Running::activate`]).
+    pub legacy: Option<(u64, u64)>,
 }
 
 pub fn lock(state: &Mutex<DeviceState>) -> MutexGuard<'_, DeviceState> {
@@ -164,6 +186,7 @@ impl Running {
         setup: Vec<QueueSetup>,
         mem: GuestMemory,
         irqs: Arc<Irqs>,
+        interrupt_status: Option<Arc<AtomicU32>>,
     ) -> std::io::Result<Running> {
         let name = device.name();
         let shared = Arc::new(Shared {
@@ -174,6 +197,7 @@ impl Running {
             setup,
             mem,
             irqs,
+            interrupt_status,
         });
         let kicks: Vec<_> = (0..shared.setup.len())
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).map(Arc::new))
@@ -225,6 +249,35 @@ impl Running {
         Ok(())
     }
 
+    /// Brings queue `q` up (a transport that sets queues up itself).
+    pub fn activate(&self, q: usize, queue: Queue) {
+        lock(&self.shared.state).queues[q] = Some(queue);
+    }
+
+    /// Takes queue `q` away from the device (the driver is about to free its
+    /// memory); done when this returns.
+    pub fn deactivate(&self, q: usize) {
+        lock(&self.shared.state).queues[q] = None;
+    }
+
+    /// Whether the device is serving queue `q`.
+    #[cfg(test)]
+    pub fn queue_ready(&self, q: usize) -> bool {
+        lock(&self.shared.state).queues[q].is_some()
+    }
+
+    /// The device's config space, as it is now.
+    pub fn config(&self) -> Vec<u8> {
+        lock(&self.shared.state).device.config()
+    }
+
+    /// Tells the device what the driver accepted.
+    pub fn set_driver_features(&self, features: u64) {
+        lock(&self.shared.state)
+            .device
+            .set_driver_features(features);
+    }
+
     /// Resets the device; done when this returns (the Guest's NOTIFY waits).
     pub fn reset(&self) {
         let mut state = lock(&self.shared.state);
@@ -261,6 +314,9 @@ struct Shared {
     setup: Vec<QueueSetup>,
     mem: GuestMemory,
     irqs: Arc<Irqs>,
+    /// virtio-mmio's InterruptStatus: bit 0 set with every used-buffer
+    /// interrupt, cleared by the driver's InterruptACK.
+    interrupt_status: Option<Arc<AtomicU32>>,
 }
 
 impl Shared {
@@ -274,20 +330,11 @@ impl Shared {
         let mut guard = lock(&self.state);
         let state = &mut *guard;
         if let Some(q) = kicked {
-            if state.queues[q].is_none() {
-                let setup = &self.setup[q];
+            if let (None, Some((ring, features_at))) = (&state.queues[q], self.setup[q].legacy) {
                 // The Guest has finished choosing features by its first kick.
-                let features = self.mem.read_u32(setup.guest_features).unwrap_or(0);
-                let bit = |b: u32| features & (1 << b) != 0;
-                state.queues[q] = Some(Queue::new(
-                    setup.num,
-                    setup.ring,
-                    RingFeatures {
-                        event_idx: bit(VIRTIO_RING_F_EVENT_IDX),
-                        indirect: bit(VIRTIO_RING_F_INDIRECT_DESC),
-                        notify_on_empty: bit(VIRTIO_F_NOTIFY_ON_EMPTY),
-                    },
-                ));
+                let features = self.mem.read_u32(features_at).unwrap_or(0);
+                let ring_features = RingFeatures::from_bits(features as u64);
+                state.queues[q] = Some(Queue::new(self.setup[q].num, ring, ring_features));
             }
         }
         let irqs: Vec<u32> = self.setup.iter().map(|s| s.irq).collect();
@@ -298,6 +345,7 @@ impl Shared {
             names,
             irqs: &irqs,
             irq_state: &self.irqs,
+            interrupt_status: self.interrupt_status.as_deref(),
         };
         f(state.device.as_mut(), &mut queues)
     }

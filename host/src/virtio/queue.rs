@@ -26,6 +26,13 @@ pub fn ring_bytes(num: u16) -> u64 {
     used_offset(num) + (4 + 8 * num as u64 + 2).next_multiple_of(4096)
 }
 
+/// Bytes of the three areas of a queue of `num` entries: descriptors, avail
+/// ring (with used_event), used ring (with avail_event).
+pub fn area_sizes(num: u16) -> [u64; 3] {
+    let n = num as u64;
+    [DESC_SIZE * n, 4 + 2 * n + 2, 4 + 8 * n + 2]
+}
+
 fn used_offset(num: u16) -> u64 {
     (DESC_SIZE * num as u64 + 4 + 2 * num as u64 + 2).next_multiple_of(4096)
 }
@@ -80,13 +87,20 @@ pub struct Queue {
 }
 
 impl Queue {
-    /// A queue of `num` entries whose ring starts at `base`.
+    /// A legacy queue of `num` entries whose ring starts at `base`.
     pub fn new(num: u16, base: u64, features: RingFeatures) -> Queue {
+        let avail = base + DESC_SIZE * num as u64;
+        Queue::with_areas(num, [base, avail, base + used_offset(num)], features)
+    }
+
+    /// A queue whose three areas (descriptors, avail ring, used ring) the
+    /// driver placed where it liked, as modern transports allow.
+    pub fn with_areas(num: u16, [desc, avail, used]: [u64; 3], features: RingFeatures) -> Queue {
         Queue {
             num,
-            desc: base,
-            avail: base + DESC_SIZE * num as u64,
-            used: base + used_offset(num),
+            desc,
+            avail,
+            used,
             features,
             next_avail: 0,
             next_used: 0,
@@ -359,6 +373,7 @@ mod tests {
         GuestMemory::new(Layout {
             mem: 1 << 20,
             pfn_limit: 256,
+            mmio_hole_pages: 0,
             host_ro_pages: 1,
             host_rw_pages: 1,
         })

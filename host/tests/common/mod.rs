@@ -18,6 +18,23 @@ use std::time::{Duration, Instant};
 /// leaves room for a loaded CI machine running several tests at once.
 pub const TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The reference Guest's self-tests that need no device; `test=all` always
+/// runs these (and the device tests for the devices it has).
+pub const CORE_TESTS: [&str; 12] = [
+    "hypercall",
+    "async",
+    "timer",
+    "mask",
+    "ud",
+    "pf",
+    "de",
+    "pgtable",
+    "wallclock",
+    "stack",
+    "gdt",
+    "ts",
+];
+
 /// The KVM device every test that boots a Guest needs.
 pub const KVM_DEVICE: &str = "/dev/kvm";
 

@@ -1,0 +1,106 @@
+//! Just enough Ethernet and ARP for the net test: ask who has the Host's
+//! address, read the answer, and answer whoever asks for ours.
+
+use core::fmt;
+
+pub const ETH_HEADER: usize = 14;
+pub const ETHERTYPE_ARP: u16 = 0x0806;
+const ARP_BYTES: usize = 28;
+/// The shortest Ethernet frame without its FCS; shorter ones get padded.
+pub const ETH_MIN: usize = 60;
+pub const BROADCAST: [u8; 6] = [0xFF; 6];
+
+pub const ARP_REQUEST: u16 = 1;
+pub const ARP_REPLY: u16 = 2;
+
+/// An ARP packet for IPv4 over Ethernet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Arp {
+    pub op: u16,
+    pub sha: [u8; 6],
+    pub spa: [u8; 4],
+    pub tha: [u8; 6],
+    pub tpa: [u8; 4],
+}
+
+fn be16(bytes: &[u8]) -> u16 {
+    u16::from_be_bytes([bytes[0], bytes[1]])
+}
+
+impl Arp {
+    /// Write the frame carrying this packet (to `dst`, from `sha`) into
+    /// `out`; returns its length (ETH_MIN: ARP frames are padded).
+    pub fn write(&self, dst: [u8; 6], out: &mut [u8]) -> usize {
+        let frame = &mut out[..ETH_MIN];
+        frame.fill(0);
+        frame[0..6].copy_from_slice(&dst);
+        frame[6..12].copy_from_slice(&self.sha);
+        frame[12..14].copy_from_slice(&ETHERTYPE_ARP.to_be_bytes());
+        let arp = &mut frame[ETH_HEADER..ETH_HEADER + ARP_BYTES];
+        arp[0..2].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
+        arp[2..4].copy_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+        arp[4] = 6;
+        arp[5] = 4;
+        arp[6..8].copy_from_slice(&self.op.to_be_bytes());
+        arp[8..14].copy_from_slice(&self.sha);
+        arp[14..18].copy_from_slice(&self.spa);
+        arp[18..24].copy_from_slice(&self.tha);
+        arp[24..28].copy_from_slice(&self.tpa);
+        ETH_MIN
+    }
+
+    /// The ARP packet in an Ethernet frame, if that's what it is.
+    pub fn parse(frame: &[u8]) -> Option<Arp> {
+        if frame.len() < ETH_HEADER + ARP_BYTES || be16(&frame[12..]) != ETHERTYPE_ARP {
+            return None;
+        }
+        let arp = &frame[ETH_HEADER..];
+        if be16(&arp[0..]) != 1 || be16(&arp[2..]) != 0x0800 || arp[4] != 6 || arp[5] != 4 {
+            return None;
+        }
+        let mut packet = Arp {
+            op: be16(&arp[6..]),
+            sha: [0; 6],
+            spa: [0; 4],
+            tha: [0; 6],
+            tpa: [0; 4],
+        };
+        packet.sha.copy_from_slice(&arp[8..14]);
+        packet.spa.copy_from_slice(&arp[14..18]);
+        packet.tha.copy_from_slice(&arp[18..24]);
+        packet.tpa.copy_from_slice(&arp[24..28]);
+        Some(packet)
+    }
+}
+
+/// `A.B.C.D`.
+pub fn parse_ip(text: &str) -> Option<[u8; 4]> {
+    let mut ip = [0u8; 4];
+    let mut parts = text.split('.');
+    for byte in &mut ip {
+        *byte = parts.next()?.parse().ok()?;
+    }
+    parts.next().is_none().then_some(ip)
+}
+
+pub struct ShowIp(pub [u8; 4]);
+
+impl fmt::Display for ShowIp {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        let [a, b, c, d] = self.0;
+        write!(f, "{a}.{b}.{c}.{d}")
+    }
+}
+
+pub struct ShowMac(pub [u8; 6]);
+
+impl fmt::Display for ShowMac {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}

@@ -1,0 +1,116 @@
+//! The drivers Guest of lguest in Rust.
+//!
+//! A second Guest kernel, beside the reference one: it boots the same way
+//! (the shared half of this crate, src/lib.rs, does that), but it drives its
+//! devices over virtio-mmio with someone else's drivers, the `virtio-drivers`
+//! crate exactly as published. Its point is the Host's: a virtio device that
+//! works with a driver its authors didn't write is a virtio device.
+//!
+//! Start it with `lguest --transport=mmio --guest=drivers`. With no `test=`
+//! it says hello, lists the windows it found and powers off; with
+//! `test=NAME[,NAME]` or `test=all` it runs the device tests (tests.rs) and
+//! reports them as the reference Guest does. `drivers-log=LEVEL` shows
+//! virtio-drivers' own log (warnings by default).
+
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+mod arp;
+mod hal;
+mod logger;
+mod mmio;
+mod tests;
+mod wait;
+
+use core::arch::global_asm;
+use core::fmt::Write;
+use core::panic::PanicInfo;
+
+use lguest_abi::SHUTDOWN_POWEROFF;
+use lguest_guest::cell::GuestCell;
+use lguest_guest::{boot, hcall, heap, interrupts, lguest_data, println};
+use virtio_drivers::device::console::VirtIOConsole;
+use virtio_drivers::transport::DeviceType;
+
+use crate::hal::LguestHal;
+use crate::mmio::Devices;
+
+/// Our stack, in .bss. The drivers keep their buffers on the heap.
+const BOOT_STACK_SIZE: usize = 64 * 1024;
+
+#[repr(C, align(16))]
+struct BootStack([u8; BOOT_STACK_SIZE]);
+
+static BOOT_STACK: GuestCell<BootStack> = GuestCell::new(BootStack([0; BOOT_STACK_SIZE]));
+
+/*
+ * The Launcher enters here with no stack (RSP 0), as it enters the reference
+ * Guest: point RSP at the top of BOOT_STACK and call kmain.
+ */
+global_asm!(
+    r#"
+    .section .text._start, "ax"
+    .global _start
+_start:
+    lea rsp, [rip + {stack} + {stack_size}]
+    xor ebp, ebp
+    call {kmain}
+    ud2
+"#,
+    stack = sym BOOT_STACK,
+    stack_size = const BOOT_STACK_SIZE,
+    kmain = sym kmain,
+);
+
+extern "C" fn kmain() -> ! {
+    let options = boot::Options::parse(boot::cmdline());
+    // LGUEST_INIT first, then an IDT to take interrupts (the timer, then the
+    // devices'), then the heap, which virtio-drivers needs.
+    lguest_data::init();
+    interrupts::init();
+    wait::init();
+    heap::init();
+    logger::init(boot::cmdline());
+
+    let mut devices = Devices::scan(boot::cmdline());
+    if let Some(names) = options.test {
+        tests::run(names, &options, &mut devices);
+    }
+
+    let (heap_start, heap_end) = heap::range();
+    println!(
+        "lguest-guest-drivers: Hello from the drivers Guest: {} MiB of RAM, {} virtio-mmio devices, heap {:#x}-{:#x}",
+        boot::mem() >> 20,
+        devices.list.len(),
+        heap_start,
+        heap_end
+    );
+    devices.describe();
+    if devices.list.is_empty() {
+        println!("lguest-guest-drivers: no virtio-mmio devices: start the Launcher with --transport=mmio");
+    }
+    // Say hello through virtio-drivers' console too.
+    if let Some((transport, _)) = devices.take(DeviceType::Console) {
+        match VirtIOConsole::<LguestHal, _>::new(transport) {
+            Ok(mut console) => {
+                if let Err(e) = writeln!(
+                    console,
+                    "lguest-guest-drivers: and hello through virtio-drivers' console"
+                ) {
+                    println!("lguest-guest-drivers: the virtio console refused a line: {e}");
+                }
+            }
+            Err(e) => println!("lguest-guest-drivers: cannot bring up the console: {e}"),
+        }
+    }
+    hcall::shutdown(c"drivers Guest finished", SHUTDOWN_POWEROFF);
+}
+
+/// A panic is a bug in this Guest, in virtio-drivers, or a Host that broke
+/// its promises: say so and crash.
+#[panic_handler]
+fn panic(info: &PanicInfo) -> ! {
+    lguest_guest::report::panic(info)
+}

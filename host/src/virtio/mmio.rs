@@ -1,0 +1,434 @@
+//! The virtio-mmio transport, version 2 (virtio 1.x), for `--transport=mmio`.
+//!
+//! The same devices as on the lguest bus, reached the way most hypervisors
+//! and every modern Linux expect: a 0x200-byte register window per device,
+//! announced on the command line as `virtio_mmio.device=0x200@BASE:IRQ`. The
+//! windows are holes in the Guest's memory below pfn_limit, so every access
+//! exits to us ([`MmioDevice::read`], [`MmioDevice::write`]). A transport only
+//! moves registers and rings: the device behind it is the bus's.
+
+use super::queue::{area_sizes, Queue, RingFeatures};
+use super::Running;
+use crate::memory::GuestMemory;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+pub const WINDOW: u64 = 0x200;
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR: u32 = 0x5453_474C; // "LGST"
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+const QUEUE_NUM_MAX: u16 = 256;
+const CONFIG: u64 = 0x100;
+
+const STATUS_FEATURES_OK: u32 = 8;
+const STATUS_FAILED: u32 = 0x80;
+
+/// Per-queue registers.
+#[derive(Clone, Copy, Default)]
+struct QueueRegs {
+    num: u16,
+    ready: bool,
+    /// Descriptor, driver (avail) and device (used) area addresses.
+    areas: [u64; 3],
+}
+
+/// One device's window.
+pub struct MmioDevice {
+    pub base: u64,
+    device_id: u32,
+    device_features: u64,
+    running: Running,
+    interrupt_status: Arc<AtomicU32>,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    queues: Vec<QueueRegs>,
+    status: u32,
+}
+
+impl MmioDevice {
+    pub fn new(
+        base: u64,
+        device_id: u8,
+        device_features: u64,
+        num_queues: usize,
+        running: Running,
+        interrupt_status: Arc<AtomicU32>,
+    ) -> MmioDevice {
+        MmioDevice {
+            base,
+            device_id: device_id as u32,
+            device_features: device_features | 1 << VIRTIO_F_VERSION_1,
+            running,
+            interrupt_status,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            queues: vec![QueueRegs::default(); num_queues],
+            status: 0,
+        }
+    }
+
+    pub fn contains(&self, addr: u64) -> bool {
+        (self.base..self.base + WINDOW).contains(&addr)
+    }
+
+    fn name(&self) -> &'static str {
+        self.running.name
+    }
+
+    fn selected(&mut self) -> Option<&mut QueueRegs> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    /// A read of `data.len()` bytes at `addr`; an error is a Sudden Death
+    /// reason.
+    pub fn read(&mut self, addr: u64, data: &mut [u8]) -> Result<(), String> {
+        let offset = addr - self.base;
+        if offset >= CONFIG {
+            return self.read_config(offset - CONFIG, data);
+        }
+        if data.len() != 4 || !offset.is_multiple_of(4) {
+            return Err(self.bad(offset, data.len(), "read"));
+        }
+        let value = match offset {
+            0x000 => MAGIC,
+            0x004 => VERSION,
+            0x008 => self.device_id,
+            0x00C => VENDOR,
+            0x010 => match self.device_features_sel {
+                0 => self.device_features as u32,
+                1 => (self.device_features >> 32) as u32,
+                _ => 0,
+            },
+            0x034 => self.selected().map_or(0, |_| QUEUE_NUM_MAX as u32),
+            0x044 => self.selected().map_or(0, |q| q.ready as u32),
+            0x060 => self.interrupt_status.load(Ordering::SeqCst),
+            0x070 => self.status,
+            0x0FC => 0, // config generation: our config never changes
+            _ => return Err(self.bad(offset, 4, "read")),
+        };
+        data.copy_from_slice(&value.to_le_bytes());
+        Ok(())
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) -> Result<(), String> {
+        if !matches!(data.len(), 1 | 2 | 4) {
+            return Err(self.bad(CONFIG + offset, data.len(), "config read"));
+        }
+        let config = self.running.config();
+        let start = offset as usize;
+        match config.get(start..start + data.len()) {
+            Some(bytes) => data.copy_from_slice(bytes),
+            None => return Err(self.bad(CONFIG + offset, data.len(), "config read")),
+        }
+        Ok(())
+    }
+
+    fn bad(&self, offset: u64, width: usize, what: &str) -> String {
+        format!(
+            "virtio-mmio {} window {:#x}: bad {width}-byte {what} at offset {offset:#x}",
+            self.name(),
+            self.base
+        )
+    }
+
+    /// A write of `data` at `addr`; an error is a Sudden Death reason.
+    pub fn write(&mut self, addr: u64, data: &[u8], mem: &GuestMemory) -> Result<(), String> {
+        let offset = addr - self.base;
+        if data.len() != 4 || !offset.is_multiple_of(4) {
+            return Err(self.bad(offset, data.len(), "write"));
+        }
+        let value = u32::from_le_bytes(data.try_into().expect("4 bytes"));
+        let high = |old: u64, v: u32| (old & 0xFFFF_FFFF) | (v as u64) << 32;
+        let low = |old: u64, v: u32| (old & !0xFFFF_FFFF) | v as u64;
+        match offset {
+            0x014 => self.device_features_sel = value,
+            0x020 => match self.driver_features_sel {
+                0 => self.driver_features = low(self.driver_features, value),
+                1 => self.driver_features = high(self.driver_features, value),
+                _ => {}
+            },
+            0x024 => self.driver_features_sel = value,
+            0x030 => self.queue_sel = value,
+            0x038 => {
+                // 0 unsets the size (drivers write it when they tear a queue
+                // down); anything else must be a power of two we can serve.
+                if value > QUEUE_NUM_MAX as u32 || (value != 0 && !value.is_power_of_two()) {
+                    return Err(format!("{}: bad queue size {value}", self.queue_name()));
+                }
+                self.with_selected(|q| q.num = value as u16)?;
+            }
+            0x044 => self.set_queue_ready(value != 0, mem)?,
+            0x050 => {
+                if let Some(q) = self.queues.get(value as usize) {
+                    if q.ready {
+                        self.running.kick(value as usize)?;
+                    }
+                }
+            }
+            0x064 => {
+                self.interrupt_status.fetch_and(!value, Ordering::SeqCst);
+            }
+            0x070 => self.set_status(value),
+            0x080 | 0x084 | 0x090 | 0x094 | 0x0A0 | 0x0A4 => {
+                let area = ((offset - 0x080) / 0x10) as usize;
+                let is_high = offset % 0x10 == 4;
+                self.with_selected(|q| {
+                    let old = q.areas[area];
+                    q.areas[area] = if is_high {
+                        high(old, value)
+                    } else {
+                        low(old, value)
+                    };
+                })?;
+            }
+            _ => return Err(self.bad(offset, 4, "write")),
+        }
+        Ok(())
+    }
+
+    fn queue_name(&self) -> String {
+        format!("virtio-mmio {} queue {}", self.name(), self.queue_sel)
+    }
+
+    fn with_selected(&mut self, f: impl FnOnce(&mut QueueRegs)) -> Result<(), String> {
+        let name = self.queue_name();
+        let q = self
+            .selected()
+            .ok_or_else(|| format!("{name}: no such queue"))?;
+        if q.ready {
+            return Err(format!("{name}: changed while ready"));
+        }
+        f(q);
+        Ok(())
+    }
+
+    fn set_queue_ready(&mut self, ready: bool, mem: &GuestMemory) -> Result<(), String> {
+        let name = self.queue_name();
+        if ready && self.status & STATUS_FEATURES_OK == 0 {
+            return Err(format!("{name}: enabled before FEATURES_OK"));
+        }
+        let index = self.queue_sel as usize;
+        let features = self.driver_features;
+        let q = self
+            .selected()
+            .ok_or_else(|| format!("{name}: no such queue"))?;
+        if !ready {
+            // The driver may free the ring as soon as this write returns, so
+            // the device must be done with it by then.
+            q.ready = false;
+            self.running.deactivate(index);
+            return Ok(());
+        }
+        let num = if q.num == 0 { QUEUE_NUM_MAX } else { q.num };
+        for (area, size) in q.areas.iter().zip(area_sizes(num)) {
+            mem.check(*area, size)
+                .map_err(|e| format!("{name}: queue area {e}"))?;
+        }
+        q.ready = true;
+        let queue = Queue::with_areas(num, q.areas, RingFeatures::from_bits(features));
+        self.running.activate(index, queue);
+        Ok(())
+    }
+
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let mut value = value;
+        if value & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
+            // Accept the driver's choice only if it is ours to give and
+            // modern; otherwise FEATURES_OK does not stick and the driver
+            // sees it was refused.
+            let ok = self.driver_features & !self.device_features == 0
+                && self.driver_features & 1 << VIRTIO_F_VERSION_1 != 0;
+            if ok {
+                self.running.set_driver_features(self.driver_features);
+            } else {
+                value &= !STATUS_FEATURES_OK;
+            }
+        }
+        if value & STATUS_FAILED != 0 {
+            tracing::warn!(device = self.name(), "the Guest's driver failed");
+        }
+        self.status = value;
+    }
+
+    fn reset(&mut self) {
+        self.running.reset();
+        self.interrupt_status.store(0, Ordering::SeqCst);
+        self.driver_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+        for q in &mut self.queues {
+            *q = QueueRegs::default();
+        }
+        self.status = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::rng::Rng;
+    use crate::interrupts::Irqs;
+    use crate::memory::Layout;
+    use crate::virtio::QueueSetup;
+
+    const BASE: u64 = 0x10_0000;
+
+    fn device() -> (MmioDevice, GuestMemory) {
+        crate::interrupts::install_kick_handler().unwrap();
+        let mem = GuestMemory::new(Layout {
+            mem: 1 << 20,
+            pfn_limit: 256,
+            mmio_hole_pages: 0,
+            host_ro_pages: 1,
+            host_rw_pages: 1,
+        })
+        .unwrap();
+        let status = Arc::new(AtomicU32::new(0));
+        let setup = vec![QueueSetup {
+            num: 256,
+            irq: 1,
+            legacy: None,
+        }];
+        let running = Running::start(
+            Box::new(Rng),
+            setup,
+            mem.clone(),
+            Irqs::new().unwrap(),
+            Some(status.clone()),
+        )
+        .unwrap();
+        let id = lguest_abi::VIRTIO_ID_RNG;
+        (MmioDevice::new(BASE, id, 0, 1, running, status), mem)
+    }
+
+    fn rd(d: &mut MmioDevice, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        d.read(BASE + off, &mut b).unwrap();
+        u32::from_le_bytes(b)
+    }
+
+    fn wr(d: &mut MmioDevice, mem: &GuestMemory, off: u64, v: u32) -> Result<(), String> {
+        d.write(BASE + off, &v.to_le_bytes(), mem)
+    }
+
+    #[test]
+    fn a_modern_driver_gets_entropy_through_the_window() {
+        let (mut d, mem) = device();
+        assert_eq!(rd(&mut d, 0x000), MAGIC);
+        assert_eq!(rd(&mut d, 0x004), 2);
+        assert_eq!(rd(&mut d, 0x008), lguest_abi::VIRTIO_ID_RNG as u32);
+        // Features: VERSION_1 is bit 32, the low bit of the second word.
+        wr(&mut d, &mem, 0x014, 1).unwrap();
+        assert_eq!(rd(&mut d, 0x010) & 1, 1);
+        wr(&mut d, &mem, 0x070, 1 | 2).unwrap();
+        wr(&mut d, &mem, 0x024, 1).unwrap();
+        wr(&mut d, &mem, 0x020, 1).unwrap();
+        wr(&mut d, &mem, 0x070, 1 | 2 | STATUS_FEATURES_OK).unwrap();
+        assert_ne!(
+            rd(&mut d, 0x070) & STATUS_FEATURES_OK,
+            0,
+            "features accepted"
+        );
+
+        // One queue of 8, its areas wherever the driver likes.
+        wr(&mut d, &mem, 0x030, 0).unwrap();
+        assert_eq!(rd(&mut d, 0x034), 256);
+        wr(&mut d, &mem, 0x038, 8).unwrap();
+        for (off, addr) in [(0x080, 0x10000), (0x090, 0x11000), (0x0A0, 0x12000)] {
+            wr(&mut d, &mem, off, addr).unwrap();
+            wr(&mut d, &mem, off + 4, 0).unwrap();
+        }
+        wr(&mut d, &mem, 0x044, 1).unwrap();
+        assert_eq!(rd(&mut d, 0x044), 1);
+
+        // A 64-byte device-writable buffer, offered and kicked.
+        mem.write_u64(0x10000, 0x20000).unwrap();
+        mem.write_u32(0x10008, 64).unwrap();
+        mem.write(0x1000C, &2u16.to_le_bytes()).unwrap(); // VRING_DESC_F_WRITE
+        mem.write(0x11004, &0u16.to_le_bytes()).unwrap();
+        mem.write(0x11002, &1u16.to_le_bytes()).unwrap();
+        wr(&mut d, &mem, 0x050, 0).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while mem.read_u32(0x12000).unwrap() >> 16 != 1 {
+            assert!(std::time::Instant::now() < deadline, "no used buffer");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(mem.read_u32(0x12008).unwrap(), 64, "used length");
+        assert_eq!(rd(&mut d, 0x060) & 1, 1, "interrupt status");
+        wr(&mut d, &mem, 0x064, 1).unwrap();
+        assert_eq!(rd(&mut d, 0x060), 0, "acknowledged");
+
+        // Reset clears everything.
+        wr(&mut d, &mem, 0x070, 0).unwrap();
+        assert_eq!(rd(&mut d, 0x070), 0);
+        assert_eq!(rd(&mut d, 0x044), 0);
+    }
+
+    #[test]
+    fn hostile_register_use_is_refused_with_a_reason() {
+        let (mut d, mem) = device();
+        let mut two = [0u8; 2];
+        assert!(d
+            .read(BASE + 0x004, &mut two)
+            .unwrap_err()
+            .contains("bad 2-byte read"));
+        assert!(d
+            .write(BASE + 0x070, &[1], &mem)
+            .unwrap_err()
+            .contains("bad 1-byte write"));
+        assert!(wr(&mut d, &mem, 0x044, 1)
+            .unwrap_err()
+            .contains("before FEATURES_OK"));
+        // Features without VERSION_1 are refused: FEATURES_OK doesn't stick.
+        wr(&mut d, &mem, 0x070, 1 | 2 | STATUS_FEATURES_OK).unwrap();
+        assert_eq!(rd(&mut d, 0x070) & STATUS_FEATURES_OK, 0);
+        wr(&mut d, &mem, 0x024, 1).unwrap();
+        wr(&mut d, &mem, 0x020, 1).unwrap();
+        wr(&mut d, &mem, 0x070, 1 | 2 | STATUS_FEATURES_OK).unwrap();
+        // A queue area past the end of Guest memory.
+        wr(&mut d, &mem, 0x080, 0xFFF0_0000).unwrap();
+        let err = wr(&mut d, &mem, 0x044, 1).unwrap_err();
+        assert!(err.contains("outside guest memory"), "{err}");
+        assert!(wr(&mut d, &mem, 0x038, 3)
+            .unwrap_err()
+            .contains("bad queue size"));
+        assert!(wr(&mut d, &mem, 0x038, 512)
+            .unwrap_err()
+            .contains("bad queue size"));
+    }
+
+    /// Rule (virtio 1.2, 4.2.2): a driver tearing a queue down, as
+    /// virtio-drivers' queue_unset does, clears QueueReady (after which the
+    /// device must no longer touch the ring, which the driver frees), then
+    /// writes QueueNum 0 and zero addresses; none of that is an error.
+    #[test]
+    fn a_queue_torn_down_is_released_and_may_be_zeroed() {
+        let (mut d, mem) = device();
+        wr(&mut d, &mem, 0x024, 1).unwrap();
+        wr(&mut d, &mem, 0x020, 1).unwrap();
+        wr(&mut d, &mem, 0x070, 1 | 2 | STATUS_FEATURES_OK).unwrap();
+        for (off, addr) in [(0x080, 0x10000), (0x090, 0x11000), (0x0A0, 0x12000)] {
+            wr(&mut d, &mem, off, addr).unwrap();
+        }
+        wr(&mut d, &mem, 0x038, 8).unwrap();
+        wr(&mut d, &mem, 0x044, 1).unwrap();
+        assert!(d.running.queue_ready(0));
+        wr(&mut d, &mem, 0x044, 0).unwrap();
+        assert!(!d.running.queue_ready(0), "the device still holds the ring");
+        wr(&mut d, &mem, 0x038, 0).unwrap();
+        for off in [0x080, 0x084, 0x090, 0x094, 0x0A0, 0x0A4] {
+            wr(&mut d, &mem, off, 0).unwrap();
+        }
+        assert_eq!(rd(&mut d, 0x044), 0);
+    }
+}
