@@ -108,6 +108,8 @@ pub fn run(case: &str) -> ! {
         ),
         // A present 64-bit TSS descriptor (type 9): a system descriptor.
         "gdt" => deadly(nr::LOAD_GDT_ENTRY, 10, 0x0000_8900_0000_0067, 0),
+        // Broken use of a virtio-mmio window (boot with --transport=mmio).
+        "mmio-width" | "mmio-early-ready" | "mmio-queue-addr" => mmio(case, limit),
         // Broken rings, on the console's transmit queue.
         case if virtio::bad::is_virtio_case(case) => {
             virtio::bad::run(case, case_label(case).as_str())
@@ -115,6 +117,58 @@ pub fn run(case: &str) -> ! {
         _ => crate::fail(case_label(case).as_str(), format_args!("unknown bad case")),
     }
     still_alive(case);
+}
+
+/// The first virtio-mmio window our command line announces, in Linux's
+/// form `virtio_mmio.device=SIZE@BASE:IRQ`.
+fn first_mmio_window() -> Option<u64> {
+    crate::boot::cmdline().split_whitespace().find_map(|word| {
+        let (_, at) = word.strip_prefix("virtio_mmio.device=")?.split_once('@')?;
+        let base = at.split(':').next()?.strip_prefix("0x")?;
+        u64::from_str_radix(base, 16).ok()
+    })
+}
+
+/// bad=mmio-*: break the virtio-mmio register rules on the first window:
+/// a 2-byte register read, a queue enabled before FEATURES_OK, or a queue
+/// whose descriptor area is past the end of our memory.
+fn mmio(case: &str, limit: u64) {
+    let Some(base) = first_mmio_window() else {
+        crate::fail(
+            case_label(case).as_str(),
+            format_args!("no virtio_mmio.device= on the command line (boot with --transport=mmio)"),
+        );
+    };
+    let write = |offset: u64, value: u32| {
+        // SAFETY: the window lies below pfn_limit, identity-mapped; a
+        // register write is a 32-bit store, which exits to the Host.
+        unsafe { core::ptr::write_volatile((base + offset) as *mut u32, value) }
+    };
+    const ACK_DRIVER: u32 = 1 | 2;
+    const FEATURES_OK: u32 = 8;
+    match case {
+        "mmio-width" => {
+            // SAFETY: as above, but 16 bits wide: the Host must refuse it.
+            let version = unsafe { core::ptr::read_volatile((base + 0x004) as *const u16) };
+            println!("lguest-guest: read version {version} with a 2-byte access");
+        }
+        "mmio-early-ready" => {
+            write(0x070, ACK_DRIVER);
+            write(0x030, 0); // QueueSel
+            write(0x044, 1); // QueueReady, with no FEATURES_OK yet
+        }
+        _ => {
+            write(0x070, ACK_DRIVER);
+            write(0x024, 1); // DriverFeaturesSel: the high word
+            write(0x020, 1); // VIRTIO_F_VERSION_1
+            write(0x070, ACK_DRIVER | FEATURES_OK);
+            write(0x030, 0);
+            write(0x038, 256);
+            write(0x080, limit as u32); // QueueDescLow/High: past our memory
+            write(0x084, (limit >> 32) as u32);
+            write(0x044, 1);
+        }
+    }
 }
 
 /// bad=host-write: map the first Host-owned page (at pfn_limit << 12: the

@@ -102,3 +102,21 @@ fn the_reference_guest_finds_no_bus_devices_under_mmio() {
     out.assert_stdout_line("lguest-guest: all 12 tests passed")
         .assert_code(0);
 }
+
+/// Breaking the transport's rules ends the Guest, with a reason that names
+/// the window or queue (the reference Guest's `bad=mmio-*`).
+#[test]
+fn hostile_register_use_ends_the_guest() {
+    require_kvm!();
+    for (case, want) in [
+        ("mmio-width", "bad 2-byte read at offset 0x4"),
+        ("mmio-early-ready", "enabled before FEATURES_OK"),
+        ("mmio-queue-addr", "outside guest memory"),
+    ] {
+        let append = format!("bad={case}");
+        let out = run(lguest().args(["--transport=mmio", "--append", &append]));
+        out.assert_no_panic().assert_code(1);
+        let line = out.single_stderr_line("lguest: guest killed: virtio-mmio console ");
+        assert!(line.contains(want), "bad={case}: {line:?} lacks {want:?}");
+    }
+}
