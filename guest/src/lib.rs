@@ -19,6 +19,7 @@
 pub mod boot;
 pub mod cell;
 pub mod console;
+pub mod entry;
 pub mod hcall;
 pub mod heap;
 pub mod interrupts;

@@ -21,7 +21,6 @@ mod shell;
 mod tests;
 mod virtio;
 
-use core::arch::global_asm;
 use core::panic::PanicInfo;
 
 use lguest_abi::SHUTDOWN_POWEROFF;
@@ -31,38 +30,9 @@ use lguest_abi::SHUTDOWN_POWEROFF;
 // the modules above.
 use lguest_guest::{boot, cell, console, fail, hcall, interrupts, lguest_data, println, time};
 
-use crate::cell::GuestCell;
-
-/// Our stack, in .bss, for everything but what SET_STACK moves elsewhere.
-const BOOT_STACK_SIZE: usize = 64 * 1024;
-
-#[repr(C, align(16))]
-struct BootStack([u8; BOOT_STACK_SIZE]);
-
-static BOOT_STACK: GuestCell<BootStack> = GuestCell::new(BootStack([0; BOOT_STACK_SIZE]));
-
-/*
- * The Launcher enters here, at the ELF entry point, with RSI pointing at
- * boot_params (which is at 0, so RSI is 0), interrupts virtually on but no
- * IDT to take them, and no stack at all: RSP is 0. Rust needs a stack, so we
- * point RSP at the top of BOOT_STACK (16-byte aligned, so the call leaves
- * kmain with the alignment the C convention promises) and call kmain, which
- * never returns.
- */
-global_asm!(
-    r#"
-    .section .text._start, "ax"
-    .global _start
-_start:
-    lea rsp, [rip + {stack} + {stack_size}]
-    xor ebp, ebp
-    call {kmain}
-    ud2
-"#,
-    stack = sym BOOT_STACK,
-    stack_size = const BOOT_STACK_SIZE,
-    kmain = sym kmain,
-);
+// The boot stack and _start (see lguest_guest::entry); SET_STACK moves
+// interrupt delivery elsewhere later.
+lguest_guest::entry!(kmain);
 
 extern "C" fn kmain() -> ! {
     // The command line is memory the Launcher filled: reading it needs no

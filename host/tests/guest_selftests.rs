@@ -41,13 +41,7 @@ fn bare_guest_greets_and_powers_off() {
     // No arguments at all: MEM_MB 64 and the bundled Guest.
     let out = run(&mut lguest());
     out.assert_no_panic();
-    assert!(
-        out.stdout
-            .lines()
-            .any(|l| l.starts_with("lguest-guest: Hello")),
-        "expected the greeting on stdout\n{}",
-        out.describe()
-    );
+    out.assert_greeting();
     assert_powered_off(&out);
 }
 

@@ -165,6 +165,18 @@ impl Outcome {
         self
     }
 
+    /// The reference Guest's greeting came out on stdout.
+    pub fn assert_greeting(&self) -> &Self {
+        assert!(
+            self.stdout
+                .lines()
+                .any(|l| l.starts_with("lguest-guest: Hello")),
+            "expected the greeting on stdout\n{}",
+            self.describe()
+        );
+        self
+    }
+
     /// Panics unless stdout contains `text`.
     pub fn assert_stdout_contains(&self, text: &str) -> &Self {
         assert!(

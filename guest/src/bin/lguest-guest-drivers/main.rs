@@ -24,12 +24,10 @@ mod mmio;
 mod tests;
 mod wait;
 
-use core::arch::global_asm;
 use core::fmt::Write;
 use core::panic::PanicInfo;
 
 use lguest_abi::SHUTDOWN_POWEROFF;
-use lguest_guest::cell::GuestCell;
 use lguest_guest::{boot, hcall, heap, interrupts, lguest_data, println};
 use virtio_drivers::device::console::VirtIOConsole;
 use virtio_drivers::transport::DeviceType;
@@ -37,32 +35,9 @@ use virtio_drivers::transport::DeviceType;
 use crate::hal::LguestHal;
 use crate::mmio::Devices;
 
-/// Our stack, in .bss. The drivers keep their buffers on the heap.
-const BOOT_STACK_SIZE: usize = 64 * 1024;
-
-#[repr(C, align(16))]
-struct BootStack([u8; BOOT_STACK_SIZE]);
-
-static BOOT_STACK: GuestCell<BootStack> = GuestCell::new(BootStack([0; BOOT_STACK_SIZE]));
-
-/*
- * The Launcher enters here with no stack (RSP 0), as it enters the reference
- * Guest: point RSP at the top of BOOT_STACK and call kmain.
- */
-global_asm!(
-    r#"
-    .section .text._start, "ax"
-    .global _start
-_start:
-    lea rsp, [rip + {stack} + {stack_size}]
-    xor ebp, ebp
-    call {kmain}
-    ud2
-"#,
-    stack = sym BOOT_STACK,
-    stack_size = const BOOT_STACK_SIZE,
-    kmain = sym kmain,
-);
+// The boot stack and _start, as the reference Guest's (lguest_guest::entry).
+// The drivers keep their buffers on the heap.
+lguest_guest::entry!(kmain);
 
 extern "C" fn kmain() -> ! {
     let options = boot::Options::parse(boot::cmdline());
