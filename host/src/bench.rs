@@ -314,7 +314,7 @@ pub fn run(kvm: &Path) -> Result<(), String> {
                 "MiB/s",
                 guest,
                 host,
-                " higher=better floor=host-writes-to-tap",
+                " higher=better floor_name=host-writes-to-tap",
             );
         }
         Err(e) => eprintln!("lguest: P4 not measured: {e}"),

@@ -17,7 +17,7 @@ use crate::interrupts::Irqs;
 use crate::memory::GuestMemory;
 use crate::virtio::mmio::{MmioDevice, WINDOW};
 use crate::virtio::queue::ring_bytes;
-use crate::virtio::{Device, QueueSetup, Running, COMMON_FEATURES};
+use crate::virtio::{Device, LegacyQueue, QueueSetup, Running, COMMON_FEATURES};
 use lguest_abi::{
     DeviceDesc, VqConfig, FEATURE_LEN, LGUEST_IRQS, PAGE_SIZE, VIRTIO_STATUS_FAILED,
     VRING_DEFAULT_NUM,
@@ -147,7 +147,11 @@ impl Bus {
                 setup.push(QueueSetup {
                     num: VRING_DEFAULT_NUM,
                     irq,
-                    legacy: Some((ring, guest_features)),
+                    legacy: Some(LegacyQueue {
+                        ring,
+                        guest_features,
+                        status: at + 4,
+                    }),
                 });
                 ring += ring_bytes(VRING_DEFAULT_NUM);
                 irq += 1;
@@ -156,7 +160,11 @@ impl Bus {
             bytes.extend_from_slice(&[0; FEATURE_LEN as usize]);
             bytes.extend_from_slice(&device.config());
             mem.write(at, &bytes).expect("checked by check_fits");
-            let rings = setup.iter().filter_map(|s| s.legacy).map(|l| l.0).collect();
+            let rings = setup
+                .iter()
+                .filter_map(|s| s.legacy)
+                .map(|l| l.ring)
+                .collect();
             on_bus.push(OnBus {
                 desc: at,
                 rings,
@@ -256,12 +264,13 @@ impl Bus {
                 "the Guest's driver failed; resetting"
             );
         }
-        d.running.reset();
-        let _ = self.mem.write(d.guest_features, &[0; FEATURE_LEN as usize]);
-        let zeros = vec![0u8; ring_bytes(VRING_DEFAULT_NUM) as usize];
-        for &ring in &d.rings {
-            let _ = self.mem.write(ring, &zeros);
-        }
+        d.running.reset(|| {
+            let _ = self.mem.write(d.guest_features, &[0; FEATURE_LEN as usize]);
+            let zeros = vec![0u8; ring_bytes(VRING_DEFAULT_NUM) as usize];
+            for &ring in &d.rings {
+                let _ = self.mem.write(ring, &zeros);
+            }
+        });
     }
 }
 

@@ -275,9 +275,6 @@ impl Guest {
         if pages > STACK_MAX_PAGES {
             return Err(kill(format!("SET_STACK: bad page count {pages}")));
         }
-        if pages != 0 && (top >= RESERVE_MEM || top < pages * PAGE_SIZE) {
-            return Err(kill(format!("SET_STACK: bad stack top {top:#x}")));
-        }
         self.stack = (pages != 0).then_some((top, pages));
         Ok(0)
     }

@@ -133,6 +133,7 @@ pub struct Irqs {
     recheck_armed: AtomicBool,
     /// Sudden Death decided off the vCPU thread (by a device).
     death: Mutex<Option<String>>,
+    kicks: AtomicU64,
 }
 
 impl Irqs {
@@ -148,6 +149,7 @@ impl Irqs {
             recheck: Mutex::new(nonblocking_timer()?),
             recheck_armed: AtomicBool::new(false),
             death: Mutex::new(None),
+            kicks: AtomicU64::new(0),
         }))
     }
 
@@ -176,8 +178,15 @@ impl Irqs {
         self.death.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// How many kicks there have been: the vCPU compares it before and after
+    /// a look, so a kick that lands in between is never lost.
+    pub fn kicks(&self) -> u64 {
+        self.kicks.load(Ordering::SeqCst)
+    }
+
     /// Wakes a halted vCPU and interrupts a running one.
     pub fn kick(&self) {
+        self.kicks.fetch_add(1, Ordering::SeqCst);
         let _ = self.wake.write(1);
         // SAFETY: vcpu_thread is the thread that created us, which outlives
         // every raiser (they are joined before it returns); the handler is
@@ -265,7 +274,7 @@ pub fn frame_base(rsp: u64, stack: Option<(u64, u64)>) -> Result<u64, ()> {
         Some((top, pages)) => {
             let bottom = top.wrapping_sub(pages * lguest_abi::PAGE_SIZE);
             if bottom < rsp && rsp <= top {
-                rsp - lguest_abi::RED_ZONE
+                rsp.wrapping_sub(lguest_abi::RED_ZONE)
             } else if bottom.wrapping_sub(lguest_abi::PAGE_SIZE) < rsp && rsp <= bottom {
                 return Err(());
             } else {

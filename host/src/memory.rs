@@ -46,6 +46,11 @@ impl Layout {
     pub fn guest_limit(&self) -> u64 {
         self.pfn_limit * PAGE_SIZE
     }
+    /// End of the Guest's memory proper: RAM and device pages, before the
+    /// mmio windows' hole (which is below pfn_limit but no memory at all).
+    pub fn memory_end(&self) -> u64 {
+        self.guest_limit() - self.mmio_hole_pages * PAGE_SIZE
+    }
     /// Total Host-owned pages.
     pub fn host_pages(&self) -> u64 {
         self.host_ro_pages + self.host_rw_pages
@@ -102,9 +107,12 @@ impl GuestMemory {
     }
 
     /// Checks that `[addr, addr + len)` lies inside what the Guest may touch.
+    /// Checks that `[addr, addr + len)` is Guest memory: below pfn_limit and
+    /// not in the mmio windows' hole. Every Guest-supplied range passes here
+    /// before anything reads or writes it.
     pub fn check(&self, addr: u64, len: u64) -> Result<(), OutOfBounds> {
         match addr.checked_add(len) {
-            Some(end) if end <= self.layout.guest_limit() => Ok(()),
+            Some(end) if end <= self.layout.memory_end() => Ok(()),
             _ => Err(OutOfBounds { addr, len }),
         }
     }
@@ -154,7 +162,7 @@ impl GuestMemory {
     /// without the NUL (a string with no NUL within `max` is cut there).
     pub fn read_cstr(&self, addr: u64, max: usize) -> Result<Vec<u8>, OutOfBounds> {
         self.check(addr, 1)?;
-        let avail = (self.layout.guest_limit() - addr).min(max as u64) as usize;
+        let avail = (self.layout.memory_end() - addr).min(max as u64) as usize;
         let mut buf = vec![0u8; avail];
         self.read(addr, &mut buf)?;
         if let Some(nul) = buf.iter().position(|&b| b == 0) {
@@ -177,8 +185,7 @@ impl GuestMemory {
     /// initial tables) in the Host's read-only pages. `None` if neither.
     pub fn read_table_u64(&self, addr: u64) -> Option<u64> {
         let host_ro = self.layout.host_base()..self.layout.host_rw_base();
-        if !addr.is_multiple_of(8)
-            || (addr >= self.layout.guest_limit() && !host_ro.contains(&addr))
+        if !addr.is_multiple_of(8) || (addr >= self.layout.memory_end() && !host_ro.contains(&addr))
         {
             return None;
         }
@@ -236,6 +243,31 @@ mod tests {
         assert!(m.write_u64(limit - 4, 7).is_err());
         assert!(m.read_u64(limit).is_err());
         assert!(m.read_u64(u64::MAX - 3).is_err());
+    }
+
+    #[test]
+    fn the_mmio_hole_is_not_guest_memory() {
+        let m = GuestMemory::new(Layout {
+            mem: 2 << 20,
+            pfn_limit: (2 << 20) / PAGE_SIZE + 2,
+            mmio_hole_pages: 1,
+            host_ro_pages: 4,
+            host_rw_pages: 1,
+        })
+        .unwrap();
+        let hole = m.layout.memory_end();
+        assert_eq!(hole, (2 << 20) + PAGE_SIZE);
+        assert!(m.check(hole - 8, 8).is_ok());
+        assert!(
+            m.check(hole - 8, 16).is_err(),
+            "a range running into the hole"
+        );
+        assert!(m.host_address(hole - 0x200, 0x1000).is_err());
+        assert!(
+            m.read_cstr(hole - 2, 100).is_ok(),
+            "a string stops at the hole"
+        );
+        assert!(m.read_table_u64(hole).is_none());
     }
 
     #[test]

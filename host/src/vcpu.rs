@@ -358,7 +358,13 @@ impl Guest {
                 // Kicked while a stub runs in ring 0: look again shortly.
                 None => None,
             };
+            let kicks = self.irqs.kicks();
             self.look(at)?;
+            if self.irqs.kicks() != kicks {
+                // Kicked while we looked (and perhaps while completing an
+                // I/O exit, which clears immediate_exit): look again.
+                continue;
+            }
             if !self.halted {
                 break;
             }
@@ -395,7 +401,17 @@ impl Guest {
             }
         }
         let mut candidates = self.irqs.pending() & !blocked & gates;
+        // Why a candidate stays undelivered decides whether we look again
+        // soon: not for irq_enabled off (the Guest calls SEND_INTERRUPTS when
+        // it turns them on), but for the noirq window, a stub in flight, or
+        // more than one candidate at once (ABI section 6).
+        let mut look_again = false;
         if candidates != 0 {
+            if at == Some(Where::Registers) {
+                // On VT-x RIP still points at an unfinished `out`: finish it
+                // before judging the noirq window by RIP.
+                self.complete_io()?;
+            }
             let ctx_ok = match at {
                 Some(w) => {
                     let rip = self.context(w).rip;
@@ -406,6 +422,7 @@ impl Guest {
                 None => false,
             };
             let enabled = self.read_data_u32(ld::IRQ_ENABLED) & X86_EFLAGS_IF != 0;
+            look_again = !ctx_ok;
             if let (true, Some(w)) = (ctx_ok && (self.halted || enabled), at) {
                 if self.halted {
                     self.write_data_u32(ld::IRQ_ENABLED, X86_EFLAGS_IF);
@@ -418,13 +435,12 @@ impl Guest {
                 tracing::trace!(irq, "delivering IRQ");
                 let gate = self.idt[vector as usize].expect("candidates have gates");
                 self.deliver(w, vector, gate, None)?;
+                look_again = candidates != 0;
             }
         }
         let pending = if candidates != 0 { X86_EFLAGS_IF } else { 0 };
         self.write_data_u32(ld::IRQ_PENDING, pending);
-        if candidates != 0 && !self.halted {
-            // Left undelivered (irq_enabled off, the noirq window, or more
-            // than one): look again soon without waiting for an exit.
+        if look_again {
             self.irqs.recheck_soon();
         }
         Ok(())
@@ -485,10 +501,12 @@ impl Guest {
         let mut words = vec![GUEST_DS as u64, ctx.rsp, rflags, GUEST_CS as u64, ctx.rip];
         words.extend(error);
         let mut sp = base;
+        let ram = self.mem.layout.mem;
         for w in words {
-            sp -= 8;
+            sp = sp.wrapping_sub(8);
+            // Frames go in RAM only: not device pages, not the mmio hole.
             let pa = translate(&self.mem, self.cr3, sp, Access::Write)
-                .filter(|pa| self.mem.check(*pa, 8).is_ok())
+                .filter(|pa| pa.checked_add(8).is_some_and(|end| end <= ram))
                 .ok_or_else(|| {
                     kill(format!("cannot deliver vector {vector}: bad stack {sp:#x}"))
                 })?;

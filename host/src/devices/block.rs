@@ -115,8 +115,12 @@ impl Block {
     fn request(&self, queues: &Queues, chain: &Chain) -> u32 {
         let readable: Vec<Buffer> = chain.readable().copied().collect();
         let writable: Vec<Buffer> = chain.writable().copied().collect();
-        let readable_len: u64 = readable.iter().map(|b| b.len as u64).sum();
-        let writable_len: u64 = writable.iter().map(|b| b.len as u64).sum();
+        let readable_len = readable
+            .iter()
+            .fold(0u64, |n, b| n.saturating_add(b.len as u64));
+        let writable_len = writable
+            .iter()
+            .fold(0u64, |n, b| n.saturating_add(b.len as u64));
         if readable_len < HEADER as u64 || writable_len == 0 {
             // No header or no status byte: nothing we can answer into.
             return 0;
@@ -155,10 +159,16 @@ impl Block {
                 }
                 VIRTIO_BLK_T_FLUSH => (self.flush(), 0),
                 VIRTIO_BLK_T_GET_ID => {
-                    let mut id = self.id.to_vec();
-                    id.resize(data_in as usize, 0);
-                    copy_pieces(queues, &pieces(&writable, 0, data_in), &mut id, true);
-                    (VIRTIO_BLK_S_OK, data_in)
+                    // At most the 20 bytes of the id, whatever room is given.
+                    let n = data_in.min(self.id.len() as u64);
+                    let mut id = self.id;
+                    copy_pieces(
+                        queues,
+                        &pieces(&writable, 0, n),
+                        &mut id[..n as usize],
+                        true,
+                    );
+                    (VIRTIO_BLK_S_OK, n)
                 }
                 _ => (VIRTIO_BLK_S_UNSUPP, 0),
             }

@@ -7,7 +7,7 @@
 //! empty, and no more (ABI section 8). On a raw terminal Ctrl-C is a byte like
 //! any other, passed on to the Guest; three of them within a second end it.
 
-use crate::virtio::queue::{read_from_chain, write_to_chain};
+use crate::virtio::queue::{stream_from_chain, write_to_chain};
 use crate::virtio::{Device, Queues};
 use std::collections::VecDeque;
 use std::io::Write;
@@ -19,6 +19,9 @@ const TX: usize = 1;
 /// Input held for the Guest before we stop reading stdin.
 const PENDING_MAX: usize = 4096;
 const CTRL_C: u8 = 3;
+/// Output one transmit chain may carry; the rest is dropped (a console
+/// line is short, and the Guest's lengths are its own choice).
+const OUTPUT_MAX: u64 = 1 << 20;
 
 pub struct Console {
     /// Whether stdin is a terminal we put in raw mode (Ctrl-C arrives here).
@@ -109,9 +112,11 @@ impl Device for Console {
             return self.deliver(queues);
         }
         let mut out = std::io::stdout().lock();
+        let mut chunk = [0u8; 4096];
         while let Some(chain) = queues.pop(TX)? {
-            let data = read_from_chain(queues.mem, &chain);
-            let _ = out.write_all(&data);
+            stream_from_chain(queues.mem, &chain, &mut chunk, OUTPUT_MAX, |bytes| {
+                let _ = out.write_all(bytes);
+            });
             queues.push(TX, &chain, 0)?;
         }
         let _ = out.flush();
@@ -161,9 +166,9 @@ impl Device for Console {
     }
 
     fn reset(&mut self) {
-        // Input already read stays for the Guest's next driver; a finished
-        // stdin stays finished, but the empty buffer is sent again.
-        self.eof_sent = false;
+        // Input already read stays for the Guest's next driver, and end of
+        // input, once signalled, is not signalled again (ABI section 8: one
+        // empty buffer, "and no more").
     }
 }
 

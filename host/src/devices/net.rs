@@ -3,7 +3,7 @@
 //! legacy 10-byte virtio-net header, which the tap (IFF_VNET_HDR) speaks too.
 
 use crate::devices::tap::Tap;
-use crate::virtio::queue::{read_from_chain, write_to_chain, Chain};
+use crate::virtio::queue::{readable_len, stream_from_chain, write_to_chain, Chain};
 use crate::virtio::{Device, Queues};
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -97,11 +97,20 @@ impl Device for Net {
             self.rx_buffers = true;
             return self.receive(queues);
         }
+        let mut chunk = [0u8; 4096];
         while let Some(chain) = queues.pop(TX)? {
-            let frame = read_from_chain(queues.mem, &chain);
-            // A frame the tap refuses (down, or malformed) is dropped, as a
-            // real wire would.
-            let _ = self.tap.write_frame(&frame);
+            // A frame larger than any the tap takes, or one the tap refuses
+            // (down, or malformed), is dropped, as a real wire would.
+            let len = readable_len(&chain);
+            if len <= self.frame.len() as u64 {
+                let mut at = 0;
+                let frame = &mut self.frame;
+                stream_from_chain(queues.mem, &chain, &mut chunk, len, |bytes| {
+                    frame[at..at + bytes.len()].copy_from_slice(bytes);
+                    at += bytes.len();
+                });
+                let _ = self.tap.write_frame(&self.frame[..at]);
+            }
             queues.push(TX, &chain, 0)?;
         }
         Ok(())
@@ -123,6 +132,13 @@ impl Device for Net {
         self.held = None;
         self.rx_buffers = false;
         self.set_driver_features(0);
+    }
+
+    fn queue_stopped(&mut self, q: usize) {
+        if q == RX {
+            self.held = None;
+            self.rx_buffers = false;
+        }
     }
 
     fn set_driver_features(&mut self, features: u64) {

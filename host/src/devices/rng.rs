@@ -23,16 +23,22 @@ impl Device for Rng {
     }
 
     fn kick(&mut self, q: usize, queues: &mut Queues) -> Result<(), String> {
+        let mut chunk = [0u8; 4096];
         while let Some(chain) = queues.pop(q)? {
-            let mut len = 0;
+            let mut len = 0u32;
             for b in chain.writable() {
-                let mut bytes = vec![0u8; b.len as usize];
-                fill_random(&mut bytes);
-                queues
-                    .mem
-                    .write(b.addr, &bytes)
-                    .expect("checked by the walk");
-                len += b.len;
+                // In pieces: the Guest's buffer lengths are its own choice.
+                let mut done = 0u64;
+                while done < b.len as u64 {
+                    let n = (b.len as u64 - done).min(chunk.len() as u64) as usize;
+                    fill_random(&mut chunk[..n]);
+                    queues
+                        .mem
+                        .write(b.addr + done, &chunk[..n])
+                        .expect("checked by the walk");
+                    done += n as u64;
+                }
+                len = len.saturating_add(b.len);
             }
             queues.push(q, &chain, len)?;
         }

@@ -26,6 +26,9 @@ pub fn make_raw() -> bool {
     }
     let mut raw = saved;
     raw.c_lflag &= !(libc::ICANON | libc::ECHO | libc::ISIG);
+    // No XON/XOFF either: Ctrl-S is the Guest's, and must not stop our output
+    // (the vCPU writes console output itself).
+    raw.c_iflag &= !libc::IXON;
     raw.c_cc[libc::VMIN] = 1;
     raw.c_cc[libc::VTIME] = 0;
     // SAFETY: sets the terminal from a termios we own.

@@ -260,7 +260,7 @@ impl MmioDevice {
     }
 
     fn reset(&mut self) {
-        self.running.reset();
+        self.running.reset(|| {});
         self.interrupt_status.store(0, Ordering::SeqCst);
         self.driver_features = 0;
         self.device_features_sel = 0;

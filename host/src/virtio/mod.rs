@@ -74,6 +74,9 @@ pub trait Device: Send {
     }
     /// The Guest reset the device: forget everything about its queues.
     fn reset(&mut self) {}
+    /// Queue `q` was taken away (reset, or the driver tore it down): drop
+    /// any chain of it still held.
+    fn queue_stopped(&mut self, _q: usize) {}
     /// The features the driver accepted (a modern driver may change how the
     /// device formats its buffers, e.g. the net header).
     fn set_driver_features(&mut self, _features: u64) {}
@@ -120,7 +123,11 @@ impl Queues<'_> {
     /// Hands a chain back with `len` bytes written, interrupting the Guest
     /// if it wants to hear of it.
     pub fn push(&mut self, q: usize, chain: &Chain, len: u32) -> Result<(), String> {
-        let queue = self.queues[q].as_mut().expect("popped from a ready queue");
+        // The queue may have been taken away since the chain was popped
+        // (reset, or QueueReady cleared): the chain goes with it.
+        let Some(queue) = self.queues[q].as_mut() else {
+            return Ok(());
+        };
         let notify = queue
             .push(self.mem, chain.head, len)
             .map_err(|e| format!("queue {q} ({}): {e}", self.names[q]))?;
@@ -155,11 +162,21 @@ pub struct Running {
 pub struct QueueSetup {
     pub num: u16,
     pub irq: u32,
-    /// On the lguest bus: the ring the Launcher assigned, and where the
-    /// Guest's accepted features are on the descriptor page; the queue comes
-    /// up at its first kick. None for a transport that sets queues up itself
-    /// ([`Running::activate`]).
-    pub legacy: Option<(u64, u64)>,
+    /// On the lguest bus: where the queue's ring is and where the device's
+    /// descriptor is; the queue comes up at its first kick. None for a
+    /// transport that sets queues up itself ([`Running::activate`]).
+    pub legacy: Option<LegacyQueue>,
+}
+
+/// A lguest-bus queue's places.
+#[derive(Clone, Copy)]
+pub struct LegacyQueue {
+    /// The ring the Launcher assigned.
+    pub ring: u64,
+    /// The Guest's accepted features, on the descriptor page.
+    pub guest_features: u64,
+    /// The device's status byte, on the descriptor page.
+    pub status: u64,
 }
 
 pub fn lock(state: &Mutex<DeviceState>) -> MutexGuard<'_, DeviceState> {
@@ -257,7 +274,9 @@ impl Running {
     /// Takes queue `q` away from the device (the driver is about to free its
     /// memory); done when this returns.
     pub fn deactivate(&self, q: usize) {
-        lock(&self.shared.state).queues[q] = None;
+        let mut state = lock(&self.shared.state);
+        state.queues[q] = None;
+        state.device.queue_stopped(q);
     }
 
     /// Whether the device is serving queue `q`.
@@ -278,13 +297,16 @@ impl Running {
             .set_driver_features(features);
     }
 
-    /// Resets the device; done when this returns (the Guest's NOTIFY waits).
-    pub fn reset(&self) {
+    /// Resets the device, running `clear` (which wipes what the Guest sees
+    /// of it) under the device's lock, so its thread never sees half of it;
+    /// done when this returns (the Guest's NOTIFY waits).
+    pub fn reset(&self, clear: impl FnOnce()) {
         let mut state = lock(&self.shared.state);
         for k in &self.kicks {
             let _ = k.read();
         }
         state.reset();
+        clear();
     }
 }
 
@@ -330,11 +352,18 @@ impl Shared {
         let mut guard = lock(&self.state);
         let state = &mut *guard;
         if let Some(q) = kicked {
-            if let (None, Some((ring, features_at))) = (&state.queues[q], self.setup[q].legacy) {
-                // The Guest has finished choosing features by its first kick.
-                let features = self.mem.read_u32(features_at).unwrap_or(0);
-                let ring_features = RingFeatures::from_bits(features as u64);
-                state.queues[q] = Some(Queue::new(self.setup[q].num, ring, ring_features));
+            if let (None, Some(legacy)) = (&state.queues[q], self.setup[q].legacy) {
+                // A driver kicks only once it has set DRIVER_OK, by when it
+                // has chosen its features. A kick without it (one that raced
+                // a reset, say) brings nothing up.
+                let mut status = [0u8];
+                let _ = self.mem.read(legacy.status, &mut status);
+                if status[0] & lguest_abi::VIRTIO_STATUS_DRIVER_OK != 0 {
+                    let features = self.mem.read_u32(legacy.guest_features).unwrap_or(0);
+                    let ring_features = RingFeatures::from_bits(features as u64);
+                    let num = self.setup[q].num;
+                    state.queues[q] = Some(Queue::new(num, legacy.ring, ring_features));
+                }
             }
         }
         let irqs: Vec<u32> = self.setup.iter().map(|s| s.irq).collect();

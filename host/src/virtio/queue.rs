@@ -349,16 +349,39 @@ pub fn write_to_chain(mem: &GuestMemory, chain: &Chain, mut data: &[u8]) -> u32 
     written
 }
 
-/// Gathers the chain's readable buffers into one vector.
-pub fn read_from_chain(mem: &GuestMemory, chain: &Chain) -> Vec<u8> {
-    let mut out = Vec::new();
+/// Passes the chain's readable bytes to `f` in order, in pieces of at most
+/// `chunk.len()` bytes, stopping after `max` bytes. Memory stays bounded
+/// whatever lengths the Guest wrote (buffers may overlap). Returns the bytes
+/// passed.
+pub fn stream_from_chain(
+    mem: &GuestMemory,
+    chain: &Chain,
+    chunk: &mut [u8],
+    max: u64,
+    mut f: impl FnMut(&[u8]),
+) -> u64 {
+    let mut total = 0u64;
     for b in chain.readable() {
-        let start = out.len();
-        out.resize(start + b.len as usize, 0);
-        mem.read(b.addr, &mut out[start..])
-            .expect("checked by the walk");
+        let mut done = 0u64;
+        while done < b.len as u64 && total < max {
+            let n = (b.len as u64 - done)
+                .min(chunk.len() as u64)
+                .min(max - total) as usize;
+            mem.read(b.addr + done, &mut chunk[..n])
+                .expect("checked by the walk");
+            f(&chunk[..n]);
+            done += n as u64;
+            total += n as u64;
+        }
     }
-    out
+    total
+}
+
+/// Bytes in the chain's readable buffers (saturating: the Guest chose them).
+pub fn readable_len(chain: &Chain) -> u64 {
+    chain
+        .readable()
+        .fold(0u64, |n, b| n.saturating_add(b.len as u64))
 }
 
 #[cfg(test)]
@@ -457,6 +480,24 @@ mod tests {
             assert!(err.contains(want), "{err:?} lacks {want:?}");
         }
         drop(m);
+    }
+
+    #[test]
+    fn overlapping_buffers_cannot_make_us_allocate_or_copy_without_bound() {
+        // Eight descriptors, each the whole of Guest memory: 8 MiB claimed.
+        let m = mem();
+        let mut q = Queue::new(NUM, BASE, RingFeatures::default());
+        for i in 0..NUM {
+            let flags = if i + 1 < NUM { VRING_DESC_F_NEXT } else { 0 };
+            desc(&m, i, 0, 1 << 20, flags, i + 1);
+        }
+        offer(&m, &q, 0, 0, 1);
+        let chain = q.pop(&m).unwrap().unwrap();
+        assert_eq!(readable_len(&chain), 8 << 20);
+        let mut chunk = [0u8; 512];
+        let mut seen = 0u64;
+        let total = stream_from_chain(&m, &chain, &mut chunk, 3 << 20, |b| seen += b.len() as u64);
+        assert_eq!((total, seen), (3 << 20, 3 << 20));
     }
 
     #[test]
