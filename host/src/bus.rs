@@ -217,6 +217,30 @@ impl Bus {
         })
     }
 
+    /// Descriptors the vCPU thread watches while the Guest is halted, with
+    /// the device each belongs to.
+    pub fn inline_backends(&self) -> Vec<(std::os::fd::RawFd, usize)> {
+        self.running()
+            .enumerate()
+            .filter_map(|(i, r)| r.inline_backend().map(|fd| (fd, i)))
+            .collect()
+    }
+
+    /// Serves device `index`'s backend on the vCPU thread.
+    pub fn backend_ready(&self, index: usize) -> Result<(), String> {
+        match self.running().nth(index) {
+            Some(r) => r.backend_ready(),
+            None => Ok(()),
+        }
+    }
+
+    fn running(&self) -> impl Iterator<Item = &Running> {
+        self.devices
+            .iter()
+            .map(|d| &d.running)
+            .chain(self.mmio.iter().map(|d| d.running()))
+    }
+
     /// An MMIO access: Some if it hit a window (an error is a Sudden Death
     /// reason), None if no device is there.
     pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) -> Option<Result<(), String>> {

@@ -21,6 +21,7 @@ use crate::timer::ClockEvent;
 use crate::vm::Vm;
 use kvm_ioctls::{SyncReg, VcpuExit};
 use lguest_abi::{lguest_data_off as ld, *};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 /// How a Guest's run ended.
@@ -360,6 +361,9 @@ impl Guest {
             };
             let kicks = self.irqs.kicks();
             self.look(at)?;
+            // Kicks so far are answered by this look; clear the flag they
+            // set, then check none came since (one that does re-sets it).
+            self.vm.vcpu.set_kvm_immediate_exit(0);
             if self.irqs.kicks() != kicks {
                 // Kicked while we looked (and perhaps while completing an
                 // I/O exit, which clears immediate_exit): look again.
@@ -373,13 +377,25 @@ impl Guest {
             if at == Some(Where::Registers) {
                 self.complete_io()?;
             }
-            let mut fd = libc::pollfd {
-                fd: std::os::fd::AsRawFd::as_raw_fd(&self.irqs.wake),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd, for the duration of the call.
-            unsafe { libc::poll(&mut fd, 1, -1) };
+            // Sleep until an IRQ is raised, or until input a device lets us
+            // serve ourselves arrives (a key for the console: no thread
+            // hand-off between it and the Guest).
+            let backends = self.bus.inline_backends();
+            let mut fds: Vec<libc::pollfd> = std::iter::once(self.irqs.wake.as_raw_fd())
+                .chain(backends.iter().map(|b| b.0))
+                .map(|fd| libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .collect();
+            // SAFETY: `fds` is a live array of valid pollfds for the call.
+            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            for (fd, (_, device)) in fds[1..].iter().zip(&backends) {
+                if fd.revents != 0 {
+                    self.bus.backend_ready(*device).map_err(kill)?;
+                }
+            }
         }
         self.trap_frame = None;
         Ok(())

@@ -137,7 +137,23 @@ impl Device for Console {
         !self.eof && self.pending.len() < PENDING_MAX
     }
 
+    fn backend_inline(&self) -> bool {
+        true
+    }
+
     fn backend_ready(&mut self, queues: &mut Queues) -> Result<(), String> {
+        // Two threads may have seen stdin readable (ours and the vCPU's);
+        // under the device lock, only read what is there now, so the other
+        // never blocks in read().
+        let mut fd = libc::pollfd {
+            fd: libc::STDIN_FILENO,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd we own, zero timeout.
+        if unsafe { libc::poll(&mut fd, 1, 0) } == 0 {
+            return Ok(());
+        }
         let mut buf = [0u8; PENDING_MAX];
         let room = PENDING_MAX - self.pending.len();
         // SAFETY: reads at most `room` bytes into our own buffer.

@@ -72,6 +72,10 @@ impl MmioDevice {
         }
     }
 
+    pub fn running(&self) -> &Running {
+        &self.running
+    }
+
     pub fn contains(&self, addr: u64) -> bool {
         (self.base..self.base + WINDOW).contains(&addr)
     }

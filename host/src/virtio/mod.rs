@@ -59,6 +59,12 @@ pub trait Device: Send {
     fn serve_inline(&self, _q: usize) -> bool {
         false
     }
+    /// Whether the vCPU thread may serve the backend too, while the Guest is
+    /// halted waiting for it (console input: a key wakes the Guest without a
+    /// hand-off between threads). backend_ready must then never block.
+    fn backend_inline(&self) -> bool {
+        false
+    }
     /// A backend descriptor to watch, if any.
     fn backend_fd(&self) -> Option<RawFd> {
         None
@@ -295,6 +301,26 @@ impl Running {
         lock(&self.shared.state)
             .device
             .set_driver_features(features);
+    }
+
+    /// The backend descriptor the vCPU thread should watch while the Guest
+    /// is halted, if the device serves it inline and wants it now.
+    pub fn inline_backend(&self) -> Option<RawFd> {
+        let state = lock(&self.shared.state);
+        let d = &state.device;
+        if d.backend_inline() && d.wants_backend() {
+            d.backend_fd()
+        } else {
+            None
+        }
+    }
+
+    /// The backend is readable: serve it here. An error is the Sudden Death
+    /// reason.
+    pub fn backend_ready(&self) -> Result<(), String> {
+        self.shared
+            .serve(None, |d, q| d.backend_ready(q))
+            .map_err(|e| format!("{} {e}", self.name))
     }
 
     /// Resets the device, running `clear` (which wipes what the Guest sees
