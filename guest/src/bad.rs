@@ -31,10 +31,10 @@ fn case_label(case: &str) -> crate::console::Msg<64> {
 
 /// A hypercall the Host must answer by ending the Guest.
 fn deadly(nr: u64, arg1: u64, arg2: u64, arg3: u64) {
-    // SAFETY: every call made through here is one the Host must refuse;
-    // should it wrongly go ahead, none of them touches memory Rust uses (the
-    // addresses are the Host's, the GDT entry and IDT gate unused, the stack
-    // unused), and we crash right after anyway.
+    // Every call made through here is one the Host must refuse; should it
+    // wrongly go ahead, none touches memory Rust uses (the addresses are the
+    // Host's, the GDT entry, IDT gate and stack unused), and we crash after.
+    // SAFETY: as just said, the Rust world is left intact either way.
     unsafe { hcall(nr, arg1, arg2, arg3, 0) };
 }
 

@@ -32,10 +32,10 @@ use crate::lguest_data;
 #[inline(always)]
 pub unsafe fn hcall(nr: u64, arg1: u64, arg2: u64, arg3: u64, arg4: u64) -> u64 {
     let ret: u64;
-    // SAFETY: the instruction only traps to the Host, which preserves every
-    // register but RAX (the asm restores RBX itself); the caller vouches for
-    // the call's effect. Memory is clobbered (no `nomem`): the Host may read
-    // or write the shared page and whatever the arguments point to.
+    // The instruction only traps to the Host, which preserves every register
+    // but RAX (the asm restores RBX itself). Memory is clobbered (no `nomem`):
+    // the Host may read or write the shared page and what the arguments name.
+    // SAFETY: so Rust's state survives; the caller vouches for the effect.
     unsafe {
         asm!(
             "xchg {arg2}, rbx",

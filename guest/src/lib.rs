@@ -16,6 +16,7 @@
 
 #![no_std]
 
+pub mod arp;
 pub mod boot;
 pub mod cell;
 pub mod console;

@@ -308,7 +308,14 @@ fn test_net(devs: &mut Devices, options: &Options) -> TestResult {
         ShowIp(ip)
     );
     let mut request = [0u8; FRAME_MAX];
-    let len = Arp::build(&mut request, ARP_REQUEST, net.mac, ip, [0; 6], host_ip);
+    let ask = Arp {
+        op: ARP_REQUEST,
+        sha: net.mac,
+        spa: ip,
+        tha: [0; 6],
+        tpa: host_ip,
+    };
+    let len = ask.write(lguest_guest::arp::BROADCAST, &mut request);
     let mut frame = [0u8; FRAME_MAX];
     // Ask once a second: the first may go out before the tap is up.
     for _ in 0..5 {

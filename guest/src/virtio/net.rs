@@ -16,6 +16,7 @@ use super::{bit, idle, Device, Error};
 use super::{VIRTIO_F_ANY_LAYOUT, VIRTIO_RING_F_EVENT_IDX};
 use crate::cell::GuestCell;
 use crate::err;
+pub use lguest_guest::arp::{parse_ip, Arp, ShowIp, ShowMac, ARP_REPLY, ARP_REQUEST};
 
 /// The net feature we take: the config holds our MAC address.
 pub const VIRTIO_NET_F_MAC: u32 = 5;
@@ -241,7 +242,14 @@ impl Net {
         let mut reply = [0u8; FRAME_MAX];
         if let Some(arp) = Arp::parse(frame) {
             if arp.op == ARP_REQUEST && arp.tpa == ip {
-                let len = Arp::build(&mut reply, ARP_REPLY, self.mac, ip, arp.sha, arp.spa);
+                let answer = Arp {
+                    op: ARP_REPLY,
+                    sha: self.mac,
+                    spa: ip,
+                    tha: arp.sha,
+                    tpa: arp.spa,
+                };
+                let len = answer.write(arp.sha, &mut reply);
                 self.send(&reply[..len]);
                 return true;
             }
@@ -263,9 +271,6 @@ impl Net {
 
 pub const ETH_BROADCAST: Mac = [0xFF; 6];
 const ETHERTYPE_IPV4: u16 = 0x0800;
-const ETHERTYPE_ARP: u16 = 0x0806;
-pub const ARP_REQUEST: u16 = 1;
-pub const ARP_REPLY: u16 = 2;
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_UDP: u8 = 17;
 const ICMP_ECHO_REPLY: u8 = 0;
@@ -296,65 +301,6 @@ fn checksum(data: &[u8]) -> u16 {
         sum = (sum & 0xFFFF) + (sum >> 16);
     }
     !(sum as u16)
-}
-
-/// An Ethernet ARP packet for IPv4.
-#[derive(Clone, Copy, Debug)]
-pub struct Arp {
-    pub op: u16,
-    pub sha: Mac,
-    pub spa: Ip,
-    pub tha: Mac,
-    pub tpa: Ip,
-}
-
-impl Arp {
-    pub fn parse(frame: &[u8]) -> Option<Arp> {
-        if frame.len() < 42 || be16(frame, 12) != ETHERTYPE_ARP {
-            return None;
-        }
-        let a = &frame[14..42];
-        // Ethernet (1), IPv4, 6-byte and 4-byte addresses.
-        if be16(a, 0) != 1 || be16(a, 2) != ETHERTYPE_IPV4 || a[4] != 6 || a[5] != 4 {
-            return None;
-        }
-        let mut arp = Arp {
-            op: be16(a, 6),
-            sha: [0; 6],
-            spa: [0; 4],
-            tha: [0; 6],
-            tpa: [0; 4],
-        };
-        arp.sha.copy_from_slice(&a[8..14]);
-        arp.spa.copy_from_slice(&a[14..18]);
-        arp.tha.copy_from_slice(&a[18..24]);
-        arp.tpa.copy_from_slice(&a[24..28]);
-        Some(arp)
-    }
-
-    /// Build an ARP `op` from (mac, ip) about (target mac, target ip) into
-    /// `out`; a request is broadcast, a reply goes to the target. Returns
-    /// the frame's length.
-    pub fn build(out: &mut [u8], op: u16, mac: Mac, ip: Ip, tha: Mac, tpa: Ip) -> usize {
-        let dst = if op == ARP_REQUEST {
-            ETH_BROADCAST
-        } else {
-            tha
-        };
-        eth_header(out, dst, mac, ETHERTYPE_ARP);
-        let a = &mut out[14..42];
-        put16(a, 0, 1);
-        put16(a, 2, ETHERTYPE_IPV4);
-        a[4] = 6;
-        a[5] = 4;
-        put16(a, 6, op);
-        a[8..14].copy_from_slice(&mac);
-        a[14..18].copy_from_slice(&ip);
-        a[18..24].copy_from_slice(if op == ARP_REQUEST { &[0; 6] } else { &tha });
-        a[24..28].copy_from_slice(&tpa);
-        out[42..FRAME_MIN].fill(0);
-        FRAME_MIN
-    }
 }
 
 /// If `frame` is an ICMP echo request to `ip`, build the echo reply in `out`
@@ -430,34 +376,6 @@ pub fn bench_frame(mac: Mac, ip: Ip) -> (u64, usize) {
         *byte = i as u8;
     }
     (BENCH_FRAME.as_ptr() as u64, len)
-}
-
-/// Parse "A.B.C.D".
-pub fn parse_ip(text: &str) -> Option<Ip> {
-    let mut ip = [0u8; 4];
-    let mut parts = text.split('.');
-    for byte in ip.iter_mut() {
-        *byte = parts.next()?.parse().ok()?;
-    }
-    parts.next().is_none().then_some(ip)
-}
-
-pub struct ShowIp(pub Ip);
-
-impl fmt::Display for ShowIp {
-    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        let [a, b, c, d] = self.0;
-        write!(f, "{a}.{b}.{c}.{d}")
-    }
-}
-
-pub struct ShowMac(pub Mac);
-
-impl fmt::Display for ShowMac {
-    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        let [a, b, c, d, e, g] = self.0;
-        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
-    }
 }
 
 /// The config, for listings.

@@ -17,7 +17,6 @@
 
 extern crate alloc;
 
-mod arp;
 mod hal;
 mod logger;
 mod mmio;

@@ -120,10 +120,10 @@ unsafe fn open<'a>(window: &Window) -> Result<MmioTransport<'a>, MmioError> {
         window.base as usize,
     ))
     .expect("the window is above RAM, so not at 0");
-    // SAFETY: the window lies in [mem, pfn_limit) (the caller promises scan
-    // checked it), mapped by the Host's identity map for the whole life of
-    // the Guest, and the caller promises it has no other transport; our IRQ
-    // handler's two registers don't disturb one.
+    // The window lies in [mem, pfn_limit) (scan checked it), mapped by the
+    // Host's identity map for the Guest's whole life; the caller promises it
+    // has no other transport (our IRQ handler's two registers don't count).
+    // SAFETY: so the header is valid, mapped MMIO that this transport owns.
     unsafe { MmioTransport::new(header, window.size as usize) }
 }
 

@@ -26,10 +26,10 @@ use virtio_drivers::transport::mmio::{MmioTransport, MmioVersion};
 use virtio_drivers::transport::DeviceType;
 use virtio_drivers::Error;
 
-use crate::arp::{self, Arp, ShowIp, ShowMac, ARP_REPLY, ARP_REQUEST, BROADCAST};
 use crate::hal::LguestHal;
 use crate::mmio::{irq_count, kind_name, Devices, Window};
 use crate::wait::{self, Deadline};
+use lguest_guest::arp::{self, Arp, ShowIp, ShowMac, ARP_REPLY, ARP_REQUEST, BROADCAST};
 
 /// A failed check, with what went wrong (boxed: results stay small).
 type Failure = Box<Msg<200>>;

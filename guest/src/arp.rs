@@ -1,5 +1,6 @@
-//! Just enough Ethernet and ARP for the net test: ask who has the Host's
-//! address, read the answer, and answer whoever asks for ours.
+//! Just enough Ethernet and ARP for both Guests' networking: ask who has the
+//! Host's address, read the answer, and answer whoever asks for ours; and the
+//! address parsing and printing around it.
 
 use core::fmt;
 
