@@ -105,6 +105,15 @@ enum TransportArg {
     Mmio,
 }
 
+/// How much `--verbose` shows: debug, or the level named by `RUST_LOG`
+/// (`trace` shows every hypercall, trap and delivery).
+fn verbose_level() -> tracing::Level {
+    std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.rsplit('=').next()?.parse().ok())
+        .unwrap_or(tracing::Level::DEBUG)
+}
+
 /// Prints `lguest: <message>` as one line.
 fn error_line(message: impl std::fmt::Display) {
     let text = message.to_string();
@@ -159,10 +168,7 @@ fn main() -> ExitCode {
         tracing_subscriber::fmt()
             .with_writer(std::io::stderr)
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| "lguest=debug".into()),
-            )
+            .with_max_level(verbose_level())
             .init();
     }
     let kvm_device = std::env::var_os("LGUEST_KVM_DEVICE")
