@@ -183,19 +183,24 @@ impl Guest {
             }
             Err(e) => return Err(kill(format!("KVM_RUN failed: {e}"))),
         };
-        let regs = &self.vm.vcpu.sync_regs().regs;
-        let in_stub = (self.tables.stub_start..self.tables.stub_end).contains(&regs.rip);
+        let r = &self.synced().regs;
+        let (rip, rsp, args) = (r.rip, r.rsp, [r.rax, r.rdx, r.rbx, r.rcx, r.rsi]);
+        let in_stub = (self.tables.stub_start..self.tables.stub_end).contains(&rip);
         if port == TRAP_PORT && in_stub {
-            let frame = regs.rsp;
-            return self.handle_trap(frame);
+            return self.handle_trap(rsp);
         }
         if port == HCALL_PORT && value.is_some() {
-            let args = [regs.rax, regs.rdx, regs.rbx, regs.rcx, regs.rsi];
             let ret = self.hypercall(args)?;
             self.set_rax(ret);
         }
         // Any other `out` is ignored, as lguest did.
         Ok(())
+    }
+
+    /// The registers KVM synced into kvm_run at the last exit, read in place
+    /// (kvm-ioctls' `sync_regs()` would copy the whole block each time).
+    fn synced(&mut self) -> &kvm_bindings::kvm_sync_regs {
+        self.vm.vcpu.sync_regs_mut()
     }
 
     pub(crate) fn set_rax(&mut self, value: u64) {
@@ -251,7 +256,7 @@ impl Guest {
         let iret = frame + 16;
         let rip = self.frame_word(iret, 0);
         let cs = self.frame_word(iret, 1);
-        let cr2 = self.vm.vcpu.sync_regs().sregs.cr2;
+        let cr2 = self.synced().sregs.cr2;
         if cs & 3 != 3 {
             return Err(kill(format!(
                 "Host fault: vector {vector} in ring 0 at {rip:#x} (error {error:#x}, cr2 {cr2:#x})"
@@ -268,7 +273,7 @@ impl Guest {
         };
         tracing::trace!(vector, error, rip = format_args!("{rip:#x}"), "trap");
         if let Some(site) = hcall_site {
-            let r = &self.vm.vcpu.sync_regs().regs;
+            let r = &self.synced().regs;
             let args = [r.rax, r.rdx, r.rbx, r.rcx, r.rsi];
             self.set_frame_word(iret, 0, site + 2);
             let ret = self.hypercall(args)?;
@@ -280,7 +285,7 @@ impl Guest {
         if vector == VEC_PF && rip == self.tables.syscall_target {
             // A `syscall` this KVM let through to LSTAR: it is #UD at the
             // instruction (RCX holds the address after it).
-            let after = self.vm.vcpu.sync_regs().regs.rcx;
+            let after = self.synced().regs.rcx;
             self.set_frame_word(iret, 0, after.wrapping_sub(2));
             return self.reflect_trap(VEC_UD, 0, 0);
         }
@@ -338,7 +343,6 @@ impl Guest {
     /// Before entering the Guest: deliver what can be delivered, sleep while
     /// halted with nothing to deliver.
     fn prepare_entry(&mut self) -> Result<(), Stop> {
-        self.vm.vcpu.set_kvm_immediate_exit(0);
         loop {
             if crate::interrupts::user_stopped() {
                 return Err(kill("ended by the user (three Ctrl-C)"));
@@ -351,11 +355,10 @@ impl Guest {
                 // the look below still wakes the sleep.
                 let _ = self.irqs.wake.read();
             }
+            let in_ring3 = self.synced().sregs.cs.selector & 3 == 3;
             let at = match self.trap_frame {
                 Some(frame) => Some(Where::StubFrame(frame)),
-                None if self.vm.vcpu.sync_regs().sregs.cs.selector & 3 == 3 => {
-                    Some(Where::Registers)
-                }
+                None if in_ring3 => Some(Where::Registers),
                 // Kicked while a stub runs in ring 0: look again shortly.
                 None => None,
             };
@@ -465,7 +468,7 @@ impl Guest {
     fn context(&mut self, at: Where) -> Context {
         match at {
             Where::Registers => {
-                let r = &self.vm.vcpu.sync_regs().regs;
+                let r = &self.synced().regs;
                 Context {
                     rip: r.rip,
                     rsp: r.rsp,
@@ -514,11 +517,19 @@ impl Guest {
         let base = frame_base(ctx.rsp, self.stack)
             .map_err(|()| kill(format!("Guest stack overflow (RSP {:#x})", ctx.rsp)))?;
         let rflags = (ctx.rflags & !(X86_EFLAGS_IF as u64)) | (irq_enabled & X86_EFLAGS_IF) as u64;
-        let mut words = vec![GUEST_DS as u64, ctx.rsp, rflags, GUEST_CS as u64, ctx.rip];
-        words.extend(error);
+        // SS, RSP, RFLAGS, CS, RIP and, for some vectors, the error code.
+        let frame = [
+            GUEST_DS as u64,
+            ctx.rsp,
+            rflags,
+            GUEST_CS as u64,
+            ctx.rip,
+            error.unwrap_or(0),
+        ];
+        let words = &frame[..5 + usize::from(error.is_some())];
         let mut sp = base;
         let ram = self.mem.layout.mem;
-        for w in words {
+        for &w in words {
             sp = sp.wrapping_sub(8);
             // Frames go in RAM only: not device pages, not the mmio hole.
             let pa = translate(&self.mem, self.cr3, sp, Access::Write)

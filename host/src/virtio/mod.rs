@@ -93,7 +93,7 @@ pub struct Queues<'a> {
     pub mem: &'a GuestMemory,
     queues: &'a mut [Option<Queue>],
     names: &'static [&'static str],
-    irqs: &'a [u32],
+    setup: &'a [QueueSetup],
     irq_state: &'a Irqs,
     interrupt_status: Option<&'a AtomicU32>,
 }
@@ -113,7 +113,7 @@ impl Queues<'_> {
         match &mut self.queues[q] {
             Some(queue) => queue
                 .want_kicks(self.mem, wanted)
-                .map_err(|e| format!("queue {q} ({}): {e}", self.names[q])),
+                .map_err(|e| self.context(q, e)),
             None => Ok(()),
         }
     }
@@ -136,12 +136,12 @@ impl Queues<'_> {
         };
         let notify = queue
             .push(self.mem, chain.head, len)
-            .map_err(|e| format!("queue {q} ({}): {e}", self.names[q]))?;
+            .map_err(|e| self.context(q, e))?;
         if notify {
             if let Some(status) = self.interrupt_status {
                 status.fetch_or(1, Ordering::SeqCst);
             }
-            self.irq_state.raise(self.irqs[q]);
+            self.irq_state.raise(self.setup[q].irq);
         }
         Ok(())
     }
@@ -392,13 +392,12 @@ impl Shared {
                 }
             }
         }
-        let irqs: Vec<u32> = self.setup.iter().map(|s| s.irq).collect();
         let names = state.device.queue_names();
         let mut queues = Queues {
             mem: &self.mem,
             queues: &mut state.queues,
             names,
-            irqs: &irqs,
+            setup: &self.setup,
             irq_state: &self.irqs,
             interrupt_status: self.interrupt_status.as_deref(),
         };
@@ -428,11 +427,9 @@ impl Worker {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => return,
             };
-            let mut ready: Vec<u64> = events[..n].iter().map(|e| e.data()).collect();
-            if matches!(self.backend, Backend::AlwaysReady) {
-                ready.push(BACKEND);
-            }
-            for token in ready {
+            // A backend epoll can't watch is served on every turn.
+            let always = matches!(self.backend, Backend::AlwaysReady).then_some(BACKEND);
+            for token in events[..n].iter().map(|e| e.data()).chain(always) {
                 let result = match token {
                     STOP => return,
                     BACKEND => self.shared.serve(None, |d, q| d.backend_ready(q)),

@@ -190,7 +190,9 @@ impl Queue {
             head,
             buffers: Vec::new(),
         };
-        let mut visited = vec![false; self.num as usize];
+        // A chain through a table of `num` descriptors that takes more than
+        // `num` steps has revisited one: that is how a loop shows.
+        let mut steps = 0u32;
         let mut index = head;
         loop {
             if index >= self.num {
@@ -199,8 +201,9 @@ impl Queue {
                     self.num
                 ));
             }
-            if std::mem::replace(&mut visited[index as usize], true) {
-                return Err(format!("descriptor chain from {head} loops at {index}"));
+            steps += 1;
+            if steps > self.num as u32 {
+                return Err(format!("descriptor chain from {head} loops"));
             }
             let (addr, len, flags, next) = read_desc(mem, self.desc + DESC_SIZE * index as u64)?;
             if flags & VRING_DESC_F_INDIRECT as u16 != 0 {
@@ -246,10 +249,10 @@ impl Queue {
                 self.num
             ));
         }
-        let mut visited = vec![false; count as usize];
-        let mut i = 0u16;
+        let (mut i, mut steps) = (0u16, 0u64);
         loop {
-            if i as u64 >= count || std::mem::replace(&mut visited[i as usize], true) {
+            steps += 1;
+            if i as u64 >= count || steps > count {
                 return Err(format!(
                     "indirect table of descriptor {index}: chain loops or leaves it at {i}"
                 ));
