@@ -29,6 +29,18 @@ fn be16(bytes: &[u8]) -> u16 {
 }
 
 impl Arp {
+    /// "Who has `tpa`? Tell `spa` at `sha`" (a gratuitous ARP when `tpa`
+    /// is our own address).
+    pub fn request(sha: [u8; 6], spa: [u8; 4], tpa: [u8; 4]) -> Arp {
+        Arp {
+            op: ARP_REQUEST,
+            sha,
+            spa,
+            tha: [0; 6],
+            tpa,
+        }
+    }
+
     /// Write the frame carrying this packet (to `dst`, from `sha`) into
     /// `out`; returns its length (ETH_MIN: ARP frames are padded).
     pub fn write(&self, dst: [u8; 6], out: &mut [u8]) -> usize {
@@ -82,6 +94,42 @@ pub fn parse_ip(text: &str) -> Option<[u8; 4]> {
         *byte = parts.next()?.parse().ok()?;
     }
     parts.next().is_none().then_some(ip)
+}
+
+/// Our address and the Host's for a net test, from the command line's `ip=`
+/// and `hostip=` (by default `ip=`'s network with last byte 1).
+pub fn test_addresses<'a>(
+    ip: Option<&str>,
+    hostip: Option<&'a str>,
+) -> Result<([u8; 4], [u8; 4]), AddressError<'a>> {
+    let ip = ip.and_then(parse_ip).ok_or(AddressError::NoIp)?;
+    let host_ip = match hostip {
+        Some(text) => parse_ip(text).ok_or(AddressError::BadHostIp(text))?,
+        None => [ip[0], ip[1], ip[2], 1],
+    };
+    if host_ip == ip {
+        return Err(AddressError::Same(ip));
+    }
+    Ok((ip, host_ip))
+}
+
+/// What is wrong with the addresses a net test was given.
+pub enum AddressError<'a> {
+    NoIp,
+    BadHostIp(&'a str),
+    Same([u8; 4]),
+}
+
+impl fmt::Display for AddressError<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            AddressError::NoIp => write!(f, "needs our address: ip=A.B.C.D on the command line"),
+            AddressError::BadHostIp(text) => write!(f, "hostip={text} is not an IPv4 address"),
+            AddressError::Same(ip) => {
+                write!(f, "our address and the Host's are both {}", ShowIp(*ip))
+            }
+        }
+    }
 }
 
 pub struct ShowIp(pub [u8; 4]);

@@ -10,7 +10,7 @@ use crate::console::Msg;
 use crate::println;
 use crate::virtio::blk::{self, Blk};
 use crate::virtio::console::Input;
-use crate::virtio::net::{self, Arp, ShowIp, ShowMac, ARP_REPLY, ARP_REQUEST, FRAME_MAX};
+use crate::virtio::net::{Arp, ShowIp, ShowMac, ARP_REPLY, FRAME_MAX};
 use crate::virtio::{idle, Deadline, Devices, Error};
 
 pub type DeviceTest = fn(&mut Devices, &Options) -> TestResult;
@@ -292,29 +292,12 @@ fn test_blk(devs: &mut Devices, _options: &Options) -> TestResult {
 
 fn test_net(devs: &mut Devices, options: &Options) -> TestResult {
     let net = need("bringing up the network", devs.net())?;
-    let Some(ip) = options.ip.and_then(net::parse_ip) else {
-        fail!("needs our address: ip=A.B.C.D on the command line");
+    let (ip, host_ip) = match lguest_guest::arp::test_addresses(options.ip, options.hostip) {
+        Ok(addresses) => addresses,
+        Err(e) => fail!("{e}"),
     };
-    let host_ip = match options.hostip {
-        Some(text) => match net::parse_ip(text) {
-            Some(host_ip) => host_ip,
-            None => fail!("hostip={text} is not an IPv4 address"),
-        },
-        None => [ip[0], ip[1], ip[2], 1],
-    };
-    check!(
-        host_ip != ip,
-        "our address and the Host's are both {}",
-        ShowIp(ip)
-    );
     let mut request = [0u8; FRAME_MAX];
-    let ask = Arp {
-        op: ARP_REQUEST,
-        sha: net.mac,
-        spa: ip,
-        tha: [0; 6],
-        tpa: host_ip,
-    };
+    let ask = Arp::request(net.mac, ip, host_ip);
     let len = ask.write(lguest_guest::arp::BROADCAST, &mut request);
     let mut frame = [0u8; FRAME_MAX];
     // Ask once a second: the first may go out before the tap is up.

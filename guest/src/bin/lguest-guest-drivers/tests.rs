@@ -441,21 +441,10 @@ fn transmit(net: &mut Net<'_>, frame: &[u8]) -> TestResult {
 }
 
 fn test_net(devices: &mut Devices, options: &Options) -> TestResult {
-    let Some(ip) = options.ip.and_then(arp::parse_ip) else {
-        bail!("needs our address: ip=A.B.C.D on the command line");
+    let (ip, host_ip) = match arp::test_addresses(options.ip, options.hostip) {
+        Ok(addresses) => addresses,
+        Err(e) => bail!("{e}"),
     };
-    let host_ip = match options.hostip {
-        Some(text) => match arp::parse_ip(text) {
-            Some(host_ip) => host_ip,
-            None => bail!("hostip={text} is not an IPv4 address"),
-        },
-        None => [ip[0], ip[1], ip[2], 1],
-    };
-    check!(
-        host_ip != ip,
-        "our address and the Host's are both {}",
-        ShowIp(ip)
-    );
     let (transport, _) = take(devices, DeviceType::Network)?;
     // The buffers outlive the driver (declared first, dropped last): it
     // resets the device as it goes, with our receive buffers still posted.
@@ -479,25 +468,13 @@ fn test_net(devices: &mut Devices, options: &Options) -> TestResult {
         hdr == NET_HDR_V1,
         "virtio-drivers chose a {hdr}-byte virtio_net_hdr: VIRTIO_F_VERSION_1 was not negotiated"
     );
-    let request = Arp {
-        op: ARP_REQUEST,
-        sha: mac,
-        spa: ip,
-        tha: [0; 6],
-        tpa: host_ip,
-    };
+    let request = Arp::request(mac, ip, host_ip);
     let len = hdr + request.write(BROADCAST, &mut tx[hdr..]);
 
     // Announce ourselves first (a gratuitous ARP) through virtio-drivers'
     // blocking send, which puts the header in a descriptor of its own: the
     // request below goes out as one buffer, header and frame together.
-    let announce = Arp {
-        op: ARP_REQUEST,
-        sha: mac,
-        spa: ip,
-        tha: [0; 6],
-        tpa: ip,
-    };
+    let announce = Arp::request(mac, ip, ip);
     let n = announce.write(BROADCAST, &mut answer);
     net.send(&answer[..n]).context("announcing our address")?;
 
