@@ -24,6 +24,8 @@ fn main() {
         println!("cargo:rerun-if-changed={}", root.join(path).display());
     }
 
+    ensure_guest_target(&guest);
+
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&guest)
@@ -71,5 +73,37 @@ fn main() {
             .join("guest-target/x86_64-unknown-none/release")
             .join(name);
         std::fs::copy(&elf, out.join(name)).expect("copy a bundled Guest");
+    }
+}
+
+/// The Guest's target, `x86_64-unknown-none`, is in rust-toolchain.toml, but
+/// rustup installs a toolchain's listed targets only when it installs the
+/// toolchain itself: one installed earlier without it would fail below with
+/// "can't find crate for `core`". Add it if rustup is there and it's missing;
+/// without rustup, say in one line what to do.
+fn ensure_guest_target(guest: &std::path::Path) {
+    const TARGET: &str = "x86_64-unknown-none";
+    let installed = Command::new("rustup")
+        .current_dir(guest)
+        .args(["target", "list", "--installed"])
+        .output();
+    let Ok(out) = installed else {
+        println!(
+            "cargo:warning=rustup not found: if the build fails, install the {TARGET} target for your toolchain (rustup target add {TARGET})"
+        );
+        return;
+    };
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.trim() == TARGET)
+    {
+        return;
+    }
+    let added = Command::new("rustup")
+        .current_dir(guest)
+        .args(["target", "add", TARGET])
+        .status();
+    if !matches!(added, Ok(s) if s.success()) {
+        panic!("the Guest needs the {TARGET} target and rustup could not add it: run `rustup target add {TARGET}` in {}", guest.display());
     }
 }

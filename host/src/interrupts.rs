@@ -266,9 +266,9 @@ pub fn decode_gate(vector: u64, low: u64, high: u64) -> Result<Option<Gate>, Str
 }
 
 /// Where the Host puts a frame: ABI section 6's stack rule. `stack` is the
-/// SET_STACK (top, pages), if on. Returns the new RSP before pushes, or the
-/// overflow error.
-pub fn frame_base(rsp: u64, stack: Option<(u64, u64)>) -> Result<u64, ()> {
+/// SET_STACK (top, pages), if on. Returns the new RSP before pushes, or
+/// `None` when RSP is in the guard page below the stack (an overflow).
+pub fn frame_base(rsp: u64, stack: Option<(u64, u64)>) -> Option<u64> {
     let base = match stack {
         None => rsp.wrapping_sub(lguest_abi::RED_ZONE),
         Some((top, pages)) => {
@@ -276,13 +276,13 @@ pub fn frame_base(rsp: u64, stack: Option<(u64, u64)>) -> Result<u64, ()> {
             if bottom < rsp && rsp <= top {
                 rsp.wrapping_sub(lguest_abi::RED_ZONE)
             } else if bottom.wrapping_sub(lguest_abi::PAGE_SIZE) < rsp && rsp <= bottom {
-                return Err(());
+                return None;
             } else {
                 top
             }
         }
     };
-    Ok(base & !15)
+    Some(base & !15)
 }
 
 #[cfg(test)]
@@ -312,15 +312,15 @@ mod tests {
     #[test]
     fn frame_base_follows_the_stack_rule() {
         // No SET_STACK: skip the red zone, align down.
-        assert_eq!(frame_base(0x10_0008, None), Ok((0x10_0008 - 128) & !15));
+        assert_eq!(frame_base(0x10_0008, None), Some((0x10_0008 - 128) & !15));
         let stack = Some((0x20_0000, 2));
         // Inside the stack: nest below the red zone.
-        assert_eq!(frame_base(0x1F_F000, stack), Ok(0x1F_F000 - 128));
+        assert_eq!(frame_base(0x1F_F000, stack), Some(0x1F_F000 - 128));
         // Exactly at the top counts as inside.
-        assert_eq!(frame_base(0x20_0000, stack), Ok(0x20_0000 - 128));
+        assert_eq!(frame_base(0x20_0000, stack), Some(0x20_0000 - 128));
         // In the page below the stack: overflow.
-        assert_eq!(frame_base(0x1F_E000 - 8, stack), Err(()));
+        assert_eq!(frame_base(0x1F_E000 - 8, stack), None);
         // Elsewhere: switch to the top.
-        assert_eq!(frame_base(0x50_0000, stack), Ok(0x20_0000));
+        assert_eq!(frame_base(0x50_0000, stack), Some(0x20_0000));
     }
 }

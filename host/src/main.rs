@@ -4,25 +4,11 @@
 //! lguest [OPTIONS] [MEM_MB [KERNEL [KERNEL_ARGS]...]]
 //! ```
 //!
-//! The tour starts here: the command line ([`Cli`]), then [`launcher`] lays
-//! out memory ([`memory`], [`host_pages`]) and loads the kernel ([`boot`]),
-//! [`vm`] creates the KVM machine, and [`vcpu`] runs it, answering
-//! [`hypercalls`] and delivering [`interrupts`].
+//! The tour starts here: the command line ([`Cli`]), then the library's
+//! `launcher` lays out memory and loads the kernel, `vm` creates the KVM
+//! machine, and `vcpu` runs it (see `lib.rs`).
 
-mod bench;
-mod boot;
-mod bus;
-mod devices;
-mod host_pages;
-mod hypercalls;
-mod interrupts;
-mod launcher;
-mod memory;
-mod pagewalk;
-mod timer;
-mod vcpu;
-mod virtio;
-mod vm;
+use lguest::{bench, bus, devices, launcher, vcpu};
 
 use clap::Parser;
 use launcher::{Config, Launch, MEM_MB_RANGE};

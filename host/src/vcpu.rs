@@ -515,7 +515,7 @@ impl Guest {
         let ctx = self.context(at);
         let irq_enabled = self.read_data_u32(ld::IRQ_ENABLED);
         let base = frame_base(ctx.rsp, self.stack)
-            .map_err(|()| kill(format!("Guest stack overflow (RSP {:#x})", ctx.rsp)))?;
+            .ok_or_else(|| kill(format!("Guest stack overflow (RSP {:#x})", ctx.rsp)))?;
         let rflags = (ctx.rflags & !(X86_EFLAGS_IF as u64)) | (irq_enabled & X86_EFLAGS_IF) as u64;
         // SS, RSP, RFLAGS, CS, RIP and, for some vectors, the error code.
         let frame = [
