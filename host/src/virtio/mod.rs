@@ -10,7 +10,7 @@
 pub mod mmio;
 pub mod queue;
 
-use crate::interrupts::Irqs;
+use crate::kick::Irqs;
 use crate::memory::GuestMemory;
 use queue::{Chain, Queue, RingFeatures};
 use std::os::fd::{AsRawFd, RawFd};
@@ -245,7 +245,7 @@ impl Running {
             epoll,
             backend: Backend::None,
         };
-        let thread = crate::interrupts::without_sigint(|| {
+        let thread = crate::kick::without_sigint(|| {
             std::thread::Builder::new()
                 .name(format!("lguest-{name}"))
                 .spawn(move || worker.run())
