@@ -12,20 +12,19 @@ pub mod queue;
 
 use crate::kick::Irqs;
 use crate::memory::GuestMemory;
+use lguest_abi::vring::{
+    F_NOTIFY_ON_EMPTY as VIRTIO_F_NOTIFY_ON_EMPTY, RING_F_EVENT_IDX as VIRTIO_RING_F_EVENT_IDX,
+    RING_F_INDIRECT_DESC as VIRTIO_RING_F_INDIRECT_DESC,
+};
 use queue::{Chain, Queue, RingFeatures};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use virtio_bindings::virtio_config::{VIRTIO_F_ANY_LAYOUT, VIRTIO_F_NOTIFY_ON_EMPTY};
-use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Features every device offers (ABI section 8).
-pub const COMMON_FEATURES: u32 = 1 << VIRTIO_F_NOTIFY_ON_EMPTY
-    | 1 << VIRTIO_F_ANY_LAYOUT
-    | 1 << VIRTIO_RING_F_INDIRECT_DESC
-    | 1 << VIRTIO_RING_F_EVENT_IDX;
+pub use lguest_abi::vring::COMMON_FEATURES;
 
 impl RingFeatures {
     /// The ring features among negotiated feature bits.
