@@ -2,7 +2,7 @@
 //! `cargo run --example tour`: it must be up to date, and every tag must
 //! point at code.
 
-include!("../examples/tour_extract.rs");
+include!("../examples/tour/extract.rs");
 
 #[test]
 fn the_tour_is_up_to_date() {

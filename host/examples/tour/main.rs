@@ -7,7 +7,7 @@
 //! `cargo run --example tour` writes docs/tour.md; `host/tests/tour.rs`
 //! fails when it is stale or a tag points at nothing.
 
-include!("tour_extract.rs");
+include!("extract.rs");
 
 fn main() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
