@@ -14,20 +14,34 @@ use core::fmt::Write;
 
 use lguest_abi::SHUTDOWN_POWEROFF;
 
-use crate::boot::Options;
-use crate::hcall;
-use crate::println;
 use crate::virtio::console::{Console, Input};
 use crate::virtio::net::{self, FRAME_MAX};
 use crate::virtio::{describe, idle, Deadline, Devices};
+use crate::{boot, hcall, lguest_data, println};
 
 const PROMPT: &str = "lguest> ";
 const LINE_MAX: usize = 128;
 const HELP: &str = "commands: help, echo WORDS, devices, poweroff\r\n";
 
+/// What the reference Guest does once it is up: say hello, bring up its
+/// devices, and run the prompt on the console until poweroff.
+pub fn serve() -> ! {
+    println!(
+        "lguest-guest: Hello from the reference Guest: {} MiB of RAM, tsc {} kHz",
+        boot::mem() >> 20,
+        lguest_data::tsc_khz()
+    );
+    let mut devices = Devices::scan();
+    devices.probe_all();
+    if devices.console.is_some() {
+        run(&mut devices);
+    }
+    hcall::shutdown(c"reference Guest finished", SHUTDOWN_POWEROFF);
+}
+
 /// Run the prompt until the user (or end of input) powers off.
-pub fn run(devices: &mut Devices, options: &Options) -> ! {
-    let ip = options.ip.and_then(|text| {
+fn run(devices: &mut Devices) -> ! {
+    let ip = boot::option("ip").and_then(|text| {
         let ip = net::parse_ip(text);
         if ip.is_none() {
             println!("lguest-guest: ignoring ip={text}: not an IPv4 address");

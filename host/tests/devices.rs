@@ -110,6 +110,27 @@ fn assert_disk_has_pattern(disk: &TempFile, size: usize) {
     }
 }
 
+/// Panics unless the blk self-test's line for the disk `id` is there:
+/// the read-only one, or the one for a disk it wrote and read back.
+fn assert_blk_checked(out: &Outcome, id: &str, read_only: bool) {
+    let prefix = format!("lguest-guest: blk: \"{id}\", ");
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("the blk self-test did not check {id}\n{}", out.describe()));
+    let what = if read_only {
+        "read-only: a write failed as it should"
+    } else {
+        "KiB in "
+    };
+    assert!(
+        line.contains(what),
+        "{id}: expected {what:?} in {line:?}\n{}",
+        out.describe()
+    );
+}
+
 /// Panics unless the file holds exactly `expected`.
 fn assert_disk_unchanged(disk: &TempFile, expected: &[u8]) {
     let bytes = std::fs::read(disk.path()).expect("reading the disk back");
@@ -216,19 +237,70 @@ fn read_only_disk_passes_blk_and_is_left_alone() {
 }
 
 #[test]
-fn two_disks_the_first_is_tested() {
+fn two_disks_both_are_tested() {
     require_kvm!();
+    // The Guest drives every disk it finds, and `test=blk` checks each.
     let size = 1 << 20;
     let first = TempFile::new("two-disks-a", &vec![0; size]);
-    let second_contents = other_pattern(2 << 20, 0xA5);
-    let second = TempFile::new("two-disks-b", &second_contents);
+    let second = TempFile::new("two-disks-b", &other_pattern(2 << 20, 0xA5));
     let out = boot(
         &[&block_arg(&first, false), &block_arg(&second, false)],
         "test=blk",
     );
     assert_tests_passed(&out, &["blk"]);
+    assert_blk_checked(&out, "lguest-disk0", false);
+    assert_blk_checked(&out, "lguest-disk1", false);
     assert_disk_has_pattern(&first, size);
-    assert_disk_unchanged(&second, &second_contents);
+    assert_disk_has_pattern(&second, 2 << 20);
+}
+
+#[test]
+fn two_disks_one_read_only_both_checked() {
+    require_kvm!();
+    // A writable disk gets the full test; the read-only one the read-only
+    // checks (a write must fail with IOERR), and keeps every byte.
+    let size = 1 << 20;
+    let writable = TempFile::new("rw-and-ro-a", &vec![0; size]);
+    let contents = other_pattern(1 << 20, 0x3C);
+    let read_only = TempFile::new("rw-and-ro-b", &contents);
+    let out = boot(
+        &[&block_arg(&writable, false), &block_arg(&read_only, true)],
+        "test=blk",
+    );
+    assert_tests_passed(&out, &["blk"]);
+    assert_blk_checked(&out, "lguest-disk0", false);
+    assert_blk_checked(&out, "lguest-disk1", true);
+    assert_disk_has_pattern(&writable, size);
+    assert_disk_unchanged(&read_only, &contents);
+}
+
+#[test]
+fn every_disk_is_driven_at_the_prompt() {
+    require_kvm!();
+    // Without tests, the Guest still brings up every disk: each says
+    // DRIVER_OK (status 0x7) in the list it prints at boot.
+    let first = TempFile::new("driven-a", &vec![0; 1 << 20]);
+    let second = TempFile::new("driven-b", &vec![0; 1 << 20]);
+    let out = run(lguest().args([block_arg(&first, false), block_arg(&second, true)]));
+    out.assert_no_panic().assert_code(0);
+    let disks: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("lguest-guest: virtio: block at "))
+        .collect();
+    assert_eq!(
+        disks.len(),
+        2,
+        "expected two disks listed\n{}",
+        out.describe()
+    );
+    for line in disks {
+        assert!(
+            line.contains("; status 0x7;"),
+            "a disk was not brought up: {line:?}\n{}",
+            out.describe()
+        );
+    }
 }
 
 /*
