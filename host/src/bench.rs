@@ -18,6 +18,9 @@
 //!   a disk and rng, the Guest idle at its prompt; against an idle `cat`.
 //! - P6: a byte written to the console until its echo comes back
 //!   (`bench=echo`), against P1's bare exit.
+//! - P8: NEW_PGTABLE between two PML4s the Host has roots for
+//!   (`bench=pgtable`), and SET_PGD of an entry that changes every time
+//!   (`bench=pgd`), against P1's bare exit.
 
 use crate::boot::tiny_elf;
 use std::path::{Path, PathBuf};
@@ -26,6 +29,7 @@ use std::time::Instant;
 
 const RUNS: usize = 5;
 const ITERS: u64 = 5000;
+const PGTABLE_ITERS: u64 = 1000;
 const MIB: f64 = 1024.0 * 1024.0;
 /// P3's disk image.
 const DISK_BYTES: usize = 256 << 20;
@@ -121,12 +125,16 @@ impl Bench {
 
     /// Microseconds per iteration of the Guest's `bench=NAME` loop.
     fn guest_loop(&self, name: &str) -> Result<f64, String> {
-        let append = format!("bench={name} iters={ITERS}");
+        self.guest_loop_n(name, ITERS)
+    }
+
+    fn guest_loop_n(&self, name: &str, iters: u64) -> Result<f64, String> {
+        let append = format!("bench={name} iters={iters}");
         let (fields, seconds) = self.guest_report(&["--append", &append])?;
         let iters = fields
             .iter()
             .find(|(k, _)| k == "iters")
-            .map_or(ITERS as f64, |(_, v)| *v);
+            .map_or(iters as f64, |(_, v)| *v);
         Ok(seconds * 1e6 / iters)
     }
 
@@ -271,7 +279,19 @@ pub fn run(kvm: &Path) -> Result<(), String> {
     }
     let exit_floor = median(out.clone());
     report("P1-hcall-out", "us", hcall, out.clone());
-    report("P1-hcall-ud", "us", ud, out);
+    report("P1-hcall-ud", "us", ud, out.clone());
+
+    // P8: the Host-owned top level (ABI 1.1). NEW_PGTABLE between two
+    // PML4s it has roots for, and SET_PGD of an entry that changes each
+    // time (a root rewrite, made visible to the KVM): each against P1's
+    // bare exit. Fewer iterations: these are the slow calls.
+    let (mut pgtable, mut pgd) = (vec![], vec![]);
+    for _ in 0..RUNS {
+        pgtable.push(bench.guest_loop_n("pgtable", PGTABLE_ITERS)?);
+        pgd.push(bench.guest_loop_n("pgd", PGTABLE_ITERS)?);
+    }
+    report("P8-new-pgtable", "us", pgtable, out.clone());
+    report("P8-set-pgd", "us", pgd, out);
 
     // P2: launch to exit against a Guest that exits at once.
     let floor_guest = Scratch::new("floor", &floor_guest())?;

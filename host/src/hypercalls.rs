@@ -155,13 +155,7 @@ impl Guest {
                 check(&self.mem, "SET_PTE", a1, PAGE_SIZE)?;
                 self.flush_tlb().map(|()| 0)
             }
-            hcall::SET_PGD => {
-                check(&self.mem, "SET_PGD", a1, PAGE_SIZE)?;
-                if a2 >= FIRST_UPPER_PML4_SLOT as u64 {
-                    return Err(kill(format!("SET_PGD: index {a2} is the Host's half")));
-                }
-                self.flush_tlb().map(|()| 0)
-            }
+            hcall::SET_PGD => self.set_pgd(a1, a2),
             hcall::LOAD_TLS => {
                 if a1 >= RESERVE_MEM || a2 >= RESERVE_MEM {
                     return Err(kill(format!(
@@ -231,28 +225,20 @@ impl Guest {
     }
 
     fn new_pgtable(&mut self, pml4: u64) -> HResult {
-        check(&self.mem, "NEW_PGTABLE", pml4, PAGE_SIZE)?;
-        if !pml4.is_multiple_of(PAGE_SIZE) {
-            return Err(kill(format!(
-                "NEW_PGTABLE: PML4 {pml4:#x} is not page-aligned"
-            )));
-        }
-        let slot511 = self.mem.read_u64(pml4 + 511 * 8).expect("checked");
-        if slot511 != self.tables.host_pml4e {
-            return Err(kill(format!(
-                "NEW_PGTABLE: slot 511 of PML4 {pml4:#x} is {slot511:#x}, not the Host's {:#x}",
-                self.tables.host_pml4e
-            )));
-        }
-        for slot in FIRST_UPPER_PML4_SLOT..HOST_PML4_SLOT {
-            if self.mem.read_u64(pml4 + slot as u64 * 8).expect("checked") != 0 {
-                return Err(kill(format!(
-                    "NEW_PGTABLE: upper-half slot {slot} of PML4 {pml4:#x} is not empty"
-                )));
-            }
-        }
-        self.cr3 = pml4;
-        self.update_sregs(|s| s.cr3 = pml4)?;
+        let switch = self
+            .roots
+            .new_pgtable(&self.mem, pml4)
+            .map_err(|e| kill(e.to_string()))?;
+        self.switch_root(switch)?;
+        Ok(0)
+    }
+
+    fn set_pgd(&mut self, pml4: u64, index: u64) -> HResult {
+        let switch = self
+            .roots
+            .set_pgd(&self.mem, pml4, index)
+            .map_err(|e| kill(e.to_string()))?;
+        self.switch_root(switch)?;
         Ok(0)
     }
 

@@ -16,6 +16,7 @@ pub mod hypercalls;
 pub mod interrupts;
 pub mod launcher;
 pub mod memory;
+pub mod page_tables;
 pub mod pagewalk;
 pub mod timer;
 pub mod vcpu;

@@ -5,6 +5,7 @@
 //! mem .......... pfn_limit << 12          device pages (the descriptor page first)
 //! pfn_limit << 12 ...                     Host-owned pages: read-only to the Guest...
 //! ... host_rw_base ...                    ...then the ring-0 stack the stubs use (writable)
+//! ... shadow_base ...                     ...then the top-level page-table pages (read-only)
 //! ```
 //!
 //! Everything the Guest names by physical address goes through [`GuestMemory`],
@@ -51,11 +52,20 @@ impl Layout {
     pub fn memory_end(&self) -> u64 {
         self.guest_limit() - self.mmio_hole_pages * PAGE_SIZE
     }
-    /// Total Host-owned pages.
+    /// Host-owned pages mapped through slot 511 (the shadow roots are not:
+    /// the CPU finds them by physical address, through CR3).
     pub fn host_pages(&self) -> u64 {
         self.host_ro_pages + self.host_rw_pages
     }
+    /// Guest-physical address of shadow root `i` (see [`crate::page_tables`]).
+    pub fn shadow_root(&self, i: usize) -> u64 {
+        self.host_rw_base() + (self.host_rw_pages + i as u64) * PAGE_SIZE
+    }
 }
+
+/// How many top-level pages the Host keeps for the Guest's page tables
+/// (lguest kept four shadow page directories too).
+pub const SHADOW_ROOTS: usize = 4;
 
 /// A Guest physical address range the Guest may not use.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +99,11 @@ impl GuestMemory {
                 (layout.host_rw_pages * PAGE_SIZE) as usize,
             ),
         ];
+        // Each shadow root is a memslot of its own, so that one can be
+        // dropped and given back to KVM without touching the others.
+        let shadows =
+            (0..SHADOW_ROOTS).map(|i| (GuestAddress(layout.shadow_root(i)), PAGE_SIZE as usize));
+        let ranges: Vec<_> = ranges.into_iter().chain(shadows).collect();
         let mmap = GuestMemoryMmap::from_ranges(&ranges).map_err(std::io::Error::other)?;
         Ok(GuestMemory { layout, mmap })
     }
@@ -102,7 +117,8 @@ impl GuestMemory {
             let ptr = r
                 .get_host_address(MemoryRegionAddress(0))
                 .expect("region start is inside the region");
-            (base, ptr, r.len(), base >= host_base && base < rw_base)
+            let rw_stack = base == rw_base;
+            (base, ptr, r.len(), base >= host_base && !rw_stack)
         })
     }
 
@@ -181,15 +197,33 @@ impl GuestMemory {
             .map_err(|_| OutOfBounds { addr, len })
     }
 
-    /// Reads a page-table entry, which may sit in Guest memory or (for the
-    /// initial tables) in the Host's read-only pages. `None` if neither.
+    /// Reads a page-table entry, which may sit in Guest memory or (the
+    /// initial tables, the shadow roots) in the Host's read-only pages.
+    /// `None` if neither.
     pub fn read_table_u64(&self, addr: u64) -> Option<u64> {
-        let host_ro = self.layout.host_base()..self.layout.host_rw_base();
-        if !addr.is_multiple_of(8) || (addr >= self.layout.memory_end() && !host_ro.contains(&addr))
-        {
+        let l = &self.layout;
+        let host_ro = l.host_base()..l.host_rw_base();
+        let shadows = l.shadow_root(0)..l.shadow_root(SHADOW_ROOTS);
+        let ok = addr < l.memory_end() || host_ro.contains(&addr) || shadows.contains(&addr);
+        if !addr.is_multiple_of(8) || !ok {
             return None;
         }
         self.mmap.read_obj::<u64>(GuestAddress(addr)).ok()
+    }
+
+    /// Entry `index` of shadow root `root`.
+    pub fn read_shadow(&self, root: usize, index: usize) -> u64 {
+        let addr = self.layout.shadow_root(root) + index as u64 * 8;
+        self.mmap
+            .read_obj::<u64>(GuestAddress(addr))
+            .expect("shadow roots are mapped")
+    }
+
+    pub fn write_shadow(&self, root: usize, index: usize, value: u64) {
+        let addr = self.layout.shadow_root(root) + index as u64 * 8;
+        self.mmap
+            .write_obj(value, GuestAddress(addr))
+            .expect("shadow roots are mapped")
     }
 
     /// Writes into a Host-owned page (Guest addresses can't reach these).
@@ -277,7 +311,8 @@ mod tests {
         assert_eq!(m.read_host_u64(0, 0), 0xdead);
         assert!(m.read_u64(m.layout.host_base()).is_err());
         let ro: Vec<_> = m.regions().map(|r| r.3).collect();
-        assert_eq!(ro, vec![false, true, false]);
+        assert_eq!(ro, vec![false, true, false, true, true, true, true]);
+        assert!(m.read_u64(m.layout.shadow_root(0)).is_err());
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::bus::Bus;
 use crate::host_pages::{self, HostTables, HOST_VA, STUB_FRAME_WORDS, TRAP_PORT};
 use crate::interrupts::{frame_base, Gate, Irqs};
 use crate::memory::GuestMemory;
+use crate::page_tables::{ShadowRoots, Switch};
 use crate::pagewalk::{translate, Access};
 use crate::timer::ClockEvent;
 use crate::vm::Vm;
@@ -80,8 +81,11 @@ pub struct Guest {
     pub(crate) idt: [Option<Gate>; 256],
     /// SET_STACK: (top, pages).
     pub(crate) stack: Option<(u64, u64)>,
-    /// The Guest's current page table (CR3).
+    /// The top-level page the CPU walks (CR3): the initial tables or one
+    /// of the shadow roots.
     pub(crate) cr3: u64,
+    /// The Host's top-level pages for the Guest's PML4s.
+    pub(crate) roots: ShadowRoots,
     pub(crate) halted: bool,
     pub(crate) async_cursor: usize,
     /// The last exit was port I/O that KVM has not completed yet: on VT-x RIP
@@ -102,6 +106,7 @@ impl Guest {
         let clock = ClockEvent::start(irqs.clone())?;
         crate::interrupts::set_kick_target(vm.vcpu.get_kvm_run());
         let cr3 = tables.init_pml4;
+        let roots = ShadowRoots::new(&mem, &tables);
         Ok(Guest {
             bus,
             clock,
@@ -113,6 +118,7 @@ impl Guest {
             idt: [None; 256],
             stack: None,
             cr3,
+            roots,
             halted: false,
             async_cursor: 0,
             io_pending: false,
@@ -190,6 +196,11 @@ impl Guest {
             return self.handle_trap(rsp);
         }
         if port == HCALL_PORT && value.is_some() {
+            if !self.plain_out_to_hcall_port()? {
+                return Err(kill(
+                    "bad access to the hypercall port: string I/O (outs), not `out`",
+                ));
+            }
             let ret = self.hypercall(args)?;
             self.set_rax(ret);
         }
@@ -206,6 +217,60 @@ impl Guest {
     pub(crate) fn set_rax(&mut self, value: u64) {
         self.vm.vcpu.sync_regs_mut().regs.rax = value;
         self.vm.vcpu.set_sync_dirty_reg(SyncReg::Register);
+    }
+
+    /// Whether the exit on port 0x1F came from a plain `out` (`e6 1f` or
+    /// `ee`): only that is a hypercall (ABI section 4); `outs` there ends
+    /// the Guest. KVMs differ on where RIP is at an I/O exit: past a plain
+    /// `out` on some, on it on others, and on a string instruction on all
+    /// (see docs/machine-notes.md). So we look both ways; in the one case
+    /// both readings fit (`out` then `outs` right after it, or an `outs`
+    /// after bytes that look like an `out`), completing the I/O tells: only
+    /// `outs` moves RSI.
+    fn plain_out_to_hcall_port(&mut self) -> Result<bool, Stop> {
+        const BEFORE: u64 = 2;
+        let rip = self.synced().regs.rip;
+        let mut bytes = [None::<u8>; 17];
+        let start = rip.wrapping_sub(BEFORE);
+        let off = start & (PAGE_SIZE - 1);
+        let fast = off + bytes.len() as u64 <= PAGE_SIZE;
+        match translate(&self.mem, self.cr3, start, Access::Read).filter(|_| fast) {
+            Some(pa) => {
+                let mut raw = [0u8; 17];
+                if self.mem.read(pa, &mut raw).is_ok() {
+                    bytes = raw.map(Some);
+                }
+            }
+            None => {
+                for (i, b) in bytes.iter_mut().enumerate() {
+                    *b = self.code_byte(start.wrapping_add(i as u64));
+                }
+            }
+        }
+        let at = &bytes[BEFORE as usize..];
+        let is_prefix = |b: u8| {
+            matches!(
+                b,
+                0xF0 | 0xF2 | 0xF3 | 0x2E | 0x36 | 0x3E | 0x26 | 0x64 | 0x65 | 0x67
+            ) || (0x40..=0x4F).contains(&b)
+        };
+        let op = at.iter().position(|b| !b.is_some_and(is_prefix));
+        let (op, imm) = match op {
+            Some(i) => (at[i], at.get(i + 1).copied().flatten()),
+            None => (None, None),
+        };
+        let string_at = matches!(op, Some(0x6E | 0x6F));
+        let plain_at = op == Some(0xEE) || (op == Some(0xE6) && imm == Some(0x1F));
+        let plain_past = bytes[1] == Some(0xEE) || bytes[..2] == [Some(0xE6), Some(0x1F)];
+        Ok(match (string_at, plain_at || plain_past) {
+            (false, plain) => plain,
+            (true, false) => false,
+            (true, true) => {
+                let rsi = self.synced().regs.rsi;
+                self.complete_io()?;
+                self.synced().regs.rsi == rsi
+            }
+        })
     }
 
     /// Lets KVM finish the last port I/O (KVM_RUN with immediate_exit), so
@@ -313,14 +378,15 @@ impl Guest {
 
     /// The two bytes at Guest virtual `rip`, if readable by ring 3.
     fn code_bytes(&self, rip: u64) -> Option<[u8; 2]> {
-        let mut b = [0u8; 2];
-        for (i, byte) in b.iter_mut().enumerate() {
-            let pa = translate(&self.mem, self.cr3, rip + i as u64, Access::Read)?;
-            let mut one = [0u8];
-            self.mem.read(pa, &mut one).ok()?;
-            *byte = one[0];
-        }
-        Some(b)
+        Some([self.code_byte(rip)?, self.code_byte(rip.wrapping_add(1))?])
+    }
+
+    /// The byte at Guest virtual `va`, if readable by ring 3.
+    fn code_byte(&self, va: u64) -> Option<u8> {
+        let pa = translate(&self.mem, self.cr3, va, Access::Read)?;
+        let mut one = [0u8];
+        self.mem.read(pa, &mut one).ok()?;
+        Some(one[0])
     }
 
     /// After its first use, `int $0x1f` becomes `out %al,$0x1f`, which exits
@@ -605,6 +671,19 @@ impl Guest {
             .vcpu
             .set_sregs(&s)
             .map_err(|e| kill(format!("KVM set sregs failed: {e}")))
+    }
+
+    /// Loads the top level NEW_PGTABLE or SET_PGD chose, after making the
+    /// KVM forget a root it had used before we rewrote it; then flushes.
+    pub(crate) fn switch_root(&mut self, switch: Switch) -> Result<(), Stop> {
+        if let Some(i) = switch.recycle {
+            let phys = self.mem.layout.shadow_root(i);
+            self.vm
+                .recycle_slot(phys)
+                .map_err(|e| kill(e.to_string()))?;
+        }
+        self.cr3 = switch.cr3;
+        self.flush_tlb()
     }
 
     /// No stale translation survives: load another CR3, then the Guest's.

@@ -77,7 +77,9 @@ pub struct Vm {
     // Fields drop in order: the vCPU goes before the VM it belongs to.
     pub vcpu: VcpuFd,
     /// Kept open: closing it destroys the VM.
-    _vm: VmFd,
+    vm: VmFd,
+    /// The memslots as given to KVM, for [`Vm::recycle_slot`].
+    regions: Vec<kvm_userspace_memory_region>,
     pub tsc_khz: u32,
 }
 
@@ -91,6 +93,7 @@ impl Vm {
         entry: u64,
     ) -> Result<Vm, VmError> {
         let vm = hv.kvm.create_vm().map_err(kvm_err("create VM"))?;
+        let mut regions = Vec::new();
         for (slot, (base, ptr, size, read_only)) in mem.regions().enumerate() {
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -102,6 +105,7 @@ impl Vm {
             // SAFETY: the region is a live anonymous mapping owned by `mem`,
             // which the Launcher keeps alive longer than this VM.
             unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("set memory region"))?;
+            regions.push(region);
         }
         let mut vcpu = vm.create_vcpu(0).map_err(kvm_err("create vCPU"))?;
 
@@ -194,9 +198,37 @@ impl Vm {
 
         Ok(Vm {
             vcpu,
-            _vm: vm,
+            vm,
+            regions,
             tsc_khz,
         })
+    }
+
+    /// Drops the memslot holding Guest-physical page `phys` and gives it
+    /// back to KVM unchanged: a KVM that shadows page tables forgets what it
+    /// knew of the page, and sees our writes to it again (see
+    /// [`crate::page_tables`]).
+    pub fn recycle_slot(&self, phys: u64) -> Result<(), VmError> {
+        let region = *self
+            .regions
+            .iter()
+            .find(|r| r.guest_phys_addr == phys)
+            .expect("recycled pages have a memslot of their own");
+        let gone = kvm_userspace_memory_region {
+            memory_size: 0,
+            ..region
+        };
+        // SAFETY: deleting a slot takes nothing away from us; re-adding it
+        // hands KVM the same live mapping as at creation, still owned by the
+        // Guest's memory, which outlives this VM.
+        unsafe {
+            self.vm
+                .set_user_memory_region(gone)
+                .map_err(kvm_err("delete memory region"))?;
+            self.vm
+                .set_user_memory_region(region)
+                .map_err(kvm_err("re-add memory region"))
+        }
     }
 }
 

@@ -64,6 +64,15 @@ sudden_death! {
     write_to_host_page: "host-write" => "write to Host page",
     // NEW_PGTABLE with a PML4 whose slot 511 is not the Host's entry.
     pml4_slot_511: "pgd511" => "slot 511",
+    // ABI 1.1: a store into the live PML4 changes nothing until SET_PGD.
+    // A forged slot 511 (its own IDT sending #UD to Guest code at CPL 0)
+    // is never walked: the #UD finds no gate, and no Guest code ran in
+    // ring 0 (it would have said "ran at CPL 0" and crashed instead).
+    pml4_live_slot_511: "pml4-511" => "unhandled trap 6 at",
+    // Nor is an upper-half slot filled after NEW_PGTABLE.
+    pml4_live_upper_slot: "pml4-upper" => "cr2 0xffff960000001000",
+    // Only `out` is a hypercall: `rep outsb` to port 0x1F ends the Guest.
+    hcall_string_io: "hcall-outs" => "string I/O",
     stack_selector: "stack" => "SET_STACK: bad selector",
     // LOAD_GDT with a present system (TSS/LDT/gate) descriptor.
     gdt_system_descriptor: "gdt" => "system descriptor",

@@ -213,6 +213,13 @@ pub unsafe fn set_pml4_slot(slot: usize, value: u64) {
     }
 }
 
+/// What PML4 slot `slot` of our tables holds.
+pub fn pml4_slot(slot: usize) -> u64 {
+    assert!(slot < 512);
+    // SAFETY: in TABLES, index checked; volatile because of the Host.
+    unsafe { (&raw const (*tables()).pml4.0[slot]).read_volatile() }
+}
+
 /// Point the PML4 at the alias window's tables (telling the Host with
 /// SET_PGD if we are live).
 pub fn hook_alias() {

@@ -99,6 +99,9 @@ pub fn run(case: &str) -> ! {
                 pagetable::load();
             }
         }
+        "pml4-511" => pml4_511(),
+        "pml4-upper" => pml4_upper(),
+        "hcall-outs" => hcall_outs(),
         // 0x10 is the Host's ring-0 data selector.
         "stack" => deadly(
             nr::SET_STACK,
@@ -187,4 +190,141 @@ fn host_write(limit: u64) {
     let target = pagetable::alias_addr(0) as *mut u64;
     // SAFETY: the page is mapped (just above); the write is the point.
     unsafe { target.write_volatile(0) };
+}
+
+/// Take away our own gate for `vector`, so a trap there is the Host's to
+/// judge: Sudden Death, "unhandled trap".
+fn drop_gate(vector: u64) {
+    // SAFETY: a not-present gate; we only trap there on purpose.
+    unsafe { hcall(nr::LOAD_IDT_ENTRY, vector, 0, 0, 0) };
+}
+
+#[repr(C, align(4096))]
+struct Page([u64; 512]);
+
+static FORGED: lguest_guest::cell::GuestCell<[Page; 4]> = lguest_guest::cell::GuestCell::new([
+    Page([0; 512]),
+    Page([0; 512]),
+    Page([0; 512]),
+    Page([0; 512]),
+]);
+
+// The "handler" a forged IDT would run at CPL 0: it says so and crashes.
+core::arch::global_asm!(
+    ".global bad_cpl0_handler",
+    "bad_cpl0_handler:",
+    "lea {msg}(%rip), %rdx",
+    "mov $2, %eax", // SHUTDOWN
+    "mov $3, %ebx", // crash
+    "out %al, $0x1f",
+    "2: jmp 2b",
+    msg = sym BAD_CPL0_MSG,
+    options(att_syntax)
+);
+static BAD_CPL0_MSG: [u8; 40] = *b"bad=pml4-511: Guest code ran at CPL 0!\n\0";
+extern "C" {
+    fn bad_cpl0_handler();
+}
+
+/// Reads entry `index` of the page at physical `page` through alias slot
+/// `alias` (Host pages are readable to whoever maps them).
+fn peek(alias: usize, page: u64, index: usize) -> u64 {
+    // SAFETY: the alias maps a read-only view of `page`; nothing of Rust's
+    // lives in the alias window.
+    unsafe {
+        pagetable::set_alias_pte(alias, page | pagetable::PAGE_FLAGS, true);
+        ((pagetable::alias_addr(alias) as *const u64).add(index)).read_volatile()
+    }
+}
+
+/// bad=pml4-511: build our own copy of the Host's slot 511, whose IDT sends
+/// #UD to our code at CPL 0, store it into our *live* PML4 with no
+/// hypercall, flush, and trap. Under ABI 1.1 the store changes nothing (the
+/// CPU walks the Host's top-level page): the #UD finds no gate and the Host
+/// ends us. Had the CPU walked our PML4, our handler would run at CPL 0.
+fn pml4_511() {
+    if let Err(why) = pagetable::build() {
+        lguest_guest::fail("bad=pml4-511", format_args!("{why}"));
+    }
+    // SAFETY: our tables map all our memory, as the Host's did.
+    unsafe {
+        pagetable::hook_alias();
+        pagetable::load();
+    }
+    const ADDR: u64 = lguest_abi::pte::ADDR_MASK;
+    let flags = lguest_abi::pte::PRESENT | lguest_abi::pte::WRITABLE | lguest_abi::pte::ACCESSED;
+    let host_pdpt = lguest_data::host_pml4e() & ADDR;
+    let host_pd = peek(0, host_pdpt, 0) & ADDR;
+    let host_pt = peek(1, host_pd, 0) & ADDR;
+    let host_idt = peek(2, host_pt, 0) & ADDR;
+    let forged = FORGED.as_ptr() as *mut Page;
+    // SAFETY: FORGED is ours and nothing else refers to it; the indices
+    // are below 4 and 512.
+    unsafe {
+        let (pdpt, pd, pt, idt) = (forged, forged.add(1), forged.add(2), forged.add(3));
+        for i in 0..512 {
+            (*pt).0[i] = peek(2, host_pt, i);
+            (*idt).0[i] = peek(3, host_idt, i);
+        }
+        (*pt).0[0] = idt as u64 | flags | lguest_abi::pte::DIRTY;
+        (*pd).0[0] = pt as u64 | flags;
+        (*pdpt).0[0] = pd as u64 | flags;
+        // Vector 6 (#UD): an interrupt gate to our code, ring-0 selector.
+        let handler = bad_cpl0_handler as *const () as u64;
+        (*idt).0[12] = (handler & 0xFFFF)
+            | (lguest_abi::HOST_CS as u64) << 16
+            | 0xE << 40
+            | 1 << 47
+            | (handler >> 16 & 0xFFFF) << 48;
+        (*idt).0[13] = handler >> 32;
+        drop_gate(6);
+        pagetable::set_pml4_slot(lguest_abi::HOST_PML4_SLOT, pdpt as u64 | flags);
+        hcall(nr::FLUSH_TLB, 0, 0, 0, 0);
+        asm!("ud2", options(nomem, nostack));
+    }
+}
+
+/// bad=pml4-upper: fill upper-half slot 300 of our live PML4 with no
+/// hypercall (our identity PDPT), flush, and read through it. The store
+/// changes nothing: the read faults, finds no #PF gate, and the Host ends
+/// us naming the address.
+fn pml4_upper() {
+    if let Err(why) = pagetable::build() {
+        lguest_guest::fail("bad=pml4-upper", format_args!("{why}"));
+    }
+    // SAFETY: our tables map all our memory, as the Host's did.
+    unsafe { pagetable::load() };
+    let ident = pagetable::pml4_slot(0);
+    let va = 0xFFFF_0000_0000_0000u64 | 300 << 39 | 0x1000;
+    drop_gate(14);
+    // SAFETY: slot 300 is upper half: whatever happens, nothing of ours
+    // moves; the read is the point.
+    unsafe {
+        pagetable::set_pml4_slot(300, ident);
+        hcall(nr::FLUSH_TLB, 0, 0, 0, 0);
+        let v = (va as *const u64).read_volatile();
+        println!("lguest-guest: bad=pml4-upper: read {v:#x} at {va:#x}");
+    }
+}
+
+/// bad=hcall-outs: `rep outsb` to the hypercall port, asking for a power
+/// off. Only `out` is a hypercall; string I/O there ends the Guest.
+fn hcall_outs() {
+    let byte = [nr::SHUTDOWN as u8];
+    // SAFETY: one byte from our own array goes to port 0x1F; should the Host
+    // take it as SHUTDOWN it powers us off, which the test sees.
+    unsafe {
+        // RBX (the second argument) is LLVM's: swap our value in and out.
+        asm!(
+            "xchg {arg2}, rbx",
+            "rep outsb",
+            "xchg {arg2}, rbx",
+            arg2 = inout(reg) lguest_abi::SHUTDOWN_POWEROFF => _,
+            in("dx") lguest_abi::HCALL_PORT,
+            inout("rsi") byte.as_ptr() => _,
+            inout("rcx") 1u64 => _,
+            in("rax") nr::SHUTDOWN,
+            options(nostack, readonly)
+        );
+    }
 }

@@ -94,6 +94,27 @@ pub fn run(name: &str, iters: Option<&str>) -> ! {
                 hcall_at_site(nr::SEND_INTERRUPTS);
             }
         }
+        // NEW_PGTABLE back and forth between our tables and the initial
+        // ones: the Host has a root ready for each, so no copy is needed.
+        "pgtable" => {
+            let (ours, initial) = pgtable_setup();
+            for i in 0..iters {
+                let pml4 = if i % 2 == 0 { initial } else { ours };
+                // SAFETY: both tables map all our memory.
+                unsafe { hcall::hcall(nr::NEW_PGTABLE, pml4, 0, 0, 0) };
+            }
+        }
+        // SET_PGD of an entry that changes every time: the Host rewrites
+        // its root and makes the KVM see it.
+        "pgd" => {
+            pgtable_setup();
+            let alias = crate::pagetable::pml4_slot(0);
+            for i in 0..iters {
+                // SAFETY: slot 200 maps nothing we use; it alternates
+                // between empty and an alias of our identity map.
+                unsafe { crate::pagetable::set_pml4_slot(200, if i % 2 == 0 { alias } else { 0 }) };
+            }
+        }
         _ => lguest_guest::fail("bench", format_args!("unknown benchmark {name}")),
     }
     let cycles = time::rdtsc() - start;
@@ -102,4 +123,14 @@ pub fn run(name: &str, iters: Option<&str>) -> ! {
         lguest_data::tsc_khz()
     );
     hcall::shutdown(c"benchmark finished", SHUTDOWN_POWEROFF);
+}
+
+/// Our own page tables, loaded: (their PML4, the initial one).
+fn pgtable_setup() -> (u64, u64) {
+    if let Err(why) = crate::pagetable::build() {
+        lguest_guest::fail("bench", format_args!("{why}"));
+    }
+    // SAFETY: our tables map all our memory, as the Host's did.
+    unsafe { crate::pagetable::load() };
+    (crate::pagetable::pml4(), lguest_data::pgdir())
 }
