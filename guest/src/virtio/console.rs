@@ -153,7 +153,19 @@ impl Console {
         }
     }
 
-    /// Send what fmt::Write has collected.
+    /// Collect `bytes` (any bytes: a character typed may come in pieces),
+    /// sending each line at its newline, or when the buffer fills.
+    pub fn put(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.line[self.line_len] = byte;
+            self.line_len += 1;
+            if byte == b'\n' || self.line_len == TX_SIZE {
+                self.flush_line();
+            }
+        }
+    }
+
+    /// Send what `put` and fmt::Write have collected.
     pub fn flush_line(&mut self) {
         if self.line_len > 0 {
             let line = self.line;
@@ -173,13 +185,7 @@ impl Console {
 /// `write!` to the console collects a line and sends it at its newline.
 impl fmt::Write for Console {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        for &byte in s.as_bytes() {
-            self.line[self.line_len] = byte;
-            self.line_len += 1;
-            if byte == b'\n' || self.line_len == TX_SIZE {
-                self.flush_line();
-            }
-        }
+        self.put(s.as_bytes());
         Ok(())
     }
 }
