@@ -363,6 +363,96 @@ pub const FEATURE_LEN: u8 = 4;
 /// Default ring size.
 pub const VRING_DEFAULT_NUM: u16 = 256;
 
+/// The legacy split virtqueue ("vring") both sides walk (ABI section 8):
+///
+/// ```text
+/// base:                descriptors {u64 addr, u32 len, u16 flags, u16 next} x num
+/// base + 16 num:       avail ring  {u16 flags, u16 idx, u16 ring[num], u16 used_event}
+/// next 4096 boundary:  used ring   {u16 flags, u16 idx, {u32 id, u32 len}[num], u16 avail_event}
+/// ```
+pub mod vring {
+    /// Descriptor flags: the chain goes on at `next`; the device writes this
+    /// buffer (rather than reads it); the buffer is a table of descriptors.
+    pub const DESC_F_NEXT: u16 = 1;
+    pub const DESC_F_WRITE: u16 = 2;
+    pub const DESC_F_INDIRECT: u16 = 4;
+    /// Used ring flag: the device doesn't need kicks just now.
+    pub const USED_F_NO_NOTIFY: u16 = 1;
+    /// Avail ring flag: the driver doesn't need interrupts just now.
+    pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
+    /// Bytes of one descriptor.
+    pub const DESC_SIZE: u64 = 16;
+    /// The used ring's alignment.
+    pub const ALIGN: u64 = 4096;
+
+    /// Bytes of the three areas of a ring of `num` entries: descriptors,
+    /// avail ring (with used_event), used ring (with avail_event).
+    pub const fn area_sizes(num: u16) -> [u64; 3] {
+        let n = num as u64;
+        [DESC_SIZE * n, 4 + 2 * n + 2, 4 + 8 * n + 2]
+    }
+
+    /// Where the avail ring starts, from the ring's base.
+    pub const fn avail_offset(num: u16) -> u64 {
+        DESC_SIZE * num as u64
+    }
+
+    /// Where the used ring starts, from the ring's base.
+    pub const fn used_offset(num: u16) -> u64 {
+        let [desc, avail, _] = area_sizes(num);
+        (desc + avail).next_multiple_of(ALIGN)
+    }
+
+    /// Bytes from the ring's base to the end of the used ring.
+    pub const fn ring_end(num: u16) -> u64 {
+        used_offset(num) + area_sizes(num)[2]
+    }
+
+    /// Bytes a ring of `num` entries takes, both parts, page-aligned.
+    pub const fn ring_bytes(num: u16) -> u64 {
+        used_offset(num) + area_sizes(num)[2].next_multiple_of(ALIGN)
+    }
+
+    /// One descriptor, as it sits in the table (and in an indirect table).
+    #[repr(C)]
+    #[derive(
+        Clone,
+        Copy,
+        Debug,
+        Default,
+        PartialEq,
+        Eq,
+        zerocopy::FromBytes,
+        zerocopy::IntoBytes,
+        zerocopy::Immutable,
+        zerocopy::KnownLayout,
+    )]
+    pub struct Desc {
+        pub addr: u64,
+        pub len: u32,
+        pub flags: u16,
+        pub next: u16,
+    }
+    const _: () = assert!(core::mem::size_of::<Desc>() == DESC_SIZE as usize);
+
+    /// Feature bits every lguest device offers (ABI section 8).
+    pub const F_NOTIFY_ON_EMPTY: u32 = 24;
+    pub const F_ANY_LAYOUT: u32 = 27;
+    pub const RING_F_INDIRECT_DESC: u32 = 28;
+    pub const RING_F_EVENT_IDX: u32 = 29;
+    pub const COMMON_FEATURES: u32 = 1 << F_NOTIFY_ON_EMPTY
+        | 1 << F_ANY_LAYOUT
+        | 1 << RING_F_INDIRECT_DESC
+        | 1 << RING_F_EVENT_IDX;
+
+    /// vring_need_event: has the index gone from `old` to `new` past
+    /// `event`? The device uses it to decide on interrupts, the driver on
+    /// kicks (VIRTIO_RING_F_EVENT_IDX).
+    pub const fn need_event(event: u16, new: u16, old: u16) -> bool {
+        new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+    }
+}
+
 /// Virtio 0.9.5 status bits.
 pub const VIRTIO_STATUS_ACKNOWLEDGE: u8 = 1;
 pub const VIRTIO_STATUS_DRIVER: u8 = 2;
@@ -415,6 +505,21 @@ pub struct BlockPage {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn vring_layout_and_need_event() {
+        use super::vring::*;
+        // 256 entries: 4096 of descriptors, 518 of avail ring, so the used
+        // ring starts two pages in.
+        assert_eq!(used_offset(256), 8192);
+        assert_eq!(ring_end(256), 8192 + 4 + 8 * 256 + 2);
+        assert_eq!(ring_bytes(256), 8192 + 4096);
+        assert_eq!(used_offset(8), 4096);
+        // Passed the event: from 4 to 6 crosses 4 and 5.
+        assert!(need_event(5, 6, 4));
+        assert!(!need_event(6, 6, 4));
+        assert!(need_event(0xFFFF, 1, 0xFFFE), "wraps");
+    }
+
     use super::*;
     use core::mem::{offset_of, size_of};
 

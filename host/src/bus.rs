@@ -13,7 +13,7 @@
 //! means its status changed, and a status of 0 (or FAILED) resets it before
 //! NOTIFY returns.
 
-use crate::interrupts::Irqs;
+use crate::kick::Irqs;
 use crate::memory::GuestMemory;
 use crate::virtio::mmio::{MmioDevice, WINDOW};
 use crate::virtio::queue::ring_bytes;
@@ -338,7 +338,7 @@ mod tests {
     #[test]
     fn descriptor_page_is_what_the_guest_driver_expects() {
         // Device threads may raise IRQs, which kick this thread.
-        crate::interrupts::install_kick_handler().unwrap();
+        crate::kick::install_kick_handler().unwrap();
         let devices: Vec<Box<dyn Device>> = vec![Box::new(Console::new(false)), Box::new(Rng)];
         check_fits(&devices).unwrap();
         let pages = device_pages(&devices, Transport::LguestBus);

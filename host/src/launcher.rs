@@ -8,7 +8,7 @@ use crate::boot::{BootError, BootImage, Kernel};
 use crate::bus::{self, Bus, Transport};
 use crate::devices::{self, block::Disk, tap, Backends};
 use crate::host_pages;
-use crate::interrupts::{self, Irqs};
+use crate::kick::{self, Irqs};
 use crate::memory::{GuestMemory, Layout};
 use crate::vcpu::{Guest, Stop};
 use crate::vm::{Hypervisor, Vm, VmError};
@@ -215,8 +215,8 @@ impl Launch {
     /// kernel again with fresh memory, timers and IRQs.
     pub fn run(&self, on_restart: impl Fn(&str)) -> Result<Stop, LaunchError> {
         let hv = Hypervisor::open(&self.kvm_device)?;
-        interrupts::install_kick_handler().map_err(LaunchError::Threads)?;
-        interrupts::install_ctrl_c_handler().map_err(LaunchError::Threads)?;
+        kick::install_kick_handler().map_err(LaunchError::Threads)?;
+        kick::install_ctrl_c_handler().map_err(LaunchError::Threads)?;
         let raw = devices::terminal::make_raw();
         let backends = Backends {
             raw_terminal: raw,

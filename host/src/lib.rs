@@ -5,7 +5,7 @@
 //! The tour starts in `main.rs`: the command line, then [`launcher`] lays
 //! out memory ([`memory`], [`host_pages`]) and loads the kernel ([`boot`]),
 //! [`vm`] creates the KVM machine, and [`vcpu`] runs it, answering
-//! [`hypercalls`] and delivering [`interrupts`].
+//! [`hypercalls`] and delivering interrupts ([`interrupts_and_traps`]).
 
 pub mod bench;
 pub mod boot;
@@ -13,11 +13,14 @@ pub mod bus;
 pub mod devices;
 pub mod host_pages;
 pub mod hypercalls;
-pub mod interrupts;
+pub mod interrupts_and_traps;
+pub mod kick;
 pub mod launcher;
+pub mod lguest_data;
 pub mod memory;
 pub mod page_tables;
 pub mod pagewalk;
+pub mod segments;
 pub mod timer;
 pub mod vcpu;
 pub mod virtio;

@@ -1,9 +1,10 @@
 //! Time (ABI section 7): SET_CLOCKEVENT's one-shot timer, on a timerfd
 //! watched by a thread of its own that raises IRQ 0 when it expires. The same
-//! thread serves the vCPU's "look again within 1 ms" timer.
+//! thread serves the vCPU's "look again within 1 ms" timer ([`ReLook`]).
 
-use crate::interrupts::Irqs;
+use crate::kick::Irqs;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vmm_sys_util::eventfd::EventFd;
@@ -11,7 +12,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 /// A timerfd whose read never blocks: the timer thread reads it only after
 /// epoll says it expired, but the vCPU may re-arm it in between.
-pub(crate) fn nonblocking_timer() -> std::io::Result<TimerFd> {
+fn nonblocking_timer() -> std::io::Result<TimerFd> {
     let timer = TimerFd::new()?;
     // SAFETY: fcntl on a descriptor we own, with no pointers involved.
     let ok = unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } == 0;
@@ -20,13 +21,41 @@ pub(crate) fn nonblocking_timer() -> std::io::Result<TimerFd> {
 }
 
 /// Locks a timer; a poisoned lock still holds a usable descriptor.
-pub(crate) fn lock(m: &Mutex<TimerFd>) -> std::sync::MutexGuard<'_, TimerFd> {
+fn lock(m: &Mutex<TimerFd>) -> std::sync::MutexGuard<'_, TimerFd> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// ABI section 6: a candidate IRQ left undelivered (the noirq window, a
+/// stub in flight, several at once) is looked at again within 1 ms, without
+/// waiting for the Guest to exit. The vCPU arms it; the timer thread kicks
+/// the vCPU when it fires.
+#[derive(Clone)]
+pub struct ReLook(Arc<ReLookTimer>);
+
+struct ReLookTimer {
+    timer: Mutex<TimerFd>,
+    armed: AtomicBool,
+}
+
+impl ReLook {
+    /// Arms the 1 ms re-look, unless it is already armed.
+    pub fn soon(&self) {
+        if !self.0.armed.swap(true, Ordering::SeqCst) {
+            let _ = lock(&self.0.timer).reset(Duration::from_millis(1), None);
+        }
+    }
+
+    fn fired(&self, irqs: &Irqs) {
+        let _ = lock(&self.0.timer).wait();
+        self.0.armed.store(false, Ordering::SeqCst);
+        irqs.kick();
+    }
 }
 
 /// A pending clock event: SET_CLOCKEVENT arms it, its thread raises IRQ 0.
 pub struct ClockEvent {
     timer: Arc<Mutex<TimerFd>>,
+    relook: ReLook,
     stop: Arc<EventFd>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -36,11 +65,15 @@ impl ClockEvent {
     pub fn start(irqs: Arc<Irqs>) -> std::io::Result<ClockEvent> {
         use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
         let timer = Arc::new(Mutex::new(nonblocking_timer()?));
+        let relook = ReLook(Arc::new(ReLookTimer {
+            timer: Mutex::new(nonblocking_timer()?),
+            armed: AtomicBool::new(false),
+        }));
         let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let epoll = Epoll::new()?;
         for (fd, token) in [
             (lock(&timer).as_raw_fd(), 0u64),
-            (irqs.recheck_fd(), 1),
+            (lock(&relook.0.timer).as_raw_fd(), 1),
             (stop.as_raw_fd(), 2),
         ] {
             epoll.ctl(
@@ -49,8 +82,8 @@ impl ClockEvent {
                 EpollEvent::new(EventSet::IN, token),
             )?;
         }
-        let (t, s) = (timer.clone(), stop.clone());
-        let thread = crate::interrupts::without_sigint(|| {
+        let (t, r, s) = (timer.clone(), relook.clone(), stop.clone());
+        let thread = crate::kick::without_sigint(|| {
             std::thread::Builder::new()
                 .name("lguest-timer".into())
                 .spawn(move || {
@@ -70,7 +103,7 @@ impl ClockEvent {
                                         irqs.raise(lguest_abi::TIMER_IRQ);
                                     }
                                 }
-                                1 => irqs.recheck_fired(),
+                                1 => r.fired(&irqs),
                                 _ => {
                                     let _ = s.read();
                                     return;
@@ -82,9 +115,15 @@ impl ClockEvent {
         })?;
         Ok(ClockEvent {
             timer,
+            relook,
             stop,
             thread: Some(thread),
         })
+    }
+
+    /// The vCPU's re-look timer, served by the same thread.
+    pub fn relook(&self) -> ReLook {
+        self.relook.clone()
     }
 
     /// SET_CLOCKEVENT: fire once after `delta_ns` (0 cancels; tiny deltas

@@ -46,14 +46,11 @@ impl Hypervisor {
             path: path_str.clone(),
             err,
         };
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(open_err)?;
-        // SAFETY: `file` is an open KVM device we own; Kvm takes ownership of
-        // the descriptor, which `into_raw_fd` gives up.
-        let kvm = unsafe { Kvm::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(file)) };
+        use std::os::unix::ffi::OsStrExt;
+        let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| open_err(std::io::ErrorKind::InvalidInput.into()))?;
+        let kvm = Kvm::new_with_path(&c_path)
+            .map_err(|e| open_err(std::io::Error::from_raw_os_error(e.errno())))?;
         for (cap, name) in [
             (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
             (Cap::ReadonlyMem, "KVM_CAP_READONLY_MEM"),
@@ -69,8 +66,6 @@ impl Hypervisor {
         Ok(Hypervisor { kvm })
     }
 }
-
-use std::os::fd::FromRawFd;
 
 /// One Guest's VM and vCPU.
 pub struct Vm {

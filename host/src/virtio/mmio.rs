@@ -281,14 +281,14 @@ impl MmioDevice {
 mod tests {
     use super::*;
     use crate::devices::rng::Rng;
-    use crate::interrupts::Irqs;
+    use crate::kick::Irqs;
     use crate::memory::Layout;
     use crate::virtio::QueueSetup;
 
     const BASE: u64 = 0x10_0000;
 
     fn device() -> (MmioDevice, GuestMemory) {
-        crate::interrupts::install_kick_handler().unwrap();
+        crate::kick::install_kick_handler().unwrap();
         let mem = GuestMemory::new(Layout {
             mem: 1 << 20,
             pfn_limit: 256,

@@ -10,22 +10,21 @@
 pub mod mmio;
 pub mod queue;
 
-use crate::interrupts::Irqs;
+use crate::kick::Irqs;
 use crate::memory::GuestMemory;
+use lguest_abi::vring::{
+    F_NOTIFY_ON_EMPTY as VIRTIO_F_NOTIFY_ON_EMPTY, RING_F_EVENT_IDX as VIRTIO_RING_F_EVENT_IDX,
+    RING_F_INDIRECT_DESC as VIRTIO_RING_F_INDIRECT_DESC,
+};
 use queue::{Chain, Queue, RingFeatures};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use virtio_bindings::virtio_config::{VIRTIO_F_ANY_LAYOUT, VIRTIO_F_NOTIFY_ON_EMPTY};
-use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Features every device offers (ABI section 8).
-pub const COMMON_FEATURES: u32 = 1 << VIRTIO_F_NOTIFY_ON_EMPTY
-    | 1 << VIRTIO_F_ANY_LAYOUT
-    | 1 << VIRTIO_RING_F_INDIRECT_DESC
-    | 1 << VIRTIO_RING_F_EVENT_IDX;
+pub use lguest_abi::vring::COMMON_FEATURES;
 
 impl RingFeatures {
     /// The ring features among negotiated feature bits.
@@ -158,6 +157,12 @@ pub struct DeviceState {
 pub struct Running {
     pub name: &'static str,
     shared: Arc<Shared>,
+    /// Which queues the vCPU serves itself ([`Device::serve_inline`]), and
+    /// whether it may serve the backend ([`Device::backend_inline`]): asked
+    /// once, so a kick needs no lock the device's thread holds while it does
+    /// I/O.
+    inline_queues: Vec<bool>,
+    inline_backend: bool,
     pub kicks: Vec<Arc<EventFd>>,
     stop: Arc<EventFd>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -212,6 +217,8 @@ impl Running {
         interrupt_status: Option<Arc<AtomicU32>>,
     ) -> std::io::Result<Running> {
         let name = device.name();
+        let inline_queues = (0..setup.len()).map(|q| device.serve_inline(q)).collect();
+        let inline_backend = device.backend_inline();
         let shared = Arc::new(Shared {
             state: Mutex::new(DeviceState {
                 queues: setup.iter().map(|_| None).collect(),
@@ -245,7 +252,7 @@ impl Running {
             epoll,
             backend: Backend::None,
         };
-        let thread = crate::interrupts::without_sigint(|| {
+        let thread = crate::kick::without_sigint(|| {
             std::thread::Builder::new()
                 .name(format!("lguest-{name}"))
                 .spawn(move || worker.run())
@@ -253,16 +260,21 @@ impl Running {
         Ok(Running {
             name,
             shared,
+            inline_queues,
+            inline_backend,
             kicks,
             stop,
             thread: Some(thread),
         })
     }
 
-    /// The Guest kicked queue `q`: serve it here, or wake the device's
-    /// thread. An error is the Sudden Death reason.
+    /*H:500 The Guest kicked queue `q` (NOTIFY): wake the device's thread
+     * with its eventfd, taking no lock, so the vCPU never waits while the
+     * device does I/O. Only queues whose work is short and never blocks
+     * (console output) are served here instead. An error is the Sudden
+     * Death reason. */
     pub fn kick(&self, q: usize) -> Result<(), String> {
-        if lock(&self.shared.state).device.serve_inline(q) {
+        if self.inline_queues[q] {
             return self
                 .shared
                 .serve(Some(q), |d, queues| d.kick(q, queues))
@@ -306,6 +318,9 @@ impl Running {
     /// The backend descriptor the vCPU thread should watch while the Guest
     /// is halted, if the device serves it inline and wants it now.
     pub fn inline_backend(&self) -> Option<RawFd> {
+        if !self.inline_backend {
+            return None;
+        }
         let state = lock(&self.shared.state);
         let d = &state.device;
         if d.backend_inline() && d.wants_backend() {
@@ -472,5 +487,88 @@ impl Worker {
             (Backend::AlwaysReady, _, false) => self.backend = Backend::None,
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::Layout;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// A device whose every request takes as long as the test wants: its
+    /// thread holds the device while it "does I/O".
+    struct Slow {
+        entered: mpsc::Sender<()>,
+        release: mpsc::Receiver<()>,
+    }
+
+    impl Device for Slow {
+        fn name(&self) -> &'static str {
+            "slow"
+        }
+        fn virtio_id(&self) -> u8 {
+            2
+        }
+        fn queue_names(&self) -> &'static [&'static str] {
+            &["requests"]
+        }
+        fn features(&self) -> u32 {
+            0
+        }
+        fn config(&self) -> Vec<u8> {
+            vec![]
+        }
+        fn kick(&mut self, _q: usize, _queues: &mut Queues) -> Result<(), String> {
+            let _ = self.entered.send(());
+            let _ = self.release.recv_timeout(Duration::from_secs(30));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_kick_never_waits_for_a_device_doing_io() {
+        let mem = GuestMemory::new(Layout {
+            mem: 2 << 20,
+            pfn_limit: (2 << 20) / lguest_abi::PAGE_SIZE + 1,
+            mmio_hole_pages: 0,
+            host_ro_pages: 1,
+            host_rw_pages: 1,
+        })
+        .unwrap();
+        let (entered_tx, entered) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel();
+        let slow = Slow {
+            entered: entered_tx,
+            release: release_rx,
+        };
+        let setup = vec![QueueSetup {
+            num: 8,
+            irq: 1,
+            legacy: None,
+        }];
+        let irqs = Irqs::new().unwrap();
+        let running = Running::start(Box::new(slow), setup, mem, irqs, None).unwrap();
+
+        running.kick(0).unwrap();
+        entered
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the device's thread took the first kick");
+        // The device's thread is inside its request now. A second NOTIFY,
+        // from the vCPU, must come straight back.
+        let (done_tx, done) = mpsc::channel();
+        let returned = std::thread::scope(|s| {
+            s.spawn(|| {
+                let _ = running.kick(0);
+                let _ = done_tx.send(());
+            });
+            let returned = done.recv_timeout(Duration::from_secs(2)).is_ok();
+            // Let the device finish either way, so nothing hangs.
+            let _ = release.send(());
+            let _ = release.send(());
+            returned
+        });
+        assert!(returned, "NOTIFY waited for the device's I/O to finish");
     }
 }

@@ -13,29 +13,15 @@
 //! ```
 
 use crate::memory::GuestMemory;
-use std::sync::atomic::{fence, Ordering};
-use virtio_bindings::virtio_ring::{
-    VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
-    VRING_USED_F_NO_NOTIFY,
+use lguest_abi::vring::{
+    AVAIL_F_NO_INTERRUPT as VRING_AVAIL_F_NO_INTERRUPT, DESC_F_INDIRECT as VRING_DESC_F_INDIRECT,
+    DESC_F_NEXT as VRING_DESC_F_NEXT, DESC_F_WRITE as VRING_DESC_F_WRITE,
+    USED_F_NO_NOTIFY as VRING_USED_F_NO_NOTIFY,
 };
+use std::sync::atomic::{fence, Ordering};
 
-const DESC_SIZE: u64 = 16;
-
-/// Bytes a ring of `num` entries takes, both parts, 4096-aligned.
-pub fn ring_bytes(num: u16) -> u64 {
-    used_offset(num) + (4 + 8 * num as u64 + 2).next_multiple_of(4096)
-}
-
-/// Bytes of the three areas of a queue of `num` entries: descriptors, avail
-/// ring (with used_event), used ring (with avail_event).
-pub fn area_sizes(num: u16) -> [u64; 3] {
-    let n = num as u64;
-    [DESC_SIZE * n, 4 + 2 * n + 2, 4 + 8 * n + 2]
-}
-
-fn used_offset(num: u16) -> u64 {
-    (DESC_SIZE * num as u64 + 4 + 2 * num as u64 + 2).next_multiple_of(4096)
-}
+pub use lguest_abi::vring::{area_sizes, ring_bytes};
+use lguest_abi::vring::{need_event, used_offset, DESC_SIZE};
 
 /// One buffer of a chain, checked to lie in Guest memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,7 +162,7 @@ impl Queue {
             let flags = if self.kicks_wanted {
                 0
             } else {
-                VRING_USED_F_NO_NOTIFY as u16
+                VRING_USED_F_NO_NOTIFY
             };
             Self::write_u16(mem, self.used, flags)?;
         }
@@ -206,7 +192,7 @@ impl Queue {
                 return Err(format!("descriptor chain from {head} loops"));
             }
             let (addr, len, flags, next) = read_desc(mem, self.desc + DESC_SIZE * index as u64)?;
-            if flags & VRING_DESC_F_INDIRECT as u16 != 0 {
+            if flags & VRING_DESC_F_INDIRECT != 0 {
                 if !self.features.indirect {
                     return Err(format!("indirect descriptor {index} without INDIRECT_DESC"));
                 }
@@ -222,7 +208,7 @@ impl Queue {
                     self.num
                 ));
             }
-            if flags & VRING_DESC_F_NEXT as u16 == 0 {
+            if flags & VRING_DESC_F_NEXT == 0 {
                 return Ok(chain);
             }
             index = next;
@@ -258,13 +244,13 @@ impl Queue {
                 ));
             }
             let (addr, len, flags, next) = read_desc(mem, table + DESC_SIZE * i as u64)?;
-            if flags & VRING_DESC_F_INDIRECT as u16 != 0 {
+            if flags & VRING_DESC_F_INDIRECT != 0 {
                 return Err(format!(
                     "indirect table of descriptor {index} nests another"
                 ));
             }
             chain.buffers.push(check_buffer(mem, i, addr, len, flags)?);
-            if flags & VRING_DESC_F_NEXT as u16 == 0 {
+            if flags & VRING_DESC_F_NEXT == 0 {
                 return Ok(());
             }
             i = next;
@@ -301,10 +287,10 @@ impl Queue {
         self.signalled_used = new;
         if self.features.event_idx {
             let used_event = Self::read_u16(mem, self.avail + 4 + 2 * self.num as u64)?;
-            // vring_need_event: did [old, new) just pass used_event?
-            Ok(new.wrapping_sub(used_event).wrapping_sub(1) < new.wrapping_sub(old))
+            // Did [old, new) just pass used_event?
+            Ok(need_event(used_event, new, old))
         } else {
-            Ok(Self::read_u16(mem, self.avail)? & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0)
+            Ok(Self::read_u16(mem, self.avail)? & VRING_AVAIL_F_NO_INTERRUPT == 0)
         }
     }
 }
@@ -332,7 +318,7 @@ fn check_buffer(
     Ok(Buffer {
         addr,
         len,
-        writable: flags & VRING_DESC_F_WRITE as u16 != 0,
+        writable: flags & VRING_DESC_F_WRITE != 0,
     })
 }
 
@@ -410,7 +396,7 @@ mod tests {
         let at = BASE + 16 * i as u64;
         m.write_u64(at, addr).unwrap();
         m.write_u32(at + 8, len).unwrap();
-        m.write(at + 12, &(flags as u16).to_le_bytes()).unwrap();
+        m.write(at + 12, &(flags).to_le_bytes()).unwrap();
         m.write(at + 14, &next.to_le_bytes()).unwrap();
     }
 
@@ -520,8 +506,8 @@ mod tests {
             } else {
                 VRING_DESC_F_WRITE
             };
-            m.write(at + 12, &(flags as u16).to_le_bytes()).unwrap();
-            m.write(at + 14, &(i as u16 + 1).to_le_bytes()).unwrap();
+            m.write(at + 12, &(flags).to_le_bytes()).unwrap();
+            m.write(at + 14, &(i + 1).to_le_bytes()).unwrap();
         }
         let mut q = Queue::new(NUM, BASE, features);
         desc(&m, 0, 0x5000, 48, VRING_DESC_F_INDIRECT, 0);

@@ -1,20 +1,18 @@
-//! Interrupts (ABI section 6): pending IRQs, kicking the vCPU, and the
-//! frames the Host builds on the Guest's stack.
+//! Kicks and signals: how other threads (devices, timers, Ctrl-C) reach the
+//! vCPU thread.
 //!
 //! Any thread may raise an IRQ ([`Irqs::raise`]): it sets the pending bit,
 //! wakes a halted vCPU (an eventfd) and kicks a running one out of KVM_RUN
 //! (a signal whose handler sets `immediate_exit`, so a kick that lands just
-//! before KVM_RUN is not lost). The vCPU thread alone decides what to deliver,
-//! in [`crate::vcpu`], just before it enters the Guest.
+//! before KVM_RUN is not lost). The vCPU thread alone decides what to
+//! deliver ([`crate::interrupts_and_traps`]), just before it enters the
+//! Guest.
 
-use crate::timer::{lock, nonblocking_timer};
 use kvm_bindings::kvm_run;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::timerfd::TimerFd;
 
 /// The running vCPU's kvm_run, for the kick signal handler. One vCPU per
 /// process: the Launcher runs one Guest at a time.
@@ -128,9 +126,6 @@ pub struct Irqs {
     /// Written on every raise: a halted vCPU sleeps on it.
     pub wake: EventFd,
     vcpu_thread: libc::pthread_t,
-    /// The "look again within 1 ms" timer, and whether it is armed.
-    recheck: Mutex<TimerFd>,
-    recheck_armed: AtomicBool,
     /// Sudden Death decided off the vCPU thread (by a device).
     death: Mutex<Option<String>>,
     kicks: AtomicU64,
@@ -146,8 +141,6 @@ impl Irqs {
             wake,
             // SAFETY: pthread_self has no preconditions.
             vcpu_thread: unsafe { libc::pthread_self() },
-            recheck: Mutex::new(nonblocking_timer()?),
-            recheck_armed: AtomicBool::new(false),
             death: Mutex::new(None),
             kicks: AtomicU64::new(0),
         }))
@@ -202,25 +195,6 @@ impl Irqs {
     pub fn clear(&self, irq: u32) {
         self.pending.fetch_and(!(1 << irq), Ordering::SeqCst);
     }
-
-    /// Arms the 1 ms re-look, unless it is already armed.
-    pub fn recheck_soon(&self) {
-        if !self.recheck_armed.swap(true, Ordering::SeqCst) {
-            let _ = lock(&self.recheck).reset(Duration::from_millis(1), None);
-        }
-    }
-
-    /// The re-look timer's descriptor, for the timer thread to wait on.
-    pub(crate) fn recheck_fd(&self) -> std::os::fd::RawFd {
-        lock(&self.recheck).as_raw_fd()
-    }
-
-    /// The timer thread saw the re-look expire.
-    pub fn recheck_fired(&self) {
-        let _ = lock(&self.recheck).wait();
-        self.recheck_armed.store(false, Ordering::SeqCst);
-        self.kick();
-    }
 }
 
 impl Drop for Irqs {
@@ -233,94 +207,5 @@ impl Drop for Irqs {
             Ordering::SeqCst,
             Ordering::SeqCst,
         );
-    }
-}
-
-/// A gate the Guest loaded with LOAD_IDT_ENTRY.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Gate {
-    pub offset: u64,
-    /// Interrupt gates clear irq_enabled on delivery; trap gates don't.
-    pub interrupt: bool,
-}
-
-/// Decodes a 16-byte gate; `Ok(None)` when it is not present.
-pub fn decode_gate(vector: u64, low: u64, high: u64) -> Result<Option<Gate>, String> {
-    if low & (1 << 47) == 0 {
-        return Ok(None);
-    }
-    let type_ = ((low >> 40) & 0xF) as u8;
-    if type_ != lguest_abi::GATE_INTERRUPT && type_ != lguest_abi::GATE_TRAP {
-        return Err(format!("bad IDT gate type {type_} for vector {vector}"));
-    }
-    let offset = (low & 0xFFFF) | ((low >> 48) << 16) | ((high & 0xFFFF_FFFF) << 32);
-    if offset >= lguest_abi::RESERVE_MEM {
-        return Err(format!(
-            "bad IDT gate offset {offset:#x} for vector {vector}: not a lower-half address"
-        ));
-    }
-    Ok(Some(Gate {
-        offset,
-        interrupt: type_ == lguest_abi::GATE_INTERRUPT,
-    }))
-}
-
-/// Where the Host puts a frame: ABI section 6's stack rule. `stack` is the
-/// SET_STACK (top, pages), if on. Returns the new RSP before pushes, or
-/// `None` when RSP is in the guard page below the stack (an overflow).
-pub fn frame_base(rsp: u64, stack: Option<(u64, u64)>) -> Option<u64> {
-    let base = match stack {
-        None => rsp.wrapping_sub(lguest_abi::RED_ZONE),
-        Some((top, pages)) => {
-            let bottom = top.wrapping_sub(pages * lguest_abi::PAGE_SIZE);
-            if bottom < rsp && rsp <= top {
-                rsp.wrapping_sub(lguest_abi::RED_ZONE)
-            } else if bottom.wrapping_sub(lguest_abi::PAGE_SIZE) < rsp && rsp <= bottom {
-                return None;
-            } else {
-                top
-            }
-        }
-    };
-    Some(base & !15)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gates_decode_and_bad_types_are_refused() {
-        let g = crate::host_pages::gate(0x20_1234, 0x10, 0xE, 0);
-        let low = u64::from_le_bytes(g[0..8].try_into().unwrap());
-        let high = u64::from_le_bytes(g[8..16].try_into().unwrap());
-        assert_eq!(
-            decode_gate(32, low, high),
-            Ok(Some(Gate {
-                offset: 0x20_1234,
-                interrupt: true
-            }))
-        );
-        assert_eq!(decode_gate(32, low & !(1 << 47), high), Ok(None));
-        let type5 = (low & !(0xF << 40)) | (5 << 40);
-        assert!(decode_gate(32, type5, high)
-            .unwrap_err()
-            .contains("bad IDT gate type 5"));
-        assert!(decode_gate(32, low, 0xFFFF_8000).is_err());
-    }
-
-    #[test]
-    fn frame_base_follows_the_stack_rule() {
-        // No SET_STACK: skip the red zone, align down.
-        assert_eq!(frame_base(0x10_0008, None), Some((0x10_0008 - 128) & !15));
-        let stack = Some((0x20_0000, 2));
-        // Inside the stack: nest below the red zone.
-        assert_eq!(frame_base(0x1F_F000, stack), Some(0x1F_F000 - 128));
-        // Exactly at the top counts as inside.
-        assert_eq!(frame_base(0x20_0000, stack), Some(0x20_0000 - 128));
-        // In the page below the stack: overflow.
-        assert_eq!(frame_base(0x1F_E000 - 8, stack), None);
-        // Elsewhere: switch to the top.
-        assert_eq!(frame_base(0x50_0000, stack), Some(0x20_0000));
     }
 }
