@@ -392,7 +392,7 @@ mod tests {
         .unwrap()
     }
 
-    fn desc(m: &GuestMemory, i: u16, addr: u64, len: u32, flags: u32, next: u16) {
+    fn desc(m: &GuestMemory, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
         let at = BASE + 16 * i as u64;
         m.write_u64(at, addr).unwrap();
         m.write_u32(at + 8, len).unwrap();
