@@ -1,6 +1,7 @@
 //! Builds the bundled Guests for x86_64-unknown-none (the reference Guest,
-//! and the one that drives virtio-mmio devices with the virtio-drivers crate)
-//! and bundles them into the `lguest` binary, so that a bare `lguest` (or
+//! the same with its self-tests, `bad=` cases and benchmarks, and the one
+//! that drives virtio-mmio devices with the virtio-drivers crate) and
+//! bundles them into the `lguest` binary, so that a bare `lguest` (or
 //! `cargo run`) has a kernel to boot. The Guest is a workspace of its own, built with a target dir of its
 //! own under OUT_DIR so it never waits on the outer build's lock.
 
@@ -67,8 +68,9 @@ fn main() {
         status.success(),
         "building the reference Guest (guest/) failed"
     );
-    // Both kernels: the reference Guest and the one built on virtio-drivers.
-    for name in ["lguest-guest", "lguest-guest-drivers"] {
+    // The three kernels: the reference Guest, with and without its tests,
+    // and the one built on virtio-drivers.
+    for name in ["lguest-guest", "lguest-guest-tests", "lguest-guest-drivers"] {
         let elf = out
             .join("guest-target/x86_64-unknown-none/release")
             .join(name);

@@ -59,47 +59,12 @@ pub fn cmdline() -> &'static str {
     }
 }
 
-/// The words of the command line that concern us. A later word wins over an
-/// earlier one; words we don't know are someone else's (Linux would have
-/// them) and are ignored.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Options {
-    /// `test=NAME[,NAME...]`
-    pub test: Option<&'static str>,
-    /// `bad=CASE`
-    pub bad: Option<&'static str>,
-    /// `bench=NAME`
-    pub bench: Option<&'static str>,
-    /// `iters=N`, as given.
-    pub iters: Option<&'static str>,
-    /// `ip=A.B.C.D`: our address on the virtio network.
-    pub ip: Option<&'static str>,
-    /// `hostip=A.B.C.D`: the Host's end of the tap, for the net test.
-    pub hostip: Option<&'static str>,
-    /// `console-input=1`: the console test may wait for a line on stdin.
-    pub console_input: bool,
-}
-
-impl Options {
-    pub fn parse(cmdline: &'static str) -> Options {
-        let mut options = Options::default();
-        for word in cmdline.split_ascii_whitespace() {
-            if let Some(value) = word.strip_prefix("test=") {
-                options.test = Some(value);
-            } else if let Some(value) = word.strip_prefix("bad=") {
-                options.bad = Some(value);
-            } else if let Some(value) = word.strip_prefix("bench=") {
-                options.bench = Some(value);
-            } else if let Some(value) = word.strip_prefix("iters=") {
-                options.iters = Some(value);
-            } else if let Some(value) = word.strip_prefix("ip=") {
-                options.ip = Some(value);
-            } else if let Some(value) = word.strip_prefix("hostip=") {
-                options.hostip = Some(value);
-            } else if let Some(value) = word.strip_prefix("console-input=") {
-                options.console_input = value == "1";
-            }
-        }
-        options
-    }
+/// The value of the word `NAME=VALUE` on the command line, for `name`. A
+/// later word wins over an earlier one; words nobody asks for are someone
+/// else's (Linux would have them) and are ignored.
+pub fn option(name: &str) -> Option<&'static str> {
+    cmdline()
+        .split_ascii_whitespace()
+        .rev()
+        .find_map(|word| word.strip_prefix(name)?.strip_prefix('='))
 }

@@ -41,3 +41,20 @@ _start:
         );
     };
 }
+
+/// The allocator of a kernel with no heap: it has nothing to give. Neither
+/// the reference Guest nor its tests allocate, but Rust wants an allocator
+/// in every binary once any crate in it links `alloc`, and the ABI crate's
+/// `zerocopy` does here (the drivers Guest's virtio-drivers turns on its
+/// `alloc` feature, and features are shared within a workspace).
+pub struct NoHeap;
+
+// SAFETY: returning null is how an allocator says it failed; there is no
+// memory of ours to free.
+unsafe impl core::alloc::GlobalAlloc for NoHeap {
+    unsafe fn alloc(&self, _layout: core::alloc::Layout) -> *mut u8 {
+        core::ptr::null_mut()
+    }
+
+    unsafe fn dealloc(&self, _ptr: *mut u8, _layout: core::alloc::Layout) {}
+}

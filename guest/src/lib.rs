@@ -1,31 +1,43 @@
-//! What every Guest kernel of lguest in Rust shares.
+//! The reference Guest kernel of lguest in Rust, and what every Guest of
+//! ours shares.
 //!
-//! Two kernels are built from this crate: the reference Guest
-//! (`lguest-guest`, src/main.rs), which drives its devices through its own
-//! virtio code on the lguest bus, and the drivers Guest
-//! (`lguest-guest-drivers`, src/bin/lguest-guest-drivers/), which drives them
-//! over virtio-mmio with the `virtio-drivers` crate. Both boot the same way
-//! and talk to the Host the same way, and that part lives here: the
-//! hypercalls, the shared lguest_data page, interrupts and traps, time, the
-//! early console, what the Launcher tells us at boot, the heap (the global
-//! allocator: only the drivers Guest fills it) and how a Guest reports a
-//! failure or a panic.
+//! This crate is the kernel a reader studies: it boots on the lguest ABI,
+//! talks to the Host through hypercalls and the shared lguest_data page,
+//! takes interrupts and traps, keeps time, drives its virtio devices on the
+//! lguest bus and offers a prompt on the console. Nothing in it is there
+//! only to test the Host.
+//!
+//! Three kernels are built on it, one binary each:
+//!
+//! - `lguest-guest` (src/main.rs): the reference Guest, this kernel and
+//!   nothing else;
+//! - `lguest-guest-tests` (src/bin/lguest-guest-tests/): the same kernel
+//!   plus the self-tests (`test=`), the ABI-breaking cases (`bad=`) and the
+//!   benchmark loops (`bench=`). The Launcher boots it instead of the plain
+//!   one when the command line asks for any of those;
+//! - `lguest-guest-drivers` (src/bin/lguest-guest-drivers/): a Guest that
+//!   drives virtio-mmio devices with the `virtio-drivers` crate. It uses
+//!   only the first half of the list below.
 //!
 //! Each binary keeps its own entry point (`_start`, its stack, `kmain`) and
 //! its own `#[panic_handler]`, which calls `report::panic`.
 
 #![no_std]
 
+// How a Guest boots and talks to the Host.
 pub mod arp;
 pub mod boot;
 pub mod cell;
 pub mod console;
 pub mod entry;
 pub mod hcall;
-pub mod heap;
 pub mod interrupts;
 pub mod lguest_data;
 pub mod report;
 pub mod time;
+
+// The reference Guest's own: its devices and its prompt.
+pub mod shell;
+pub mod virtio;
 
 pub use report::fail;

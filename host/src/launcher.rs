@@ -17,6 +17,10 @@ use std::path::{Path, PathBuf};
 
 /// The reference Guest, built by build.rs.
 pub static BUNDLED_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/lguest-guest"));
+/// The same kernel with its self-tests, `bad=` cases and benchmark loops:
+/// what the reference Guest boots as when its command line asks for them.
+pub static BUNDLED_TESTS_GUEST: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/lguest-guest-tests"));
 /// The Guest that drives virtio-mmio devices with the `virtio-drivers` crate.
 pub static BUNDLED_DRIVERS_GUEST: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/lguest-guest-drivers"));
@@ -30,6 +34,16 @@ pub enum KernelChoice {
     Drivers,
     /// A file.
     File(PathBuf),
+}
+
+/// Whether a command line asks the reference Guest for something only its
+/// test-carrying build has: a self-test, a broken case or a benchmark.
+pub fn wants_tests(cmdline: &str) -> bool {
+    cmdline.split_ascii_whitespace().any(|word| {
+        ["test=", "bad=", "bench="]
+            .iter()
+            .any(|p| word.starts_with(p))
+    })
 }
 
 /// Memory sizes the Launcher accepts, in MiB.
@@ -107,6 +121,10 @@ impl Launch {
     pub fn prepare(cfg: Config) -> Result<Launch, LaunchError> {
         let (name, image): (String, std::borrow::Cow<'static, [u8]>) = match &cfg.kernel {
             KernelChoice::File(path) => (path.display().to_string(), read("kernel", path)?.into()),
+            KernelChoice::Reference if wants_tests(&cfg.cmdline) => (
+                "bundled reference Guest (with its tests)".into(),
+                BUNDLED_TESTS_GUEST.into(),
+            ),
             KernelChoice::Reference => ("bundled reference Guest".into(), BUNDLED_GUEST.into()),
             KernelChoice::Drivers => ("bundled drivers Guest".into(), BUNDLED_DRIVERS_GUEST.into()),
         };

@@ -5,9 +5,11 @@
 //! against the real Host devices; after them the test looks at what the
 //! Guest left behind in the disk file. The console is also driven from
 //! outside: commands typed at the Guest's prompt through a pipe, a file and a
-//! pseudo-terminal (raw mode, three Ctrl-C, the terminal restored on every way
-//! out). The `bad=virtio-*` cases break the ring rules on the console's
-//! transmit queue and must end in Sudden Death with the Host's reason.
+//! pseudo-terminal (raw mode, escape sequences, Ctrl-C, UTF-8, over-long and
+//! unterminated lines, line ends, three Ctrl-C, the terminal restored on
+//! every way out). The `bad=virtio-*` cases break the ring rules on the
+//! console's transmit queue and must end in Sudden Death with the Host's
+//! reason.
 //!
 //! The network device needs a tap, so it is tested in `network.rs`; the
 //! command-line errors for devices (a bad disk file, a bad `--tunnet`) need no
@@ -108,6 +110,27 @@ fn assert_disk_has_pattern(disk: &TempFile, size: usize) {
             blk_pattern(i)
         );
     }
+}
+
+/// Panics unless the blk self-test's line for the disk `id` is there:
+/// the read-only one, or the one for a disk it wrote and read back.
+fn assert_blk_checked(out: &Outcome, id: &str, read_only: bool) {
+    let prefix = format!("lguest-guest: blk: \"{id}\", ");
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("the blk self-test did not check {id}\n{}", out.describe()));
+    let what = if read_only {
+        "read-only: a write failed as it should"
+    } else {
+        "KiB in "
+    };
+    assert!(
+        line.contains(what),
+        "{id}: expected {what:?} in {line:?}\n{}",
+        out.describe()
+    );
 }
 
 /// Panics unless the file holds exactly `expected`.
@@ -216,19 +239,70 @@ fn read_only_disk_passes_blk_and_is_left_alone() {
 }
 
 #[test]
-fn two_disks_the_first_is_tested() {
+fn two_disks_both_are_tested() {
     require_kvm!();
+    // The Guest drives every disk it finds, and `test=blk` checks each.
     let size = 1 << 20;
     let first = TempFile::new("two-disks-a", &vec![0; size]);
-    let second_contents = other_pattern(2 << 20, 0xA5);
-    let second = TempFile::new("two-disks-b", &second_contents);
+    let second = TempFile::new("two-disks-b", &other_pattern(2 << 20, 0xA5));
     let out = boot(
         &[&block_arg(&first, false), &block_arg(&second, false)],
         "test=blk",
     );
     assert_tests_passed(&out, &["blk"]);
+    assert_blk_checked(&out, "lguest-disk0", false);
+    assert_blk_checked(&out, "lguest-disk1", false);
     assert_disk_has_pattern(&first, size);
-    assert_disk_unchanged(&second, &second_contents);
+    assert_disk_has_pattern(&second, 2 << 20);
+}
+
+#[test]
+fn two_disks_one_read_only_both_checked() {
+    require_kvm!();
+    // A writable disk gets the full test; the read-only one the read-only
+    // checks (a write must fail with IOERR), and keeps every byte.
+    let size = 1 << 20;
+    let writable = TempFile::new("rw-and-ro-a", &vec![0; size]);
+    let contents = other_pattern(1 << 20, 0x3C);
+    let read_only = TempFile::new("rw-and-ro-b", &contents);
+    let out = boot(
+        &[&block_arg(&writable, false), &block_arg(&read_only, true)],
+        "test=blk",
+    );
+    assert_tests_passed(&out, &["blk"]);
+    assert_blk_checked(&out, "lguest-disk0", false);
+    assert_blk_checked(&out, "lguest-disk1", true);
+    assert_disk_has_pattern(&writable, size);
+    assert_disk_unchanged(&read_only, &contents);
+}
+
+#[test]
+fn every_disk_is_driven_at_the_prompt() {
+    require_kvm!();
+    // Without tests, the Guest still brings up every disk: each says
+    // DRIVER_OK (status 0x7) in the list it prints at boot.
+    let first = TempFile::new("driven-a", &vec![0; 1 << 20]);
+    let second = TempFile::new("driven-b", &vec![0; 1 << 20]);
+    let out = run(lguest().args([block_arg(&first, false), block_arg(&second, true)]));
+    out.assert_no_panic().assert_code(0);
+    let disks: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("lguest-guest: virtio: block at "))
+        .collect();
+    assert_eq!(
+        disks.len(),
+        2,
+        "expected two disks listed\n{}",
+        out.describe()
+    );
+    for line in disks {
+        assert!(
+            line.contains("; status 0x7;"),
+            "a disk was not brought up: {line:?}\n{}",
+            out.describe()
+        );
+    }
 }
 
 /*
@@ -424,6 +498,190 @@ fn commands_from_a_file() {
     out.assert_code(0);
     let line = out.single_stderr_line("lguest: guest powered off: ");
     assert_eq!(line, "lguest: guest powered off: end of input");
+}
+
+/// Boots the bundled Guest with `input` on a pipe that then closes, and
+/// returns what happened: the prompt ran every line and powered off at
+/// the end of input.
+fn prompt_with_input(input: &str) -> Outcome {
+    let mut guest = start(&[], None);
+    wait_for_prompts(&mut guest, 1);
+    guest.send(input);
+    guest.close_stdin();
+    let out = guest.finish(TIMEOUT);
+    out.assert_no_panic().assert_code(0);
+    let line = out.single_stderr_line("lguest: guest powered off: ");
+    assert_eq!(line, "lguest: guest powered off: end of input");
+    out
+}
+
+/// Panics if a line of stdout is exactly `line`.
+fn assert_no_stdout_line(out: &Outcome, line: &str) {
+    assert!(
+        !out.stdout.lines().any(|l| l.trim_end() == line),
+        "the line {line:?} should not be on stdout\n{}",
+        out.describe()
+    );
+}
+
+#[test]
+fn prompt_ignores_escape_sequences() {
+    require_kvm!();
+    // The arrows (CSI A to D), a function key in SS3 form (ESC O P) and an
+    // Alt-x (ESC x) are keys, not text: none of their bytes go into the
+    // line or come back as echo.
+    let out = prompt_with_input("echo \x1b[Aup\x1b[B\x1b[C\x1b[D\x1bOP\x1bxdown\n");
+    out.assert_stdout_line("updown");
+    for junk in ["[A", "[B", "[C", "[D", "OP", "\x1b"] {
+        assert!(
+            !out.stdout.contains(junk),
+            "{junk:?} came back on stdout\n{}",
+            out.describe()
+        );
+    }
+}
+
+#[test]
+fn prompt_ctrl_c_cancels_the_line() {
+    require_kvm!();
+    // One Ctrl-C throws the line away, shows ^C and gives a new prompt.
+    let out = prompt_with_input("echo cancelled\x03echo kept\n");
+    out.assert_stdout_contains("echo cancelled^C\nlguest> echo kept\n")
+        .assert_stdout_line("kept");
+    assert_no_stdout_line(&out, "cancelled");
+}
+
+#[test]
+fn prompt_takes_utf8() {
+    require_kvm!();
+    let out = prompt_with_input("echo h\u{e9}llo \u{1f980} \u{65e5}\u{672c}\n");
+    out.assert_stdout_line("h\u{e9}llo \u{1f980} \u{65e5}\u{672c}");
+}
+
+#[test]
+fn prompt_backspace_takes_a_whole_character() {
+    require_kvm!();
+    // Backspace after a two-byte character removes both bytes.
+    let out = prompt_with_input("echo ab\u{e9}\x7fc\n");
+    out.assert_stdout_line("abc");
+}
+
+#[test]
+fn prompt_refuses_an_over_long_line() {
+    require_kvm!();
+    // Longer than the Guest's line: refused with a message, not cut and run.
+    let long = "x".repeat(300);
+    let out = prompt_with_input(&format!("echo {long}\necho after\n"));
+    out.assert_stdout_contains("line too long")
+        .assert_stdout_line("after");
+    assert!(
+        !out.stdout
+            .lines()
+            .any(|l| l.trim_end().starts_with("xxxxxxxx")),
+        "part of the over-long line ran\n{}",
+        out.describe()
+    );
+}
+
+#[test]
+fn prompt_runs_a_last_line_without_a_newline() {
+    require_kvm!();
+    let out = prompt_with_input("echo first\necho last-line");
+    out.assert_stdout_line("first")
+        .assert_stdout_line("last-line");
+}
+
+#[test]
+fn prompt_lines_end_in_crlf_on_a_terminal() {
+    require_kvm!();
+    // The terminal is stdin and stdout, as for a user: what its master reads
+    // is what the user would see. The Guest ends lines with \n and the
+    // terminal's output processing (left on in raw mode) makes it \r\n, once.
+    use std::io::{Read, Write};
+    let Pty { mut master, slave } = Pty::open();
+    let child = lguest()
+        .stdin(slave.try_clone().expect("dup of the pty slave"))
+        .stdout(slave.try_clone().expect("dup of the pty slave"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting lguest");
+    let mut child = KillOnDrop(child);
+    // From now on only the Launcher holds the slave: when it ends, reading
+    // the master ends too, once everything it wrote has been read.
+    drop(slave);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reader = {
+        let mut master = master.try_clone().expect("dup of the pty master");
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = master.read(&mut buf) {
+                seen.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        })
+    };
+    let text = || String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+    let wait_for = |what: &str, n: usize| {
+        let deadline = std::time::Instant::now() + WAIT;
+        while text().matches(what).count() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "expected {what:?} {n} times on the terminal: {:?}",
+                text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_for("lguest> ", 1);
+    master.write_all(b"echo on-a-terminal\n").unwrap();
+    wait_for("lguest> ", 2);
+    master.write_all(b"poweroff\n").unwrap();
+    let status = child.wait_within(TIMEOUT);
+    assert_eq!(status.code(), Some(0), "{:?}", text());
+    let deadline = std::time::Instant::now() + WAIT;
+    while !reader.is_finished() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the terminal never closed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = text();
+    assert!(out.contains("\r\non-a-terminal\r\nlguest> "), "{out:?}");
+    assert!(!out.contains("\r\r\n"), "a line ends in \\r\\r\\n: {out:?}");
+    let bare = out
+        .match_indices('\n')
+        .filter(|&(i, _)| !out[..i].ends_with('\r'));
+    assert_eq!(bare.count(), 0, "a line ends in a bare \\n: {out:?}");
+}
+
+/// A child that is killed if the test ends (or fails) while it runs.
+struct KillOnDrop(std::process::Child);
+
+impl KillOnDrop {
+    /// Waits for it to end, killing it and failing after `timeout`.
+    fn wait_within(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.0.try_wait().expect("waiting for lguest") {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "lguest did not end within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 /*

@@ -4,6 +4,9 @@
 //! (set with `--append`) picks what it does: nothing prints a greeting and
 //! powers off; `test=NAME,...` runs self-tests, each of which exercises one
 //! mechanism of the ABI, so a failing test here names the broken mechanism.
+//! The self-tests live in a second build of the Guest, which the Launcher
+//! boots when the command line asks for a test, a `bad=` case or a
+//! benchmark.
 
 #[macro_use]
 mod common;
@@ -75,6 +78,41 @@ fn verbose_says_more_and_still_boots_the_guest() {
         "--verbose printed nothing more than without it\n{}",
         out.describe()
     );
+}
+
+#[test]
+fn the_test_carrying_guest_boots_only_when_asked() {
+    require_kvm!();
+    // --verbose names the kernel it boots.
+    let kernel = |out: &Outcome| -> String {
+        let line = out
+            .stderr_lines()
+            .into_iter()
+            .find(|l| l.contains(" booting kernel="))
+            .unwrap_or_else(|| panic!("no `booting` line\n{}", out.describe()))
+            .to_string();
+        let rest = &line[line.find("kernel=").unwrap() + "kernel=".len()..];
+        rest[..rest.find(" mem=").unwrap_or(rest.len())].to_string()
+    };
+    let plain = run(lguest().arg("--verbose"));
+    plain.assert_no_panic().assert_code(0);
+    assert_eq!(kernel(&plain), "bundled reference Guest");
+    for append in [
+        "test=hypercall",
+        "bench=out iters=10",
+        "ip=10.0.0.2 test=timer",
+    ] {
+        let out = run(lguest().args(["--verbose", "--append", append]));
+        out.assert_no_panic().assert_code(0);
+        assert_eq!(
+            kernel(&out),
+            "bundled reference Guest (with its tests)",
+            "--append {append:?}"
+        );
+    }
+    let out = run(lguest().args(["--verbose", "--append", "bad=hypercall"]));
+    out.assert_no_panic().assert_code(1);
+    assert_eq!(kernel(&out), "bundled reference Guest (with its tests)");
 }
 
 #[test]

@@ -42,8 +42,10 @@ const CFG_CAPACITY: usize = 0;
 const CFG_SEG_MAX: usize = 12;
 const CFG_BLK_SIZE: usize = 20;
 
-/// Requests we can have in flight.
+/// Requests we can have in flight, per disk.
 pub const SLOTS: usize = 16;
+/// The most disks we drive: every device on the bus but the console.
+pub const MAX_DISKS: usize = super::MAX_DEVICES - 1;
 
 /// What a request needs besides its data: the header and the status byte.
 #[repr(C, align(32))]
@@ -57,35 +59,17 @@ struct Slot {
 
 const HEADER_BYTES: usize = 16;
 
-static SLOT_MEM: GuestCell<[Slot; SLOTS]> = GuestCell::new(
-    [Slot {
-        kind: 0,
-        ioprio: 0,
-        sector: 0,
-        status: 0,
-    }; SLOTS],
-);
+const NO_SLOT: Slot = Slot {
+    kind: 0,
+    ioprio: 0,
+    sector: 0,
+    status: 0,
+};
 
-fn slot_ptr(i: usize) -> *mut Slot {
-    assert!(i < SLOTS);
-    // SAFETY: in bounds of our own static.
-    unsafe { SLOT_MEM.as_ptr().cast::<Slot>().add(i) }
-}
-
-/// A big buffer for the block test and benchmark (never both at once): the
-/// Host reads and writes it behind our back, so it too is reached only
-/// through raw pointers.
-pub const BULK_BYTES: usize = 256 * 1024;
-
-#[repr(C, align(4096))]
-pub struct Bulk([u8; BULK_BYTES]);
-
-static BULK: GuestCell<Bulk> = GuestCell::new(Bulk([0; BULK_BYTES]));
-
-/// The bulk buffer's address.
-pub fn bulk() -> u64 {
-    BULK.as_ptr() as u64
-}
+/// Each disk's slots: the Host reads the headers and writes the status
+/// bytes behind our back, so they too are reached through raw pointers.
+static SLOT_MEM: GuestCell<[[Slot; SLOTS]; MAX_DISKS]> =
+    GuestCell::new([[NO_SLOT; SLOTS]; MAX_DISKS]);
 
 /// A finished request.
 #[derive(Clone, Copy, Debug)]
@@ -95,6 +79,9 @@ pub struct Done {
 }
 
 pub struct Blk {
+    pub dev: Device,
+    /// Which of our disks: its slots are SLOT_MEM[disk].
+    pub disk: usize,
     pub vq: Vring,
     /// In 512-byte sectors.
     pub capacity: u64,
@@ -105,7 +92,9 @@ pub struct Blk {
 }
 
 impl Blk {
-    pub fn probe(dev: Device) -> Result<Blk, Error> {
+    /// Bring up `dev` as our disk number `disk` (below MAX_DISKS).
+    pub fn probe(dev: Device, disk: usize) -> Result<Blk, Error> {
+        assert!(disk < MAX_DISKS);
         let accepted = dev.negotiate(
             bit(VIRTIO_BLK_F_SEG_MAX)
                 | bit(VIRTIO_BLK_F_RO)
@@ -125,6 +114,8 @@ impl Blk {
             // SEG_MAX and BLK_SIZE we accept but need not heed: a request
             // has one data buffer, and we address the disk in sectors.
             let blk = Blk {
+                dev,
+                disk,
                 vq: Vring::new(dev.vq(0), has(VIRTIO_RING_F_EVENT_IDX))?,
                 capacity,
                 read_only: has(VIRTIO_BLK_F_RO),
@@ -135,6 +126,12 @@ impl Blk {
             Ok(blk)
         };
         setup().inspect_err(|_| dev.fail())
+    }
+
+    fn slot_ptr(&self, i: usize) -> *mut Slot {
+        assert!(i < SLOTS);
+        // SAFETY: in bounds of our own static (disk is checked in probe).
+        unsafe { SLOT_MEM.as_ptr().cast::<Slot>().add(self.disk * SLOTS + i) }
     }
 
     pub fn in_flight(&self) -> usize {
@@ -149,7 +146,7 @@ impl Blk {
         if slot >= SLOTS || self.vq.num_free() < 3 {
             return None;
         }
-        let p = slot_ptr(slot);
+        let p = self.slot_ptr(slot);
         // SAFETY: the slot is free, so the Host doesn't hold it.
         unsafe {
             p.write_volatile(Slot {
@@ -186,7 +183,7 @@ impl Blk {
     /// A finished request, if there is one.
     pub fn poll(&mut self) -> Option<Done> {
         let used = self.vq.get_used()?;
-        let offset = used.addr.wrapping_sub(slot_ptr(0) as u64);
+        let offset = used.addr.wrapping_sub(self.slot_ptr(0) as u64);
         let slot = (offset / core::mem::size_of::<Slot>() as u64) as usize;
         if !offset.is_multiple_of(core::mem::size_of::<Slot>() as u64)
             || slot >= SLOTS
@@ -199,7 +196,7 @@ impl Blk {
         }
         self.busy &= !(1 << slot);
         // SAFETY: the slot is back from the Host; a volatile byte read.
-        let status = unsafe { (&raw const (*slot_ptr(slot)).status).read_volatile() };
+        let status = unsafe { (&raw const (*self.slot_ptr(slot)).status).read_volatile() };
         Some(Done { slot, status })
     }
 
@@ -222,22 +219,6 @@ impl Blk {
             idle(Some(deadline), || self.vq.enable_cb());
             self.vq.disable_cb();
         }
-    }
-
-    /// One request, start to finish (with nothing else in flight): its
-    /// status.
-    pub fn request(
-        &mut self,
-        kind: u32,
-        sector: u64,
-        data: Option<(u64, usize)>,
-    ) -> Result<Done, Error> {
-        assert!(self.busy == 0, "a lone request with others in flight");
-        if self.start(kind, sector, data).is_none() {
-            return Err(err!("no room for a request in an idle queue"));
-        }
-        self.kick();
-        self.wait(&Deadline::after_ms(10_000))
     }
 }
 

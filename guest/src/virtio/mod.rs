@@ -14,15 +14,15 @@
 //! kicks that queue.
 //!
 //! The drivers (console, block, net, rng) live in the submodules, over the
-//! vring code of `ring`. Each drives the first device of its type; further
-//! ones are listed but left alone. The Guest has no allocator, so buffers are
-//! statics: the rings themselves are the Host's pages, above our RAM.
+//! vring code of `ring`. The console, net and rng drivers drive the first
+//! device of their type (further ones are listed but left alone); the block
+//! driver drives every disk. The Guest has no allocator, so buffers are
+//! statics (`pool`): the rings themselves are the Host's pages, above our RAM.
 
-pub mod bad;
-pub mod bench;
 pub mod blk;
 pub mod console;
 pub mod net;
+pub mod pool;
 pub mod ring;
 pub mod rng;
 
@@ -307,6 +307,11 @@ impl Bus {
         self.devices().find(|d| d.id() == id)
     }
 
+    /// How many devices of type `id` there are.
+    pub fn count(&self, id: u8) -> usize {
+        self.devices().filter(|d| d.id() == id).count()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.count == 0
     }
@@ -398,23 +403,24 @@ pub fn idle(deadline: Option<&Deadline>, ready: impl FnOnce() -> bool) {
 pub struct Devices {
     pub bus: Bus,
     pub console: Option<console::Console>,
-    pub blk: Option<blk::Blk>,
+    /// The disks, in the order they are on the bus.
+    pub disks: [Option<blk::Blk>; blk::MAX_DISKS],
     pub net: Option<net::Net>,
     pub rng: Option<rng::Rng>,
 }
 
 /// Bring a driver up if its device is there and it isn't up yet.
-macro_rules! probe_once {
-    ($self:ident, $field:ident, $id:expr, $driver:path) => {{
-        if $self.$field.is_none() {
-            let dev = $self
-                .bus
-                .find($id)
-                .ok_or_else(|| err!("no virtio {} device", type_name($id)))?;
-            $self.$field = Some($driver(dev)?);
-        }
-        Ok($self.$field.as_mut().expect("just probed"))
-    }};
+fn probe_once<'a, T>(
+    driver: &'a mut Option<T>,
+    dev: Option<Device>,
+    what: &str,
+    probe: impl FnOnce(Device) -> Result<T, Error>,
+) -> Result<&'a mut T, Error> {
+    if driver.is_none() {
+        let dev = dev.ok_or_else(|| err!("no virtio {what}"))?;
+        *driver = Some(probe(dev)?);
+    }
+    Ok(driver.as_mut().expect("just probed"))
 }
 
 impl Devices {
@@ -422,7 +428,7 @@ impl Devices {
         Devices {
             bus: Bus::scan(),
             console: None,
-            blk: None,
+            disks: [const { None }; blk::MAX_DISKS],
             net: None,
             rng: None,
         }
@@ -433,72 +439,53 @@ impl Devices {
     }
 
     pub fn console(&mut self) -> Result<&mut console::Console, Error> {
-        probe_once!(self, console, VIRTIO_ID_CONSOLE, console::Console::probe)
+        let dev = self.bus.find(VIRTIO_ID_CONSOLE);
+        probe_once(&mut self.console, dev, "console", console::Console::probe)
     }
 
-    pub fn blk(&mut self) -> Result<&mut blk::Blk, Error> {
-        probe_once!(self, blk, VIRTIO_ID_BLOCK, blk::Blk::probe)
+    /// Disk `n` (0 is the first block device on the bus).
+    pub fn disk(&mut self, n: usize) -> Result<&mut blk::Blk, Error> {
+        let mut disks = self.bus.devices().filter(|d| d.id() == VIRTIO_ID_BLOCK);
+        let dev = disks.nth(n).filter(|_| n < blk::MAX_DISKS);
+        let slot = self.disks.get_mut(n).ok_or_else(|| err!("no disk {n}"))?;
+        probe_once(slot, dev, "block device", |dev| blk::Blk::probe(dev, n))
     }
 
     pub fn net(&mut self) -> Result<&mut net::Net, Error> {
-        probe_once!(self, net, VIRTIO_ID_NET, net::Net::probe)
+        let dev = self.bus.find(VIRTIO_ID_NET);
+        probe_once(&mut self.net, dev, "net device", net::Net::probe)
     }
 
     pub fn rng(&mut self) -> Result<&mut rng::Rng, Error> {
-        probe_once!(self, rng, VIRTIO_ID_RNG, rng::Rng::probe)
+        let dev = self.bus.find(VIRTIO_ID_RNG);
+        probe_once(&mut self.rng, dev, "rng device", rng::Rng::probe)
     }
 
     /// Bring up every device we have a driver for, saying on the early
     /// console what we found and what failed.
     pub fn probe_all(&mut self) {
         let bus = self.bus;
+        let mut disks = 0;
         for dev in bus.devices() {
             let result = match dev.id() {
-                VIRTIO_ID_CONSOLE if self.console.is_none() => self.console().map(drop),
-                VIRTIO_ID_BLOCK if self.blk.is_none() => self.blk().map(drop),
-                VIRTIO_ID_NET if self.net.is_none() => self.net().map(drop),
-                VIRTIO_ID_RNG if self.rng.is_none() => self.rng().map(drop),
-                _ => {
-                    let mut line = Msg::<256>::new();
-                    let _ = describe(&mut line, &dev);
-                    println!("lguest-guest: virtio: {} (no driver)", line.as_str());
-                    continue;
+                VIRTIO_ID_CONSOLE if self.console.is_none() => Some(self.console().map(drop)),
+                VIRTIO_ID_BLOCK if disks < blk::MAX_DISKS => {
+                    disks += 1;
+                    Some(self.disk(disks - 1).map(drop))
                 }
+                VIRTIO_ID_NET if self.net.is_none() => Some(self.net().map(drop)),
+                VIRTIO_ID_RNG if self.rng.is_none() => Some(self.rng().map(drop)),
+                _ => None,
             };
             let mut line = Msg::<256>::new();
             let _ = describe(&mut line, &dev);
+            let line = line.as_str();
             match result {
-                Ok(()) => println!("lguest-guest: virtio: {}", line.as_str()),
-                Err(e) => println!(
-                    "lguest-guest: virtio: {}: failed: {}",
-                    line.as_str(),
-                    e.as_str()
-                ),
+                Some(Ok(())) => println!("lguest-guest: virtio: {line}"),
+                Some(Err(e)) => println!("lguest-guest: virtio: {line}: failed: {}", e.as_str()),
+                None => println!("lguest-guest: virtio: {line} (no driver)"),
             }
         }
-    }
-
-    /// The IRQs of every queue we drive, as a blocked_interrupts mask.
-    pub fn irq_mask(&self) -> u32 {
-        let mut mask = 0;
-        for dev in self.bus.devices() {
-            let driven = match dev.id() {
-                VIRTIO_ID_CONSOLE => self.console.is_some(),
-                VIRTIO_ID_BLOCK => self.blk.is_some(),
-                VIRTIO_ID_NET => self.net.is_some(),
-                VIRTIO_ID_RNG => self.rng.is_some(),
-                _ => false,
-            };
-            if driven {
-                for i in 0..dev.num_vq() {
-                    let irq = dev.vq(i).irq as u32;
-                    if irq < LGUEST_IRQS {
-                        mask |= 1 << irq;
-                    }
-                }
-            }
-        }
-        mask
     }
 }
 

@@ -11,12 +11,12 @@
 
 use core::fmt::{self, Write};
 
-use super::ring::{Buf, Vring};
-use super::{bit, idle, Device, Error};
+use super::pool::Queue;
+use super::{bit, Device, Error};
 use super::{VIRTIO_F_ANY_LAYOUT, VIRTIO_RING_F_EVENT_IDX};
+pub use crate::arp::{parse_ip, Arp, ShowIp, ShowMac, ARP_REPLY, ARP_REQUEST};
 use crate::cell::GuestCell;
 use crate::err;
-pub use lguest_guest::arp::{parse_ip, Arp, ShowIp, ShowMac, ARP_REPLY, ARP_REQUEST};
 
 /// The net feature we take: the config holds our MAC address.
 pub const VIRTIO_NET_F_MAC: u32 = 5;
@@ -30,8 +30,10 @@ pub const FRAME_MIN: usize = 60;
 
 const BUF_SIZE: usize = 1536;
 const _: () = assert!(BUF_SIZE >= NET_HDR + FRAME_MAX);
-const RX_BUFS: usize = 16;
-const TX_BUFS: usize = 16;
+
+/// The frames the Host writes into and reads from.
+static RX_MEM: GuestCell<[[u8; BUF_SIZE]; 16]> = GuestCell::new([[0; BUF_SIZE]; 16]);
+static TX_MEM: GuestCell<[[u8; BUF_SIZE]; 16]> = GuestCell::new([[0; BUF_SIZE]; 16]);
 
 /// Our MAC when the Host offers none: locally administered, "lg".
 const DEFAULT_MAC: Mac = [0x02, 0x6c, 0x67, 0, 0, 1];
@@ -39,63 +41,11 @@ const DEFAULT_MAC: Mac = [0x02, 0x6c, 0x67, 0, 0, 1];
 pub type Mac = [u8; 6];
 pub type Ip = [u8; 4];
 
-#[repr(C, align(64))]
-struct Buffers {
-    rx: [[u8; BUF_SIZE]; RX_BUFS],
-    tx: [[u8; BUF_SIZE]; TX_BUFS],
-}
-
-static BUFFERS: GuestCell<Buffers> = GuestCell::new(Buffers {
-    rx: [[0; BUF_SIZE]; RX_BUFS],
-    tx: [[0; BUF_SIZE]; TX_BUFS],
-});
-
-fn rx_ptr(i: usize) -> *mut u8 {
-    assert!(i < RX_BUFS);
-    // SAFETY: in bounds of BUFFERS.
-    unsafe { BUFFERS.as_ptr().cast::<u8>().add(i * BUF_SIZE) }
-}
-
-fn tx_ptr(i: usize) -> *mut u8 {
-    assert!(i < TX_BUFS);
-    // SAFETY: in bounds of BUFFERS.
-    unsafe { BUFFERS.as_ptr().cast::<u8>().add((RX_BUFS + i) * BUF_SIZE) }
-}
-
-fn rx_addr(i: usize) -> u64 {
-    rx_ptr(i) as u64
-}
-
-fn tx_addr(i: usize) -> u64 {
-    tx_ptr(i) as u64
-}
-
-/// Which of `count` buffers at `base` starts at `addr`, if any.
-fn buffer_index(addr: u64, base: u64, count: usize) -> Option<usize> {
-    let offset = addr.wrapping_sub(base);
-    let i = (offset / BUF_SIZE as u64) as usize;
-    (offset.is_multiple_of(BUF_SIZE as u64) && i < count).then_some(i)
-}
-
-/// Copy `bytes` into transmit buffer `i` at `offset`.
-fn fill(i: usize, offset: usize, bytes: &[u8]) {
-    assert!(offset + bytes.len() <= BUF_SIZE);
-    for (k, &byte) in bytes.iter().enumerate() {
-        // SAFETY: in bounds (checked); callers only fill a buffer that isn't
-        // in the ring.
-        unsafe { tx_ptr(i).add(offset + k).write_volatile(byte) };
-    }
-}
-
 pub struct Net {
-    pub rx: Vring,
-    pub tx: Vring,
+    pub rx: Queue,
+    pub tx: Queue,
     pub mac: Mac,
-    /// Bit i set: tx buffer i is ours to fill.
-    tx_free: u32,
 }
-
-const ALL_TX_FREE: u32 = (1 << TX_BUFS) - 1;
 
 impl Net {
     pub fn probe(dev: Device) -> Result<Net, Error> {
@@ -121,119 +71,51 @@ impl Net {
             }
             let event_idx = accepted & bit(VIRTIO_RING_F_EVENT_IDX) != 0;
             let mut net = Net {
-                rx: Vring::new(dev.vq(0), event_idx)?,
-                tx: Vring::new(dev.vq(1), event_idx)?,
+                rx: Queue::new(dev.vq(0), event_idx, &RX_MEM)?,
+                tx: Queue::new(dev.vq(1), event_idx, &TX_MEM)?,
                 mac,
-                tx_free: 0,
             };
-            // No more buffers out at once than the ring has descriptors.
-            net.tx_free = ALL_TX_FREE >> TX_BUFS.saturating_sub(net.tx.num() as usize);
-            for i in 0..RX_BUFS.min(net.rx.num() as usize) {
-                net.offer_rx(i);
-            }
+            net.rx.offer_all();
             dev.driver_ok();
-            net.rx.kick();
+            net.rx.vq.kick();
             Ok(net)
         };
         setup().inspect_err(|_| dev.fail())
     }
 
-    fn offer_rx(&mut self, i: usize) {
-        self.rx
-            .add(&[Buf::writable(rx_addr(i), BUF_SIZE)])
-            .expect("a ring has room for all our receive buffers");
-    }
-
     /// The next frame received, copied into `out` (header stripped): its
     /// length, or None if nothing is waiting.
     pub fn recv(&mut self, out: &mut [u8; FRAME_MAX]) -> Option<usize> {
-        let used = self.rx.get_used()?;
-        let Some(i) = buffer_index(used.addr, rx_addr(0), RX_BUFS) else {
-            panic!(
-                "virtio net: the Host handed back a receive buffer at {:#x} that isn't ours",
-                used.addr
-            );
-        };
-        let len = (used.len as usize).clamp(NET_HDR, NET_HDR + FRAME_MAX) - NET_HDR;
-        for (k, byte) in out[..len].iter_mut().enumerate() {
-            // SAFETY: the buffer is back from the Host; in bounds (clamped).
-            *byte = unsafe { rx_ptr(i).add(NET_HDR + k).read_volatile() };
-        }
-        self.offer_rx(i);
-        self.rx.kick();
+        let (i, len) = self.rx.received()?;
+        let len = len.clamp(NET_HDR, NET_HDR + FRAME_MAX) - NET_HDR;
+        self.rx.read(i, NET_HDR, &mut out[..len]);
+        self.rx.offer(i);
+        self.rx.vq.kick();
         Some(len)
     }
 
     /// Whether frames are waiting (then don't sleep), having asked for an
     /// interrupt when more come. For `idle`.
     pub fn arm_rx(&mut self) -> bool {
-        self.rx.enable_cb()
-    }
-
-    fn reclaim(&mut self) {
-        while let Some(used) = self.tx.get_used() {
-            // Frames sent by `blast` aren't from the pool: nothing to free.
-            if let Some(i) = buffer_index(used.addr, tx_addr(0), TX_BUFS) {
-                self.tx_free |= 1 << i;
-            }
-        }
+        self.rx.vq.enable_cb()
     }
 
     /// Send one frame (at most FRAME_MAX bytes), waiting for a free buffer
     /// if the Host still holds them all.
     pub fn send(&mut self, frame: &[u8]) {
         assert!(frame.len() <= FRAME_MAX);
-        let i = loop {
-            self.reclaim();
-            if self.tx_free != 0 {
-                break self.tx_free.trailing_zeros() as usize;
-            }
-            idle(None, || self.tx.enable_cb());
-            self.tx.disable_cb();
-        };
-        self.tx_free &= !(1 << i);
-        fill(i, 0, &[0; NET_HDR]);
-        fill(i, NET_HDR, frame);
+        let i = self.tx.take();
+        self.tx.write(i, 0, &[0; NET_HDR]);
+        self.tx.write(i, NET_HDR, frame);
         // Ethernet pads short frames; the tap would take them as they are,
         // but the Host's kernel expects at least the minimum.
         let len = frame.len().max(FRAME_MIN);
-        if len > frame.len() {
-            fill(
-                i,
-                NET_HDR + frame.len(),
-                &[0; FRAME_MIN][..len - frame.len()],
-            );
-        }
-        self.tx
-            .add(&[Buf::readable(tx_addr(i), NET_HDR + len)])
-            .expect("a free buffer means a free descriptor");
-        self.tx.kick();
-    }
-
-    /// The benchmark: send the frame at `addr` (header included, `len`
-    /// bytes, which the Host only reads) `count` times, as fast as the ring
-    /// takes them, and wait until the Host has sent them all. Interrupts
-    /// only when the ring is full, and then only after most of it is back.
-    pub fn blast(&mut self, addr: u64, len: usize, count: u64) {
-        let mut sent = 0;
-        while sent < count {
-            self.reclaim();
-            while sent < count && self.tx.add(&[Buf::readable(addr, len)]).is_ok() {
-                sent += 1;
-            }
-            self.tx.kick();
-            if sent < count && self.tx.num_free() == 0 {
-                idle(None, || self.tx.enable_cb_delayed());
-                self.tx.disable_cb();
-            }
-        }
-        while self.tx.in_flight() > 0 {
-            self.reclaim();
-            if self.tx.in_flight() > 0 {
-                idle(None, || self.tx.enable_cb_delayed());
-                self.tx.disable_cb();
-            }
-        }
+        self.tx.write(
+            i,
+            NET_HDR + frame.len(),
+            &[0; FRAME_MIN][..len - frame.len()],
+        );
+        self.tx.send(i, NET_HDR + len);
     }
 
     /// If `frame` is an ARP request for `ip` or an ICMP echo request to it,
@@ -270,21 +152,21 @@ impl Net {
  */
 
 pub const ETH_BROADCAST: Mac = [0xFF; 6];
-const ETHERTYPE_IPV4: u16 = 0x0800;
+pub const ETHERTYPE_IPV4: u16 = 0x0800;
 const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_UDP: u8 = 17;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO_REQUEST: u8 = 8;
 
-fn be16(b: &[u8], at: usize) -> u16 {
+pub fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
 }
 
-fn put16(b: &mut [u8], at: usize, value: u16) {
+pub fn put16(b: &mut [u8], at: usize, value: u16) {
     b[at..at + 2].copy_from_slice(&value.to_be_bytes());
 }
 
-fn eth_header(out: &mut [u8], dst: Mac, src: Mac, ethertype: u16) {
+pub fn eth_header(out: &mut [u8], dst: Mac, src: Mac, ethertype: u16) {
     out[0..6].copy_from_slice(&dst);
     out[6..12].copy_from_slice(&src);
     put16(out, 12, ethertype);
@@ -292,7 +174,7 @@ fn eth_header(out: &mut [u8], dst: Mac, src: Mac, ethertype: u16) {
 
 /// The Internet checksum: the ones' complement of the ones' complement sum
 /// of the 16-bit words.
-fn checksum(data: &[u8]) -> u16 {
+pub fn checksum(data: &[u8]) -> u16 {
     let mut sum: u32 = data
         .chunks(2)
         .map(|w| u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]) as u32)
@@ -340,42 +222,6 @@ fn echo_reply(frame: &[u8], ip: Ip, mac: Mac, out: &mut [u8; FRAME_MAX]) -> Opti
     let sum = checksum(&out[icmp..len]);
     put16(out, icmp + 2, sum);
     Some(len)
-}
-
-/// The benchmark's frame: the Host only ever reads it, so every descriptor
-/// of a burst can point at this one.
-static BENCH_FRAME: GuestCell<[u8; BUF_SIZE]> = GuestCell::new([0; BUF_SIZE]);
-
-/// Build a full-sized broadcast UDP datagram to the discard port, from `ip`,
-/// behind NET_HDR zero bytes: its address and length, for `blast`.
-pub fn bench_frame(mac: Mac, ip: Ip) -> (u64, usize) {
-    // SAFETY: no ring holds the frame now (blast waits until the Host has
-    // handed every copy back), so this is the only reference to it.
-    let out = unsafe { &mut *BENCH_FRAME.as_ptr() };
-    let len = NET_HDR + FRAME_MAX;
-    out.fill(0);
-    let f = &mut out[NET_HDR..len];
-    eth_header(f, ETH_BROADCAST, mac, ETHERTYPE_IPV4);
-    let ip_len = FRAME_MAX - 14;
-    {
-        let h = &mut f[14..34];
-        h[0] = 0x45;
-        put16(h, 2, ip_len as u16);
-        h[8] = 64;
-        h[9] = IPPROTO_UDP;
-        h[12..16].copy_from_slice(&ip);
-        h[16..20].copy_from_slice(&[255; 4]);
-        let sum = checksum(h);
-        put16(h, 10, sum);
-    }
-    // UDP from and to port 9 (discard); checksum 0 means none.
-    put16(f, 34, 9);
-    put16(f, 36, 9);
-    put16(f, 38, (ip_len - 20) as u16);
-    for (i, byte) in f[42..].iter_mut().enumerate() {
-        *byte = i as u8;
-    }
-    (BENCH_FRAME.as_ptr() as u64, len)
 }
 
 /// The config, for listings.

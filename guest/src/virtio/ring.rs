@@ -215,6 +215,11 @@ impl Vring {
         self.num_free
     }
 
+    /// Where the descriptor table and the avail ring start.
+    pub fn areas(&self) -> (u64, u64) {
+        (self.desc, self.avail)
+    }
+
     /// Chains the Host hasn't handed back yet.
     pub fn in_flight(&self) -> u16 {
         self.in_flight
@@ -470,27 +475,5 @@ impl Vring {
         } else {
             self.write16(self.avail, VRING_AVAIL_F_NO_INTERRUPT);
         }
-    }
-
-    /*
-     * For bad= cases only: break the ring rules on purpose, behind the free
-     * list's back. The Host must end the Guest for each.
-     */
-
-    /// Write descriptor `i` as given.
-    pub fn write_desc(&mut self, i: u16, d: Desc) {
-        assert!(i < self.num);
-        self.write_desc_raw(i, d);
-    }
-
-    /// Publish `head` (in range or not) in the next avail slot.
-    pub fn publish_raw(&mut self, head: u16) {
-        self.publish(head);
-    }
-
-    /// Move the avail index by `by` without filling any slot.
-    pub fn bump_avail_idx(&mut self, by: u16) {
-        self.avail_idx = self.avail_idx.wrapping_add(by);
-        self.write16(self.avail + 2, self.avail_idx);
     }
 }

@@ -1,23 +1,20 @@
-//! The virtio entropy device: one queue, where we offer empty buffers and
-//! the Host hands them back full of random bytes.
+//! The virtio entropy device: one queue, where we offer an empty buffer and
+//! the Host hands it back full of random bytes.
 
-use lguest_abi::VIRTIO_STATUS_DRIVER_OK;
-
-use super::ring::{Buf, Vring};
+use super::pool::Queue;
 use super::{bit, idle, Deadline, Device, Error};
 use super::{VIRTIO_F_ANY_LAYOUT, VIRTIO_RING_F_EVENT_IDX};
 use crate::cell::GuestCell;
 use crate::err;
 
-const BUF_SIZE: usize = 64;
-
-/// Where the Host writes. Reached through raw pointers only, as it is the
-/// Host's to write while it is in the ring.
-static BUFFER: GuestCell<[u8; BUF_SIZE]> = GuestCell::new([0; BUF_SIZE]);
+/// Where the Host writes.
+static BUFFER: GuestCell<[[u8; 64]; 1]> = GuestCell::new([[0; 64]; 1]);
 
 pub struct Rng {
     pub dev: Device,
-    pub vq: Vring,
+    pub queue: Queue,
+    /// Whether our buffer is in the Host's hands (a read gave up on it).
+    offered: bool,
 }
 
 impl Rng {
@@ -27,53 +24,40 @@ impl Rng {
             if dev.num_vq() < 1 {
                 return Err(err!("rng device with no queue"));
             }
-            let vq = Vring::new(dev.vq(0), accepted & bit(VIRTIO_RING_F_EVENT_IDX) != 0)?;
+            let event_idx = accepted & bit(VIRTIO_RING_F_EVENT_IDX) != 0;
+            let queue = Queue::new(dev.vq(0), event_idx, &BUFFER)?;
             dev.driver_ok();
-            Ok(Rng { dev, vq })
+            Ok(Rng {
+                dev,
+                queue,
+                offered: false,
+            })
         };
         setup().inspect_err(|_| dev.fail())
-    }
-
-    /// Reset the device and bring it up again, as new.
-    pub fn reset(&mut self) -> Result<(), Error> {
-        *self = Rng::probe(self.dev)?;
-        if self.dev.status() & VIRTIO_STATUS_DRIVER_OK == 0 {
-            return Err(err!("status {:#x} after setup", self.dev.status()));
-        }
-        Ok(())
     }
 
     /// Fill `out` (up to 64 bytes of it) with what the Host gives, within
     /// 5 seconds: how many bytes it gave.
     pub fn read(&mut self, out: &mut [u8]) -> Result<usize, Error> {
-        let want = out.len().min(BUF_SIZE);
-        let addr = BUFFER.as_ptr() as u64;
-        self.vq
-            .add(&[Buf::writable(addr, want)])
-            .map_err(|_| err!("the ring is full"))?;
-        self.vq.kick();
+        if !self.offered {
+            self.queue.offer(0);
+            self.queue.vq.kick();
+            self.offered = true;
+        }
         let deadline = Deadline::after_ms(5000);
-        let used = loop {
-            if let Some(used) = self.vq.get_used() {
-                break used;
+        let (i, len) = loop {
+            if let Some(got) = self.queue.received() {
+                break got;
             }
             if deadline.passed() {
                 return Err(err!("no random bytes within 5 s"));
             }
-            idle(Some(&deadline), || self.vq.enable_cb());
-            self.vq.disable_cb();
+            idle(Some(&deadline), || self.queue.vq.enable_cb());
+            self.queue.vq.disable_cb();
         };
-        if used.addr != addr {
-            return Err(err!(
-                "the Host handed back {:#x}, not our buffer",
-                used.addr
-            ));
-        }
-        let len = (used.len as usize).min(want);
-        for (k, byte) in out[..len].iter_mut().enumerate() {
-            // SAFETY: the buffer is back from the Host; in bounds.
-            *byte = unsafe { BUFFER.as_ptr().cast::<u8>().add(k).read_volatile() };
-        }
+        self.offered = false;
+        let len = len.min(out.len());
+        self.queue.read(i, 0, &mut out[..len]);
         Ok(len)
     }
 }

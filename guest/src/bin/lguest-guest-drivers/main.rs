@@ -18,6 +18,7 @@
 extern crate alloc;
 
 mod hal;
+mod heap;
 mod logger;
 mod mmio;
 mod tests;
@@ -27,7 +28,7 @@ use core::fmt::Write;
 use core::panic::PanicInfo;
 
 use lguest_abi::SHUTDOWN_POWEROFF;
-use lguest_guest::{boot, hcall, heap, interrupts, lguest_data, println};
+use lguest_guest::{boot, hcall, interrupts, lguest_data, println};
 use virtio_drivers::device::console::VirtIOConsole;
 use virtio_drivers::transport::DeviceType;
 
@@ -39,7 +40,6 @@ use crate::mmio::Devices;
 lguest_guest::entry!(kmain);
 
 extern "C" fn kmain() -> ! {
-    let options = boot::Options::parse(boot::cmdline());
     // LGUEST_INIT first, then an IDT to take interrupts (the timer, then the
     // devices'), then the heap, which virtio-drivers needs.
     lguest_data::init();
@@ -49,8 +49,8 @@ extern "C" fn kmain() -> ! {
     logger::init(boot::cmdline());
 
     let mut devices = Devices::scan(boot::cmdline());
-    if let Some(names) = options.test {
-        tests::run(names, &options, &mut devices);
+    if let Some(names) = boot::option("test") {
+        tests::run(names, &mut devices);
     }
 
     let (heap_start, heap_end) = heap::range();

@@ -15,7 +15,7 @@ use alloc::vec;
 use core::fmt::Write;
 
 use lguest_abi::SHUTDOWN_POWEROFF;
-use lguest_guest::boot::Options;
+use lguest_guest::boot;
 use lguest_guest::console::Msg;
 use lguest_guest::{fail, hcall, println, time};
 use virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk, SECTOR_SIZE};
@@ -34,7 +34,7 @@ use lguest_guest::arp::{self, Arp, ShowIp, ShowMac, ARP_REPLY, ARP_REQUEST, BROA
 /// A failed check, with what went wrong (boxed: results stay small).
 type Failure = Box<Msg<200>>;
 type TestResult = Result<(), Failure>;
-type Test = fn(&mut Devices, &Options) -> TestResult;
+type Test = fn(&mut Devices) -> TestResult;
 
 /// Fail the current test with a formatted detail.
 macro_rules! bail {
@@ -76,7 +76,7 @@ const WATCHDOG_SECONDS: u64 = 60;
 
 /// Run the comma-separated tests in `names` and power off, or crash at the
 /// first failure.
-pub fn run(names: &'static str, options: &Options, devices: &mut Devices) -> ! {
+pub fn run(names: &'static str, devices: &mut Devices) -> ! {
     // If the Host gave no TSC frequency, measure ours before any deadline.
     time::tsc_khz();
     let mut passed = 0;
@@ -84,14 +84,14 @@ pub fn run(names: &'static str, options: &Options, devices: &mut Devices) -> ! {
         if name == "all" {
             for (name, test, kind) in TESTS {
                 if kind == DeviceType::Console || devices.has(kind) {
-                    run_one(name, test, devices, options);
+                    run_one(name, test, devices);
                     passed += 1;
                 }
             }
             continue;
         }
         match TESTS.iter().find(|(known, _, _)| *known == name) {
-            Some(&(name, test, _)) => run_one(name, test, devices, options),
+            Some(&(name, test, _)) => run_one(name, test, devices),
             None => fail(name, format_args!("unknown test")),
         }
         passed += 1;
@@ -103,9 +103,9 @@ pub fn run(names: &'static str, options: &Options, devices: &mut Devices) -> ! {
     hcall::shutdown(c"self-tests passed", SHUTDOWN_POWEROFF);
 }
 
-fn run_one(name: &'static str, test: Test, devices: &mut Devices, options: &Options) {
+fn run_one(name: &'static str, test: Test, devices: &mut Devices) {
     wait::watch(name, WATCHDOG_SECONDS);
-    let result = test(devices, options);
+    let result = test(devices);
     wait::unwatch();
     match result {
         Ok(()) => println!("lguest-guest: test {name} ... ok"),
@@ -146,7 +146,7 @@ fn take(devices: &mut Devices, kind: DeviceType) -> Result<(MmioTransport<'_>, W
 const CONSOLE_LINE: &str = "lguest-guest-drivers: console: this line came through virtio-drivers\n";
 const CONSOLE_BYTES: &[u8] = b"lguest-guest-drivers: console: and this one a byte at a time\n";
 
-fn test_console(devices: &mut Devices, _options: &Options) -> TestResult {
+fn test_console(devices: &mut Devices) -> TestResult {
     let (transport, _) = take(devices, DeviceType::Console)?;
     let mut console =
         VirtIOConsole::<LguestHal, _>::new(transport).context("bringing up the console")?;
@@ -313,7 +313,7 @@ fn compare(what: &str, data: &[u8], pattern: fn(usize) -> u8) -> TestResult {
     Ok(())
 }
 
-fn test_blk(devices: &mut Devices, _options: &Options) -> TestResult {
+fn test_blk(devices: &mut Devices) -> TestResult {
     let (transport, window) = take(devices, DeviceType::Block)?;
     let irqs_before = irq_count(window.irq);
     let mut blk: Blk<'_> = VirtIOBlk::new(transport).context("bringing up the disk")?;
@@ -440,8 +440,8 @@ fn transmit(net: &mut Net<'_>, frame: &[u8]) -> TestResult {
     Ok(())
 }
 
-fn test_net(devices: &mut Devices, options: &Options) -> TestResult {
-    let (ip, host_ip) = match arp::test_addresses(options.ip, options.hostip) {
+fn test_net(devices: &mut Devices) -> TestResult {
+    let (ip, host_ip) = match arp::test_addresses(boot::option("ip"), boot::option("hostip")) {
         Ok(addresses) => addresses,
         Err(e) => bail!("{e}"),
     };
@@ -545,7 +545,7 @@ fn test_net(devices: &mut Devices, options: &Options) -> TestResult {
  * rng: bytes arrive, and they aren't all the same.
  */
 
-fn test_rng(devices: &mut Devices, _options: &Options) -> TestResult {
+fn test_rng(devices: &mut Devices) -> TestResult {
     let (transport, _) = take(devices, DeviceType::EntropySource)?;
     let mut rng = VirtIORng::<LguestHal, _>::new(transport).context("bringing up the rng")?;
     let mut bytes = [0u8; 64];

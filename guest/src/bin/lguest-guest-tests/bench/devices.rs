@@ -4,11 +4,13 @@
 
 use lguest_abi::SHUTDOWN_POWEROFF;
 
-use super::blk::{self, Blk, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN};
-use super::console::Input;
-use super::net::{self, FRAME_MAX};
-use super::{idle, Deadline, Devices};
-use crate::{hcall, lguest_data, println, time};
+use lguest_guest::cell::GuestCell;
+use lguest_guest::virtio::blk::{self, Blk, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN};
+use lguest_guest::virtio::console::{Console, Input};
+use lguest_guest::virtio::net::{self, Ip, Mac, Net, FRAME_MAX, NET_HDR};
+use lguest_guest::virtio::ring::Buf;
+use lguest_guest::virtio::{idle, Deadline, Devices, Error};
+use lguest_guest::{err, hcall, lguest_data, println, time};
 
 const DEFAULT_NET_FRAMES: u64 = 20_000;
 /// bench=blk reads with requests this big, this many at once.
@@ -19,13 +21,13 @@ const BLK_DEPTH: usize = 8;
 const BLK_BUFFERS: u64 = 4 << 20;
 
 pub fn run(name: &str, iters: Option<&str>) -> ! {
-    let label = crate::console::Msg::<32>::from_fmt(format_args!("bench={name}"));
-    let fail = |what: &str| -> ! { crate::fail(label.as_str(), format_args!("{what}")) };
+    let label = lguest_guest::console::Msg::<32>::from_fmt(format_args!("bench={name}"));
+    let fail = |what: &str| -> ! { lguest_guest::fail(label.as_str(), format_args!("{what}")) };
     let mut devices = Devices::scan();
     // Measure the TSC now (if the Host gave no figure), not inside the run.
     time::tsc_khz();
     let (bytes, cycles) = match name {
-        "blk" => match devices.blk() {
+        "blk" => match devices.disk(0) {
             Ok(blk) => match read_disk(blk) {
                 Ok(result) => result,
                 Err(e) => fail(e.as_str()),
@@ -42,9 +44,9 @@ pub fn run(name: &str, iters: Option<&str>) -> ! {
             };
             match devices.net() {
                 Ok(net) => {
-                    let (addr, len) = net::bench_frame(net.mac, [0; 4]);
+                    let (addr, len) = bench_frame(net.mac, [0; 4]);
                     let start = time::rdtsc();
-                    net.blast(addr, len, frames);
+                    blast(net, addr, len, frames);
                     (frames * FRAME_MAX as u64, time::rdtsc() - start)
                 }
                 Err(e) => fail(e.as_str()),
@@ -66,9 +68,9 @@ pub fn run(name: &str, iters: Option<&str>) -> ! {
 /// Read the whole disk in order, BLK_DEPTH requests of BLK_REQUEST bytes in
 /// flight, each into its own part of the buffer area (which needs 16 MiB of
 /// RAM; the data is thrown away). Returns (bytes, cycles).
-fn read_disk(blk: &mut Blk) -> Result<(u64, u64), super::Error> {
-    if crate::boot::mem() < BLK_BUFFERS + (BLK_DEPTH * BLK_REQUEST) as u64 {
-        return Err(crate::err!("bench=blk needs at least 16 MiB of RAM"));
+fn read_disk(blk: &mut Blk) -> Result<(u64, u64), Error> {
+    if lguest_guest::boot::mem() < BLK_BUFFERS + (BLK_DEPTH * BLK_REQUEST) as u64 {
+        return Err(err!("bench=blk needs at least 16 MiB of RAM"));
     }
     let total = blk.capacity * blk::SECTOR;
     // Which part of the bulk buffer each slot's request reads into.
@@ -95,7 +97,7 @@ fn read_disk(blk: &mut Blk) -> Result<(u64, u64), super::Error> {
         let mut done = Some(blk.wait(&deadline)?);
         while let Some(d) = done {
             if d.status != VIRTIO_BLK_S_OK {
-                return Err(crate::err!("a read failed with status {}", d.status));
+                return Err(err!("a read failed with status {}", d.status));
             }
             free_parts |= 1 << part_of_slot[d.slot];
             done = blk.poll();
@@ -106,7 +108,7 @@ fn read_disk(blk: &mut Blk) -> Result<(u64, u64), super::Error> {
 
 /// Write every byte that comes in straight back out, until end of input.
 /// Returns (bytes echoed, cycles).
-fn echo(console: &mut super::console::Console) -> (u64, u64) {
+fn echo(console: &mut Console) -> (u64, u64) {
     let mut bytes = 0;
     let start = time::rdtsc();
     // Interrupts for input stay on: each byte is a round trip, and waiting
@@ -125,4 +127,68 @@ fn echo(console: &mut super::console::Console) -> (u64, u64) {
     let cycles = time::rdtsc() - start;
     console.drain(Some(&Deadline::after_ms(2000)));
     (bytes, cycles)
+}
+
+const FRAME_BUF: usize = NET_HDR + FRAME_MAX;
+
+/// The benchmark's frame: the Host only ever reads it, so every descriptor
+/// of a burst can point at this one.
+static BENCH_FRAME: GuestCell<[u8; FRAME_BUF]> = GuestCell::new([0; FRAME_BUF]);
+
+/// Build a full-sized broadcast UDP datagram to the discard port, from `ip`,
+/// behind NET_HDR zero bytes: its address and length, for `blast`.
+fn bench_frame(mac: Mac, ip: Ip) -> (u64, usize) {
+    // SAFETY: no ring holds the frame now (blast waits until the Host has
+    // handed every copy back), so this is the only reference to it.
+    let out = unsafe { &mut *BENCH_FRAME.as_ptr() };
+    let len = NET_HDR + FRAME_MAX;
+    out.fill(0);
+    let f = &mut out[NET_HDR..len];
+    net::eth_header(f, net::ETH_BROADCAST, mac, net::ETHERTYPE_IPV4);
+    let ip_len = FRAME_MAX - 14;
+    {
+        let h = &mut f[14..34];
+        h[0] = 0x45;
+        net::put16(h, 2, ip_len as u16);
+        h[8] = 64;
+        h[9] = net::IPPROTO_UDP;
+        h[12..16].copy_from_slice(&ip);
+        h[16..20].copy_from_slice(&[255; 4]);
+        let sum = net::checksum(h);
+        net::put16(h, 10, sum);
+    }
+    // UDP from and to port 9 (discard); checksum 0 means none.
+    net::put16(f, 34, 9);
+    net::put16(f, 36, 9);
+    net::put16(f, 38, (ip_len - 20) as u16);
+    for (i, byte) in f[42..].iter_mut().enumerate() {
+        *byte = i as u8;
+    }
+    (BENCH_FRAME.as_ptr() as u64, len)
+}
+
+/// The benchmark: send the frame at `addr` (header included, `len`
+/// bytes, which the Host only reads) `count` times, as fast as the ring
+/// takes them, and wait until the Host has sent them all. Interrupts
+/// only when the ring is full, and then only after most of it is back.
+fn blast(net: &mut Net, addr: u64, len: usize, count: u64) {
+    let mut sent = 0;
+    while sent < count {
+        net.tx.reclaim();
+        while sent < count && net.tx.vq.add(&[Buf::readable(addr, len)]).is_ok() {
+            sent += 1;
+        }
+        net.tx.vq.kick();
+        if sent < count && net.tx.vq.num_free() == 0 {
+            idle(None, || net.tx.vq.enable_cb_delayed());
+            net.tx.vq.disable_cb();
+        }
+    }
+    while net.tx.vq.in_flight() > 0 {
+        net.tx.reclaim();
+        if net.tx.vq.in_flight() > 0 {
+            idle(None, || net.tx.vq.enable_cb_delayed());
+            net.tx.vq.disable_cb();
+        }
+    }
 }

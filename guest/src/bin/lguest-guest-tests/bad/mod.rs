@@ -9,24 +9,24 @@ use core::arch::asm;
 
 use lguest_abi::{hcall as nr, FIRST_EXTERNAL_VECTOR, GATE_INTERRUPT, PAGE_SHIFT};
 
-use crate::hcall::{self, hcall};
-use crate::interrupts;
-use crate::lguest_data;
-use crate::pagetable;
-use crate::println;
-use crate::virtio;
+use lguest_guest::hcall::{self, hcall};
+use lguest_guest::{interrupts, lguest_data, println};
+
+use crate::{pagetable, traps};
+
+mod virtio;
 
 /// The Host is still letting us run: report it.
 fn still_alive(case: &str) -> ! {
-    crate::fail(
+    lguest_guest::fail(
         case_label(case).as_str(),
         format_args!("Host did not kill the Guest"),
     );
 }
 
 /// "bad=CASE", for the failure line.
-fn case_label(case: &str) -> crate::console::Msg<64> {
-    crate::console::Msg::from_fmt(format_args!("bad={case}"))
+fn case_label(case: &str) -> lguest_guest::console::Msg<64> {
+    lguest_guest::console::Msg::from_fmt(format_args!("bad={case}"))
 }
 
 /// A hypercall the Host must answer by ending the Guest.
@@ -79,7 +79,7 @@ pub fn run(case: &str) -> ! {
             let queued = unsafe { hcall::queue(nr::HALT, 0, 0, 0, 0) };
             lguest_data::irq_restore(flags);
             if !queued {
-                crate::fail("bad=queued-halt", format_args!("the async ring is full"));
+                lguest_guest::fail("bad=queued-halt", format_args!("the async ring is full"));
             }
             hcall::flush_async();
         }
@@ -90,7 +90,7 @@ pub fn run(case: &str) -> ! {
         "host-write" => host_write(limit),
         "pgd511" => {
             if let Err(why) = pagetable::build() {
-                crate::fail("bad=pgd511", format_args!("{why}"));
+                lguest_guest::fail("bad=pgd511", format_args!("{why}"));
             }
             // SAFETY: the Host must refuse this PML4; the rest of it is the
             // identity map we run on anyway.
@@ -106,18 +106,16 @@ pub fn run(case: &str) -> ! {
         "stack" => deadly(
             nr::SET_STACK,
             lguest_abi::HOST_DS as u64,
-            interrupts::alt_stack_top(),
-            interrupts::ALT_STACK_PAGES,
+            traps::alt_stack_top(),
+            traps::ALT_STACK_PAGES,
         ),
         // A present 64-bit TSS descriptor (type 9): a system descriptor.
         "gdt" => deadly(nr::LOAD_GDT_ENTRY, 10, 0x0000_8900_0000_0067, 0),
         // Broken use of a virtio-mmio window (boot with --transport=mmio).
         "mmio-width" | "mmio-early-ready" | "mmio-queue-addr" => mmio(case, limit),
         // Broken rings, on the console's transmit queue.
-        case if virtio::bad::is_virtio_case(case) => {
-            virtio::bad::run(case, case_label(case).as_str())
-        }
-        _ => crate::fail(case_label(case).as_str(), format_args!("unknown bad case")),
+        case if virtio::is_virtio_case(case) => virtio::run(case, case_label(case).as_str()),
+        _ => lguest_guest::fail(case_label(case).as_str(), format_args!("unknown bad case")),
     }
     still_alive(case);
 }
@@ -125,11 +123,13 @@ pub fn run(case: &str) -> ! {
 /// The first virtio-mmio window our command line announces, in Linux's
 /// form `virtio_mmio.device=SIZE@BASE:IRQ`.
 fn first_mmio_window() -> Option<u64> {
-    crate::boot::cmdline().split_whitespace().find_map(|word| {
-        let (_, at) = word.strip_prefix("virtio_mmio.device=")?.split_once('@')?;
-        let base = at.split(':').next()?.strip_prefix("0x")?;
-        u64::from_str_radix(base, 16).ok()
-    })
+    lguest_guest::boot::cmdline()
+        .split_whitespace()
+        .find_map(|word| {
+            let (_, at) = word.strip_prefix("virtio_mmio.device=")?.split_once('@')?;
+            let base = at.split(':').next()?.strip_prefix("0x")?;
+            u64::from_str_radix(base, 16).ok()
+        })
 }
 
 /// bad=mmio-*: break the virtio-mmio register rules on the first window:
@@ -137,7 +137,7 @@ fn first_mmio_window() -> Option<u64> {
 /// whose descriptor area is past the end of our memory.
 fn mmio(case: &str, limit: u64) {
     let Some(base) = first_mmio_window() else {
-        crate::fail(
+        lguest_guest::fail(
             case_label(case).as_str(),
             format_args!("no virtio_mmio.device= on the command line (boot with --transport=mmio)"),
         );
@@ -178,7 +178,7 @@ fn mmio(case: &str, limit: u64) {
 /// Host's IDT, read-only to us) through our alias window, and write to it.
 fn host_write(limit: u64) {
     if let Err(why) = pagetable::build() {
-        crate::fail("bad=host-write", format_args!("{why}"));
+        lguest_guest::fail("bad=host-write", format_args!("{why}"));
     }
     // SAFETY: the alias page maps Host memory that no Rust reference points
     // to; the tables are otherwise the identity map we run on.
@@ -202,7 +202,7 @@ fn drop_gate(vector: u64) {
 #[repr(C, align(4096))]
 struct Page([u64; 512]);
 
-static FORGED: crate::cell::GuestCell<[Page; 4]> = crate::cell::GuestCell::new([
+static FORGED: lguest_guest::cell::GuestCell<[Page; 4]> = lguest_guest::cell::GuestCell::new([
     Page([0; 512]),
     Page([0; 512]),
     Page([0; 512]),
@@ -244,7 +244,7 @@ fn peek(alias: usize, page: u64, index: usize) -> u64 {
 /// ends us. Had the CPU walked our PML4, our handler would run at CPL 0.
 fn pml4_511() {
     if let Err(why) = pagetable::build() {
-        crate::fail("bad=pml4-511", format_args!("{why}"));
+        lguest_guest::fail("bad=pml4-511", format_args!("{why}"));
     }
     // SAFETY: our tables map all our memory, as the Host's did.
     unsafe {
@@ -290,7 +290,7 @@ fn pml4_511() {
 /// us naming the address.
 fn pml4_upper() {
     if let Err(why) = pagetable::build() {
-        crate::fail("bad=pml4-upper", format_args!("{why}"));
+        lguest_guest::fail("bad=pml4-upper", format_args!("{why}"));
     }
     // SAFETY: our tables map all our memory, as the Host's did.
     unsafe { pagetable::load() };

@@ -1,9 +1,8 @@
 //! The heap: the global allocator, over Guest RAM above the image.
 //!
-//! The reference Guest never allocates (its heap stays empty, and an
-//! allocation would fail); the drivers Guest calls `init` and gives the heap
-//! to virtio-drivers, for its boxes and its DMA memory, and to its own
-//! buffers. The heap is Guest RAM from 4 MiB (or the end of the image, if
+//! Only the drivers Guest has one (the reference Guest never allocates): it
+//! calls `init` and gives the heap to virtio-drivers, for its boxes and its
+//! DMA memory, and to its own buffers. The heap is Guest RAM from 4 MiB (or the end of the image, if
 //! that is higher) up to `mem`, or up to the initrd if the Launcher loaded
 //! one at the top of RAM. With the Host's identity map, a block's address is
 //! also its physical address.
@@ -17,8 +16,8 @@
 use core::alloc::{GlobalAlloc, Layout};
 use core::ptr;
 
-use crate::cell::GuestCell;
-use crate::{boot, lguest_data};
+use lguest_guest::cell::GuestCell;
+use lguest_guest::{boot, lguest_data};
 
 const PAGE_SIZE: usize = lguest_abi::PAGE_SIZE as usize;
 

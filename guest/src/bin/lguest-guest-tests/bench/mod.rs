@@ -3,13 +3,15 @@
 //! Each benchmark runs N times in a loop timed with the TSC, prints one line,
 //! `lguest-bench: NAME iters=N cycles=C tsc_khz=K`, and powers off. The Host
 //! turns cycles into time (K may be 0 if it has no stable TSC figure). The
-//! device benchmarks (`blk`, `net`, `echo`) are in virtio/bench.rs.
+//! device benchmarks (`blk`, `net`, `echo`) are in devices.rs.
 
 use core::arch::{asm, global_asm};
 
 use lguest_abi::{hcall as nr, INT_1F_BYTES, SHUTDOWN_POWEROFF};
 
-use crate::{hcall, lguest_data, println, time};
+use lguest_guest::{hcall, lguest_data, println, time};
+
+mod devices;
 
 const DEFAULT_ITERS: u64 = 10_000;
 
@@ -57,13 +59,13 @@ fn hcall_at_site(nr: u64) {
 pub fn run(name: &str, iters: Option<&str>) -> ! {
     // The devices' benchmarks count bytes, not exits.
     if matches!(name, "blk" | "net" | "echo") {
-        crate::virtio::bench::run(name, iters);
+        devices::run(name, iters);
     }
     let iters = match iters {
         None => DEFAULT_ITERS,
         Some(text) => match text.parse::<u64>() {
             Ok(n) if n > 0 => n,
-            _ => crate::fail("bench", format_args!("bad iters={text}")),
+            _ => lguest_guest::fail("bench", format_args!("bad iters={text}")),
         },
     };
     let start = time::rdtsc();
@@ -113,7 +115,7 @@ pub fn run(name: &str, iters: Option<&str>) -> ! {
                 unsafe { crate::pagetable::set_pml4_slot(200, if i % 2 == 0 { alias } else { 0 }) };
             }
         }
-        _ => crate::fail("bench", format_args!("unknown benchmark {name}")),
+        _ => lguest_guest::fail("bench", format_args!("unknown benchmark {name}")),
     }
     let cycles = time::rdtsc() - start;
     println!(
@@ -126,7 +128,7 @@ pub fn run(name: &str, iters: Option<&str>) -> ! {
 /// Our own page tables, loaded: (their PML4, the initial one).
 fn pgtable_setup() -> (u64, u64) {
     if let Err(why) = crate::pagetable::build() {
-        crate::fail("bench", format_args!("{why}"));
+        lguest_guest::fail("bench", format_args!("{why}"));
     }
     // SAFETY: our tables map all our memory, as the Host's did.
     unsafe { crate::pagetable::load() };

@@ -5,10 +5,12 @@
 
 use lguest_abi::PAGE_SHIFT;
 
-use super::ring::{Desc, Vring, DESC_SIZE, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
-use super::{bit, idle, Deadline, Devices, VIRTIO_RING_F_INDIRECT_DESC};
-use crate::cell::GuestCell;
-use crate::lguest_data;
+use lguest_guest::cell::GuestCell;
+use lguest_guest::lguest_data;
+use lguest_guest::virtio::ring::{
+    Desc, Vring, DESC_SIZE, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
+};
+use lguest_guest::virtio::{bit, idle, Deadline, Devices, VIRTIO_RING_F_INDIRECT_DESC};
 
 /// What the descriptors point at: harmless bytes of ours.
 static PAYLOAD: GuestCell<[u8; 16]> = GuestCell::new(*b"lguest bad case\n");
@@ -39,36 +41,36 @@ pub fn run(case: &str, label: &str) {
     let mut devices = Devices::scan();
     let console = match devices.console() {
         Ok(console) => console,
-        Err(e) => crate::fail(label, format_args!("{}", e.as_str())),
+        Err(e) => lguest_guest::fail(label, format_args!("{}", e.as_str())),
     };
     let indirect = console.dev.guest_features() & bit(VIRTIO_RING_F_INDIRECT_DESC) != 0;
-    let tx: &mut Vring = &mut console.tx;
+    let tx: &mut Vring = &mut console.tx.vq;
     let num = tx.num();
     match case {
         // A buffer in the Host's own pages.
         "virtio-addr" => {
             let limit = lguest_data::pfn_limit() << PAGE_SHIFT;
-            tx.write_desc(0, desc(limit, 16, 0, 0));
-            tx.publish_raw(0);
+            write_desc(tx, 0, desc(limit, 16, 0, 0));
+            publish(tx, 0);
         }
         // 0 -> 1 -> 0 -> ...
         "virtio-loop" => {
-            tx.write_desc(0, desc(payload(), 16, VRING_DESC_F_NEXT, 1));
-            tx.write_desc(1, desc(payload(), 16, VRING_DESC_F_NEXT, 0));
-            tx.publish_raw(0);
+            write_desc(tx, 0, desc(payload(), 16, VRING_DESC_F_NEXT, 1));
+            write_desc(tx, 1, desc(payload(), 16, VRING_DESC_F_NEXT, 0));
+            publish(tx, 0);
         }
         // A loop-free chain, through an indirect table, one longer than the
         // ring: the Host must not walk on for ever, nor call it a loop.
         "virtio-long" => {
             if !indirect {
-                crate::fail(
+                lguest_guest::fail(
                     label,
                     format_args!("the console didn't get INDIRECT_DESC, which this case needs"),
                 );
             }
             let len = num as usize + 1;
             if len > TABLE_LEN {
-                crate::fail(
+                lguest_guest::fail(
                     label,
                     format_args!("a ring of {num} is too big for this case"),
                 );
@@ -85,13 +87,13 @@ pub fn run(case: &str, label: &str) {
                 unsafe { table.add(i).write_volatile(d) };
             }
             let bytes = len as u32 * DESC_SIZE as u32;
-            tx.write_desc(0, desc(table as u64, bytes, VRING_DESC_F_INDIRECT, 0));
-            tx.publish_raw(0);
+            write_desc(tx, 0, desc(table as u64, bytes, VRING_DESC_F_INDIRECT, 0));
+            publish(tx, 0);
         }
         // More new entries than the ring holds.
-        "virtio-avail" => tx.bump_avail_idx(1000),
+        "virtio-avail" => bump_avail_idx(tx, 1000),
         // A head past the end of the descriptor table.
-        "virtio-index" => tx.publish_raw(num.max(300)),
+        "virtio-index" => publish(tx, num.max(300)),
         _ => unreachable!("is_virtio_case said yes"),
     }
     tx.notify();
@@ -108,4 +110,47 @@ const fn desc(addr: u64, len: u32, flags: u16, next: u16) -> Desc {
         flags,
         next,
     }
+}
+
+/*
+ * Behind the driver's back: we write the ring's memory ourselves, as a
+ * broken driver would, and leave the Vring's bookkeeping as it was. The
+ * Host must end us before that matters.
+ */
+
+/// Write descriptor `i` (below the ring's size) as given.
+fn write_desc(tx: &Vring, i: u16, d: Desc) {
+    assert!(i < tx.num());
+    let (desc, _) = tx.areas();
+    let at = core::ptr::with_exposed_provenance_mut::<Desc>((desc + i as u64 * DESC_SIZE) as usize);
+    // SAFETY: a descriptor slot of the ring, which Vring::new checked lies
+    // in our device pages; 16-byte aligned.
+    unsafe { at.write_volatile(d) };
+}
+
+/// The avail ring's index (it is ours: we write it, the Host reads it).
+fn avail_idx(tx: &Vring) -> *mut u16 {
+    let (_, avail) = tx.areas();
+    core::ptr::with_exposed_provenance_mut((avail + 2) as usize)
+}
+
+/// Put `head` (in range or not) in the next avail slot and publish it.
+fn publish(tx: &Vring, head: u16) {
+    let idx = avail_idx(tx);
+    let (_, avail) = tx.areas();
+    // SAFETY: the avail ring's index and slots, inside the ring (see
+    // write_desc), 2-byte aligned.
+    unsafe {
+        let i = idx.read_volatile();
+        let slot = avail + 4 + 2 * (i % tx.num()) as u64;
+        core::ptr::with_exposed_provenance_mut::<u16>(slot as usize).write_volatile(head);
+        idx.write_volatile(i.wrapping_add(1));
+    }
+}
+
+/// Move the avail index on by `by`, filling no slot.
+fn bump_avail_idx(tx: &Vring, by: u16) {
+    let idx = avail_idx(tx);
+    // SAFETY: as in publish.
+    unsafe { idx.write_volatile(idx.read_volatile().wrapping_add(by)) };
 }

@@ -16,9 +16,9 @@
 use lguest_abi::pte::{ACCESSED, DIRTY, HUGE, PRESENT, USER, WRITABLE};
 use lguest_abi::{hcall as nr, HOST_PML4_SLOT, PAGE_SHIFT, PAGE_SIZE};
 
-use crate::cell::GuestCell;
-use crate::hcall::hcall;
-use crate::lguest_data;
+use lguest_guest::cell::GuestCell;
+use lguest_guest::hcall::hcall;
+use lguest_guest::lguest_data;
 
 /// The alias window: 512 pages from here, in PML4 slot 128 (lower half).
 pub const ALIAS_BASE: u64 = 0x4000_0000_0000;

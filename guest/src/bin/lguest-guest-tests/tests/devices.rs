@@ -1,0 +1,274 @@
+//! The device self-tests: each brings up its virtio device (the first of its
+//! type, but for blk, which tests every disk: blk.rs) and uses it the way a
+//! driver would. `test=all` runs one only when its device is on the bus;
+//! named on its own, a missing device fails it.
+
+use lguest_abi::VIRTIO_STATUS_DRIVER_OK;
+use lguest_abi::{VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET, VIRTIO_ID_RNG};
+use lguest_guest::boot;
+use lguest_guest::console::Msg;
+use lguest_guest::println;
+use lguest_guest::virtio::console::{Console, Input};
+use lguest_guest::virtio::net::{Arp, ShowIp, ShowMac, ARP_REPLY, FRAME_MAX};
+use lguest_guest::virtio::ring::Used;
+use lguest_guest::virtio::rng::Rng;
+use lguest_guest::virtio::{idle, Deadline, Device, Devices, Error};
+
+use super::blk::test_blk;
+use super::{Failed, TestResult, FAILURE};
+
+pub type DeviceTest = fn(&mut Devices) -> TestResult;
+
+/// The device tests, in the order `all` runs them, with the device each
+/// needs. `reset` needs only the console (it resets the rng if there is
+/// one, else the console).
+pub const DEVICE_TESTS: [(&str, DeviceTest, u8); 5] = [
+    ("console", test_console, VIRTIO_ID_CONSOLE),
+    ("blk", test_blk, VIRTIO_ID_BLOCK),
+    ("net", test_net, VIRTIO_ID_NET),
+    ("rng", test_rng, VIRTIO_ID_RNG),
+    ("reset", test_reset, VIRTIO_ID_CONSOLE),
+];
+
+/// A driver's error fails the test with its text (and `what` before it).
+pub fn need<T>(what: &str, result: Result<T, Error>) -> Result<T, Failed> {
+    result.map_err(|e| {
+        FAILURE.write(Msg::from_fmt(format_args!("{what}: {}", e.as_str())));
+        Failed
+    })
+}
+
+/// Send `bytes` (one buffer's worth) and wait for the Host to hand that
+/// very buffer back, by `deadline`.
+fn write_and_wait(console: &mut Console, bytes: &[u8], deadline: &Deadline) -> Result<Used, Error> {
+    if !console.drain(Some(deadline)) {
+        return Err(lguest_guest::err!(
+            "earlier output never came back from the Host"
+        ));
+    }
+    let head = console.send_one(bytes);
+    loop {
+        if let Some(used) = console.tx.reclaim() {
+            if used.head != head {
+                return Err(lguest_guest::err!(
+                    "sent head {head}, the used ring gave back head {}",
+                    used.head
+                ));
+            }
+            return Ok(used);
+        }
+        if deadline.passed() {
+            return Err(lguest_guest::err!(
+                "the Host never handed back the buffer (head {head})"
+            ));
+        }
+        idle(Some(deadline), || console.tx.vq.enable_cb());
+        console.tx.vq.disable_cb();
+    }
+}
+
+/*
+ * console: output through the transmit queue; with console-input=1, input
+ * through the receive queue too.
+ */
+
+const CONSOLE_LINE: &[u8] = b"lguest-guest: console: this line came through the tx queue\n";
+const CONSOLE_INPUT: &[u8] = b"lguest-console-test";
+
+pub fn test_console(devs: &mut Devices) -> TestResult {
+    let console = need("bringing up the console", devs.console())?;
+    let used = need(
+        "sending a line",
+        write_and_wait(console, CONSOLE_LINE, &Deadline::after_ms(5000)),
+    )?;
+    check!(
+        used.len as usize <= CONSOLE_LINE.len(),
+        "the Host says it wrote {} bytes into a buffer it should only read",
+        used.len
+    );
+    if boot::option("console-input") != Some("1") {
+        return Ok(());
+    }
+
+    // Lines until ours; stdin may hold others first.
+    let deadline = Deadline::after_ms(60_000);
+    let mut line = [0u8; 128];
+    let mut len = 0;
+    loop {
+        let mut buf = [0u8; 64];
+        let n = match console.read(&mut buf, Some(&deadline)) {
+            Input::Bytes(n) => n,
+            Input::Eof => fail!(
+                "end of input before the line {:?} (console-input=1 needs stdin to send it)",
+                core::str::from_utf8(CONSOLE_INPUT).unwrap_or("")
+            ),
+            Input::Nothing => fail!("no line lguest-console-test on stdin within 60 s"),
+        };
+        for &byte in &buf[..n] {
+            if byte == b'\n' || byte == b'\r' {
+                if &line[..len] == CONSOLE_INPUT {
+                    println!("lguest-guest: console got: lguest-console-test");
+                    return Ok(());
+                }
+                len = 0;
+            } else if len < line.len() {
+                line[len] = byte;
+                len += 1;
+            }
+        }
+    }
+}
+
+/*
+ * net: ask the Host's tap, by ARP, who has its address, answering whatever
+ * the Host asks us meanwhile.
+ */
+
+pub fn test_net(devs: &mut Devices) -> TestResult {
+    let net = need("bringing up the network", devs.net())?;
+    let (ip, host_ip) =
+        match lguest_guest::arp::test_addresses(boot::option("ip"), boot::option("hostip")) {
+            Ok(addresses) => addresses,
+            Err(e) => fail!("{e}"),
+        };
+    let mut request = [0u8; FRAME_MAX];
+    let ask = Arp::request(net.mac, ip, host_ip);
+    let len = ask.write(lguest_guest::arp::BROADCAST, &mut request);
+    let mut frame = [0u8; FRAME_MAX];
+    // Ask once a second: the first may go out before the tap is up.
+    for _ in 0..5 {
+        net.send(&request[..len]);
+        let deadline = Deadline::after_ms(1000);
+        loop {
+            while let Some(got) = net.recv(&mut frame) {
+                let frame = &frame[..got];
+                if let Some(arp) = Arp::parse(frame) {
+                    if arp.op == ARP_REPLY && arp.spa == host_ip && arp.tpa == ip {
+                        println!(
+                            "lguest-guest: net: we are {} ({}), the Host's {} is at {}",
+                            ShowIp(ip),
+                            ShowMac(net.mac),
+                            ShowIp(host_ip),
+                            ShowMac(arp.sha)
+                        );
+                        return Ok(());
+                    }
+                }
+                net.answer(frame, ip);
+            }
+            if deadline.passed() {
+                break;
+            }
+            idle(Some(&deadline), || net.arm_rx());
+        }
+    }
+    fail!(
+        "no ARP reply from {} to {} within 5 s (is the tap up, with that address?)",
+        ShowIp(host_ip),
+        ShowIp(ip)
+    );
+}
+
+/*
+ * rng: bytes arrive, and they aren't all the same.
+ */
+
+/// Gather at least 32 random bytes, in as many requests as it takes (up to
+/// 16).
+fn random_bytes(rng: &mut Rng, out: &mut [u8; 64]) -> Result<usize, Failed> {
+    let mut got = 0;
+    for _ in 0..16 {
+        got += need("reading random bytes", rng.read(&mut out[got..]))?;
+        if got >= 32 {
+            break;
+        }
+    }
+    Ok(got)
+}
+
+fn check_random(bytes: &[u8]) -> TestResult {
+    check!(
+        bytes.len() >= 32,
+        "only {} random bytes in 16 requests",
+        bytes.len()
+    );
+    check!(
+        bytes.iter().any(|&b| b != bytes[0]),
+        "{} random bytes, all {:#04x}",
+        bytes.len(),
+        bytes[0]
+    );
+    Ok(())
+}
+
+pub fn test_rng(devs: &mut Devices) -> TestResult {
+    let rng = need("bringing up the rng", devs.rng())?;
+    let mut bytes = [0u8; 64];
+    let got = random_bytes(rng, &mut bytes)?;
+    check_random(&bytes[..got])
+}
+
+/*
+ * reset: reset a device (the rng if there is one: resetting the console
+ * throws away input), check the Host forgot what we told it, set the device
+ * up again, and use it.
+ */
+
+pub fn test_reset(devs: &mut Devices) -> TestResult {
+    if devs.has(VIRTIO_ID_RNG) {
+        let rng = need("bringing up the rng", devs.rng())?;
+        let mut bytes = [0u8; 64];
+        random_bytes(rng, &mut bytes)?;
+        rng.dev.reset();
+        check_forgotten(&rng.dev)?;
+        *rng = need("setting the rng up again", Rng::probe(rng.dev))?;
+        check_up(&rng.dev)?;
+        let got = random_bytes(rng, &mut bytes)?;
+        check_random(&bytes[..got])?;
+    } else {
+        let console = need("bringing up the console", devs.console())?;
+        let deadline = Deadline::after_ms(5000);
+        need(
+            "sending a line",
+            write_and_wait(console, CONSOLE_LINE, &deadline),
+        )?;
+        console.dev.reset();
+        check_forgotten(&console.dev)?;
+        *console = need("setting the console up again", Console::probe(console.dev))?;
+        check_up(&console.dev)?;
+        need(
+            "sending a line after the reset",
+            write_and_wait(console, CONSOLE_LINE, &deadline),
+        )?;
+    }
+    Ok(())
+}
+
+/// Set up again, the device is live.
+fn check_up(dev: &Device) -> TestResult {
+    check!(
+        dev.status() & VIRTIO_STATUS_DRIVER_OK != 0,
+        "{} status {:#x} after setting it up again",
+        dev.name(),
+        dev.status()
+    );
+    Ok(())
+}
+
+/// After a reset the status is 0 (we wrote it) and our features are gone
+/// (the Host cleared them before its NOTIFY returned).
+fn check_forgotten(dev: &Device) -> TestResult {
+    check!(
+        dev.status() == 0,
+        "{} status {:#x} after a reset",
+        dev.name(),
+        dev.status()
+    );
+    check!(
+        dev.guest_features() == 0,
+        "{} still has our features {:#x} after a reset",
+        dev.name(),
+        dev.guest_features()
+    );
+    Ok(())
+}
