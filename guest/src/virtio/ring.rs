@@ -31,49 +31,15 @@ use crate::interrupts;
 use crate::virtio::{irq_handler, Error};
 use crate::{err, lguest_data};
 
-/// Descriptor flags: the chain goes on at `next`; the Host writes this
-/// buffer (rather than reads it); the buffer is a table of descriptors.
-pub const VRING_DESC_F_NEXT: u16 = 1;
-pub const VRING_DESC_F_WRITE: u16 = 2;
-pub const VRING_DESC_F_INDIRECT: u16 = 4;
-/// Used ring flag: the Host doesn't need kicks just now.
-pub const VRING_USED_F_NO_NOTIFY: u16 = 1;
-/// Avail ring flag: we don't need interrupts just now.
-pub const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+// The layout, flags and need_event are the ABI's (shared with the Host).
+pub use lguest_abi::vring::{
+    need_event, ring_end, used_offset, Desc, AVAIL_F_NO_INTERRUPT as VRING_AVAIL_F_NO_INTERRUPT,
+    DESC_F_INDIRECT as VRING_DESC_F_INDIRECT, DESC_F_NEXT as VRING_DESC_F_NEXT,
+    DESC_F_WRITE as VRING_DESC_F_WRITE, DESC_SIZE, USED_F_NO_NOTIFY as VRING_USED_F_NO_NOTIFY,
+};
 
 /// The biggest ring we drive (the Host's are 256): `busy` is sized for it.
 pub const MAX_NUM: usize = 1024;
-
-/// Bytes of one descriptor.
-pub const DESC_SIZE: u64 = 16;
-
-/// Where the used ring starts, from the ring's base.
-pub fn used_offset(num: u16) -> u64 {
-    (DESC_SIZE * num as u64 + 6 + 2 * num as u64).next_multiple_of(1 << PAGE_SHIFT)
-}
-
-/// Bytes from the ring's base to the end of the used ring.
-pub fn ring_end(num: u16) -> u64 {
-    used_offset(num) + 6 + 8 * num as u64
-}
-
-/// vring_need_event: has the index gone from `old` to `new` past `event`?
-/// The Host uses it to decide on interrupts, we to decide on kicks.
-pub fn need_event(event: u16, new: u16, old: u16) -> bool {
-    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
-}
-
-/// One descriptor, as it sits in the table (and in an indirect table).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Desc {
-    pub addr: u64,
-    pub len: u32,
-    pub flags: u16,
-    pub next: u16,
-}
-
-const _: () = assert!(core::mem::size_of::<Desc>() == DESC_SIZE as usize);
 
 /// One buffer of a chain we offer: where, how long, and who writes it.
 #[derive(Clone, Copy, Debug)]
