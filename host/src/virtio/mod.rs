@@ -128,13 +128,31 @@ impl Queues<'_> {
     /// Hands a chain back with `len` bytes written, interrupting the Guest
     /// if it wants to hear of it.
     pub fn push(&mut self, q: usize, chain: &Chain, len: u32) -> Result<(), String> {
+        self.add_used(q, chain, len)?;
+        self.signal(q)
+    }
+
+    /// Hands a chain back, leaving the interrupt to [`Queues::signal`]
+    /// after the last of a batch: one interrupt for many buffers.
+    pub fn add_used(&mut self, q: usize, chain: &Chain, len: u32) -> Result<(), String> {
         // The queue may have been taken away since the chain was popped
         // (reset, or QueueReady cleared): the chain goes with it.
         let Some(queue) = self.queues[q].as_mut() else {
             return Ok(());
         };
+        queue
+            .add_used(self.mem, chain.head, len)
+            .map_err(|e| self.context(q, e))
+    }
+
+    /// Interrupts the Guest for the buffers handed back on queue `q`, if it
+    /// wants to hear of them.
+    pub fn signal(&mut self, q: usize) -> Result<(), String> {
+        let Some(queue) = self.queues[q].as_mut() else {
+            return Ok(());
+        };
         let notify = queue
-            .push(self.mem, chain.head, len)
+            .needs_interrupt(self.mem)
             .map_err(|e| self.context(q, e))?;
         if notify {
             if let Some(status) = self.interrupt_status {

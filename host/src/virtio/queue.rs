@@ -260,6 +260,13 @@ impl Queue {
     /// Returns a chain to the Guest with `len` bytes written into it.
     /// Returns whether the Guest wants an interrupt for it now.
     pub fn push(&mut self, mem: &GuestMemory, head: u16, len: u32) -> Result<bool, String> {
+        self.add_used(mem, head, len)?;
+        self.needs_interrupt(mem)
+    }
+
+    /// Returns a chain to the Guest without deciding on an interrupt yet:
+    /// a batch of them ends with [`Queue::needs_interrupt`].
+    pub fn add_used(&mut self, mem: &GuestMemory, head: u16, len: u32) -> Result<(), String> {
         let slot = self.used + 4 + 8 * (self.next_used % self.num) as u64;
         let mut elem = [0u8; 8];
         elem[..4].copy_from_slice(&(head as u32).to_le_bytes());
@@ -270,13 +277,13 @@ impl Queue {
         self.next_used = self.next_used.wrapping_add(1);
         Self::write_u16(mem, self.used + 2, self.next_used)?;
         fence(Ordering::SeqCst);
-        self.needs_interrupt(mem)
+        Ok(())
     }
 
     /// Interrupt suppression: EVENT_IDX's used_event if negotiated, else the
     /// avail ring's NO_INTERRUPT flag; NOTIFY_ON_EMPTY overrides both when we
     /// have consumed everything.
-    fn needs_interrupt(&mut self, mem: &GuestMemory) -> Result<bool, String> {
+    pub fn needs_interrupt(&mut self, mem: &GuestMemory) -> Result<bool, String> {
         let old = self.signalled_used;
         let new = self.next_used;
         if self.features.notify_on_empty && self.avail_idx(mem)? == self.next_avail {
