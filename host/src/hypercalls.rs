@@ -8,7 +8,6 @@ use crate::interrupts::decode_gate;
 use crate::memory::GuestMemory;
 use crate::vcpu::{kill, Guest, Stop};
 use lguest_abi::{hcall, lguest_data_off as ld, *};
-use std::io::Write;
 
 type HResult = Result<u64, Stop>;
 
@@ -290,9 +289,7 @@ impl Guest {
                 .mem
                 .read_cstr(addr, EARLY_CONSOLE_MAX)
                 .expect("below mem");
-            let mut out = std::io::stdout().lock();
-            let _ = out.write_all(&text);
-            let _ = out.flush();
+            crate::devices::console::write_early(&text, &self.irqs);
             return Ok(0);
         }
         Err(kill(format!("Bad NOTIFY {addr:#x}")))
