@@ -232,8 +232,13 @@ impl Device for Console {
         if unsafe { libc::poll(&mut fd, 1, 0) } == 0 {
             return Ok(());
         }
-        let mut buf = [0u8; PENDING_MAX];
         let room = PENDING_MAX - self.pending.len();
+        if room == 0 {
+            // The other thread filled the buffer first. A read of nothing
+            // would return 0, which is not the end of input.
+            return self.deliver(queues);
+        }
+        let mut buf = [0u8; PENDING_MAX];
         // SAFETY: reads at most `room` bytes into our own buffer.
         let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), room) };
         match n {
