@@ -342,6 +342,58 @@ pub fn write_early(text: &[u8], irqs: &Irqs) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::memory::Layout;
+    use crate::virtio::queue::Buffer;
+
+    #[test]
+    fn a_chain_is_read_on_from_where_it_stopped() {
+        let mem = GuestMemory::new(Layout {
+            mem: 1 << 20,
+            pfn_limit: 256,
+            mmio_hole_pages: 0,
+            host_ro_pages: 1,
+            host_rw_pages: 1,
+        })
+        .unwrap();
+        // Three readable buffers around a writable one, which output skips.
+        let text = b"0123456789abcdefghij";
+        let buffers = [
+            (0x1000, 0..3, false),
+            (0x3000, 0..4, true),
+            (0x2000, 3..12, false),
+            (0x5000, 12..20, false),
+        ]
+        .map(
+            |(addr, range, writable): (u64, std::ops::Range<usize>, bool)| {
+                mem.write(addr, &text[range.clone()]).unwrap();
+                Buffer {
+                    addr,
+                    len: range.len() as u32,
+                    writable,
+                }
+            },
+        );
+        let chain = Chain {
+            head: 0,
+            buffers: buffers.to_vec(),
+        };
+        let read = |skip, n| {
+            let mut got = Vec::new();
+            read_chain(&mem, &chain, skip, n, |b| got.extend_from_slice(b));
+            got
+        };
+        assert_eq!(read(0, 20), text);
+        assert_eq!(read(2, 5), b"23456");
+        assert_eq!(read(3, 9), b"3456789ab");
+        assert_eq!(read(15, 100), b"fghij");
+        assert_eq!(read(20, 1), b"");
+        // Pieces taken one after another make the whole.
+        let mut whole = Vec::new();
+        for at in (0..20).step_by(7) {
+            whole.extend(read(at, 7));
+        }
+        assert_eq!(whole, text);
+    }
 
     #[test]
     fn three_ctrl_c_within_a_second() {
