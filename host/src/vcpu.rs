@@ -25,7 +25,6 @@ use crate::timer::{ClockEvent, ReLook};
 use crate::vm::Vm;
 use kvm_ioctls::{SyncReg, VcpuExit};
 use lguest_abi::{lguest_data_off as ld, *};
-use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
@@ -708,9 +707,7 @@ impl Machine for Cpu {
     }
 
     fn early_console(&mut self, text: &[u8]) {
-        let mut out = std::io::stdout().lock();
-        let _ = out.write_all(text);
-        let _ = out.flush();
+        crate::devices::console::write_early(text, &self.irqs);
     }
 
     fn tsc_khz(&self) -> u32 {

@@ -13,6 +13,7 @@ mod common;
 
 use common::*;
 use std::io::{BufRead, BufReader};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -645,11 +646,9 @@ fn restart_boots_the_same_kernel_again() {
     );
 }
 
-#[test]
-fn three_ctrl_c_end_a_halted_guest_but_one_does_not() {
-    require_kvm!();
-    // INIT, say so, then HALT forever: no timer is armed, so only the user
-    // can end it.
+/// A kernel that INITs, says `tiny: halting`, then HALTs forever: no timer
+/// is armed, so only the user can end it.
+fn halting_forever() -> Kernel {
     let mut k = Kernel::new();
     k.init();
     k.print("tiny: halting\n");
@@ -657,46 +656,90 @@ fn three_ctrl_c_end_a_halted_guest_but_one_does_not() {
     k.hcall(10, 0, 0); // HALT
     let back = again as i32 - (k.code.len() as i32 + 2);
     k.emit(&[0xEB, back as u8]); // jmp back to the HALT
-    let file = TempFile::new("ctrl-c", &k.elf());
-    let mut child = spawn(lguest().arg(MEM_MB.to_string()).arg(file.arg()));
-    let pid = child.id();
-    let sigint = |n: usize| {
-        for _ in 0..n {
-            let status = std::process::Command::new("kill")
-                .args(["-INT", &pid.to_string()])
-                .status()
-                .expect("run kill");
-            assert!(status.success());
-        }
-    };
+    k
+}
 
-    // Give it time to boot and halt, then one Ctrl-C: it must live on.
-    thread::sleep(Duration::from_millis(500));
-    sigint(1);
-    thread::sleep(Duration::from_millis(1200));
+#[test]
+fn three_ctrl_c_end_a_halted_guest_but_one_does_not() {
+    require_kvm!();
+    let file = TempFile::new("ctrl-c", &halting_forever().elf());
+    let mut guest = Session::start(lguest().arg(MEM_MB.to_string()).arg(file.arg()));
+    // The greeting comes after the Ctrl-C handler is in place.
+    guest.expect_stdout("tiny: halting", TIMEOUT);
+
+    // One Ctrl-C, taken by the Launcher: the Guest lives on.
+    ctrl_c(guest.id());
+    thread::sleep(Duration::from_millis(300));
     assert!(
-        child.try_wait().expect("wait").is_none(),
-        "one Ctrl-C ended the Guest"
+        !guest.has_ended(),
+        "one Ctrl-C ended the Guest\n{}",
+        guest.describe_so_far()
     );
+    // Let the first one age out of the one-second window.
+    thread::sleep(Duration::from_millis(1000));
 
-    // Three within a second end it, with status 1 and a reason.
-    sigint(3);
-    let deadline = Instant::now() + TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "three Ctrl-C did not end the Guest"
-        );
-        thread::sleep(Duration::from_millis(20));
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-    assert_eq!(status.code(), Some(1), "stderr: {stderr}");
+    // Three within a second, each taken before the next is sent (signals
+    // sent together merge), end it, with status 1 and a reason.
+    let sent = Instant::now();
+    for _ in 0..3 {
+        ctrl_c(guest.id());
+    }
+    assert!(
+        sent.elapsed() < Duration::from_secs(1),
+        "the machine took {:?} to deliver three SIGINTs: not within the one-second window",
+        sent.elapsed()
+    );
+    let out = guest.finish(Duration::from_secs(10));
+    out.assert_no_panic().assert_code(1);
     assert_eq!(
-        stderr.trim_end(),
+        out.single_stderr_line("lguest: guest killed: "),
         "lguest: guest killed: ended by the user (three Ctrl-C)"
     );
+}
+
+/// A kernel that INITs, then prints `line` through the early console
+/// forever.
+fn printing_forever(line: &str) -> Kernel {
+    let mut k = Kernel::new();
+    k.init();
+    let again = k.code.len();
+    k.print(line);
+    let back = again as i32 - (k.code.len() as i32 + 5);
+    k.emit(&[0xE9]); // jmp rel32 back to the print
+    k.emit(&back.to_le_bytes());
+    k
+}
+
+#[test]
+fn three_ctrl_c_end_a_guest_flooding_the_early_console_into_a_full_pipe() {
+    require_kvm!();
+    // Nobody reads its stdout: once the pipe is full the Guest waits in its
+    // NOTIFY, but the Launcher must still hear Ctrl-C.
+    let file = TempFile::new("early-flood", &printing_forever("tiny: flood\n").elf());
+    let (stdout, stdout_w) = pipe();
+    let probe = stdout_w.try_clone().unwrap();
+    let mut guest = Session::start_with_stdio(
+        lguest().arg(MEM_MB.to_string()).arg(file.arg()),
+        Stdio::null(),
+        Stdio::from(stdout_w),
+    );
+    guest.wait_until_stdout_full(probe);
+    let sent = Instant::now();
+    for _ in 0..3 {
+        ctrl_c(guest.id());
+    }
+    assert!(sent.elapsed() < Duration::from_secs(1));
+    let out = guest.finish(Duration::from_secs(10));
+    out.assert_no_panic().assert_code(1);
+    assert_eq!(
+        out.single_stderr_line("lguest: guest killed: "),
+        "lguest: guest killed: ended by the user (three Ctrl-C)"
+    );
+    // What did get out is whole lines, in order.
+    drop(out);
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut &stdout, &mut text).unwrap();
+    assert!(text.len() > 60_000, "only {} bytes came out", text.len());
+    let whole = &text[..text.rfind('\n').unwrap() + 1];
+    assert!(whole.lines().all(|l| l == "tiny: flood"), "garbled output");
 }

@@ -7,9 +7,10 @@
 //! outside: commands typed at the Guest's prompt through a pipe, a file and a
 //! pseudo-terminal (raw mode, escape sequences, Ctrl-C, UTF-8, over-long and
 //! unterminated lines, line ends, three Ctrl-C, the terminal restored on
-//! every way out). The `bad=virtio-*` cases break the ring rules on the
-//! console's transmit queue and must end in Sudden Death with the Host's
-//! reason.
+//! every way out), and with a stdout that is slow, or never read at all (the
+//! Launcher must hold the Guest back without losing a byte, and still hear
+//! Ctrl-C). The `bad=virtio-*` cases break the ring rules on the console's
+//! transmit queue and must end in Sudden Death with the Host's reason.
 //!
 //! The network device needs a tap, so it is tested in `network.rs`; the
 //! command-line errors for devices (a bad disk file, a bad `--tunnet`) need no
@@ -681,6 +682,113 @@ impl Drop for KillOnDrop {
             let _ = self.0.kill();
             let _ = self.0.wait();
         }
+    }
+}
+
+/*
+ * A Guest that prints more than its stdout takes.
+ */
+
+/// `count` prompt commands `echo flood-NNNNN-xxx...`, about 100 bytes each:
+/// the Guest echoes each as it is typed, then prints its words.
+fn echo_lines(count: usize) -> Vec<String> {
+    (0..count)
+        .map(|i| format!("flood-{i:05}-{}", "x".repeat(90)))
+        .collect()
+}
+
+/// Feeds `lines` as `echo` commands into `stdin` on a thread of its own,
+/// then closes it (end of input). Writing waits while the Guest is held
+/// back, and fails once the Launcher has gone; either way the thread ends
+/// with the Launcher.
+fn feed_echoes(mut stdin: File, lines: &[String]) -> std::thread::JoinHandle<()> {
+    let text: String = lines.iter().map(|l| format!("echo {l}\n")).collect();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let _ = stdin.write_all(text.as_bytes());
+    })
+}
+
+#[test]
+fn three_ctrl_c_end_a_guest_whose_stdout_nobody_reads() {
+    require_kvm!();
+    // The Guest prints far more than a pipe and the Launcher's backlog hold,
+    // into a pipe nobody reads: it is held back, and the vCPU thread must
+    // not be stuck in write(), or Ctrl-C would never be looked at.
+    let (stdout, stdout_w) = pipe();
+    let probe = stdout_w.try_clone().unwrap();
+    let (stdin_r, stdin_w) = pipe();
+    let mut guest =
+        Session::start_with_stdio(&mut lguest(), Stdio::from(stdin_r), Stdio::from(stdout_w));
+    let feeder = feed_echoes(stdin_w, &echo_lines(20_000));
+    guest.wait_until_stdout_full(probe);
+    let sent = std::time::Instant::now();
+    for _ in 0..3 {
+        ctrl_c(guest.id());
+    }
+    assert!(sent.elapsed() < Duration::from_secs(1));
+    let out = guest.finish(Duration::from_secs(10));
+    out.assert_no_panic().assert_code(1);
+    assert_eq!(
+        out.single_stderr_line("lguest: guest killed: "),
+        "lguest: guest killed: ended by the user (three Ctrl-C)"
+    );
+    feeder.join().unwrap();
+    drop(stdout);
+}
+
+#[test]
+fn a_slow_reader_gets_every_byte_in_order() {
+    require_kvm!();
+    // Output comes far faster than it is read, so the Launcher's backlog
+    // fills and the Guest is held back again and again; at end of input it
+    // powers off with output still waiting, which the Launcher writes out
+    // before it exits.
+    let (mut stdout, stdout_w) = pipe();
+    let (stdin_r, stdin_w) = pipe();
+    let guest =
+        Session::start_with_stdio(&mut lguest(), Stdio::from(stdin_r), Stdio::from(stdout_w));
+    let lines = echo_lines(3000);
+    let feeder = feed_echoes(stdin_w, &lines);
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    loop {
+        let n = std::io::Read::read(&mut stdout, &mut buf).expect("reading the Launcher's stdout");
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let out = guest.finish(TIMEOUT);
+    feeder.join().unwrap();
+    out.assert_no_panic();
+    assert_powered_off(&out);
+    let got = String::from_utf8(got).expect("the Guest prints ASCII");
+    let (_, after_prompt) = got
+        .split_once("lguest> ")
+        .unwrap_or_else(|| panic!("no prompt in {} bytes of output", got.len()));
+    // Each command is echoed as typed, then runs; end of input ends the line.
+    let mut want: String = lines
+        .iter()
+        .map(|l| format!("echo {l}\n{l}\nlguest> "))
+        .collect();
+    want.push('\n');
+    if after_prompt != want {
+        let at = after_prompt
+            .bytes()
+            .zip(want.bytes())
+            .position(|(a, b)| a != b)
+            .unwrap_or(after_prompt.len().min(want.len()));
+        let from = at.saturating_sub(100);
+        panic!(
+            "output differs at byte {at} after the first prompt ({} bytes, want {}):\n\
+             got:  {:?}\nwant: {:?}",
+            after_prompt.len(),
+            want.len(),
+            &after_prompt[from..(at + 100).min(after_prompt.len())],
+            &want[from..(at + 100).min(want.len())]
+        );
     }
 }
 

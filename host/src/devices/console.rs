@@ -6,13 +6,27 @@
 //! can't make us spin or grow. At end of input one receive buffer comes back
 //! empty, and no more (ABI section 8). On a raw terminal Ctrl-C is a byte like
 //! any other, passed on to the Guest; three of them within a second end it.
+//!
+//! Output never makes a thread wait in write() ([`stdout`]): what stdout
+//! won't take now waits in a backlog of 64 KiB, and when that is full the
+//! Guest's transmit buffers wait in the ring, unfinished, until stdout has
+//! room. A Guest printing into a pipe nobody reads is held back (it sleeps
+//! until its buffers come back), not the vCPU thread, which stays free to
+//! hear Ctrl-C. The device's thread watches stdout meanwhile and finishes the
+//! buffers when it drains. Not a byte is dropped or reordered, and at the end
+//! the Launcher writes out what is left before it exits, unless the user
+//! ended the Guest with Ctrl-C.
 
-use crate::virtio::queue::{stream_from_chain, write_to_chain};
+mod stdout;
+
+use crate::kick::{self, Irqs};
+use crate::memory::GuestMemory;
+use crate::virtio::queue::{readable_len, write_to_chain, Chain};
 use crate::virtio::{Device, Queues};
 use std::collections::VecDeque;
-use std::io::Write;
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
+pub use stdout::BACKLOG_MAX;
 
 const RX: usize = 0;
 const TX: usize = 1;
@@ -30,6 +44,12 @@ pub struct Console {
     eof: bool,
     eof_sent: bool,
     ctrl_c: VecDeque<Instant>,
+    /// The user ended the Guest from the terminal: output still waiting for
+    /// stdout is given up, not waited for.
+    user_stop: bool,
+    /// A transmit chain taken from the ring whose bytes did not all fit in
+    /// the backlog, and how many of them have gone in.
+    held: Option<(Chain, u64)>,
 }
 
 impl Console {
@@ -40,6 +60,38 @@ impl Console {
             eof: false,
             eof_sent: false,
             ctrl_c: VecDeque::new(),
+            user_stop: false,
+            held: None,
+        }
+    }
+
+    /// Moves the Guest's output from the transmit ring to stdout, as far as
+    /// stdout and the backlog take it without waiting. A chain is finished
+    /// (handed back) once all its bytes are written or in the backlog.
+    fn send_output(&mut self, queues: &mut Queues) -> Result<(), String> {
+        let mut out = stdout::stdout();
+        loop {
+            if out.room() == 0 {
+                out.flush();
+                if out.room() == 0 {
+                    return Ok(());
+                }
+            }
+            let (chain, taken) = match self.held.take() {
+                Some(held) => held,
+                None => match queues.pop(TX)? {
+                    Some(chain) => (chain, 0),
+                    None => return Ok(()),
+                },
+            };
+            let len = readable_len(&chain).min(OUTPUT_MAX);
+            let n = (len - taken).min(out.room() as u64);
+            read_chain(queues.mem, &chain, taken, n, |bytes| out.write(bytes));
+            if taken + n == len {
+                queues.push(TX, &chain, 0)?;
+            } else {
+                self.held = Some((chain, taken + n));
+            }
         }
     }
 
@@ -111,22 +163,48 @@ impl Device for Console {
         if q == RX {
             return self.deliver(queues);
         }
-        let mut out = std::io::stdout().lock();
-        let mut chunk = [0u8; 4096];
-        while let Some(chain) = queues.pop(TX)? {
-            stream_from_chain(queues.mem, &chain, &mut chunk, OUTPUT_MAX, |bytes| {
-                let _ = out.write_all(bytes);
-            });
-            queues.push(TX, &chain, 0)?;
-        }
-        let _ = out.flush();
-        Ok(())
+        self.send_output(queues)
     }
 
     /// Output is written as the Guest kicks, on its own vCPU thread: a
-    /// write to stdout is short, and an echo needs no thread hand-off.
+    /// write to stdout never waits, and an echo needs no thread hand-off.
     fn serve_inline(&self, q: usize) -> bool {
         q == TX
+    }
+
+    fn output_fd(&self) -> Option<RawFd> {
+        let out = stdout::stdout();
+        (!out.is_empty() || self.held.is_some()).then(|| out.fd())
+    }
+
+    fn output_ready(&mut self, queues: &mut Queues) -> Result<(), String> {
+        self.send_output(queues)
+    }
+
+    /// The Guest has stopped: write out what it left (in the backlog and in
+    /// the ring), waiting for stdout as long as it takes, unless the user
+    /// ended the Guest with Ctrl-C (who then wants out, not the rest).
+    fn finish(&mut self, queues: &mut Queues) {
+        let mut ring_ok = true;
+        loop {
+            if self.user_stop || kick::user_stopped() {
+                return;
+            }
+            if ring_ok && self.send_output(queues).is_err() {
+                // A broken ring (the Guest's Sudden Death, most likely)
+                // gives nothing more; what is in the backlog still goes out.
+                ring_ok = false;
+                self.held = None;
+            }
+            let fd = {
+                let mut out = stdout::stdout();
+                if out.flush() && self.held.is_none() {
+                    return;
+                }
+                out.fd()
+            };
+            stdout::wait_for_room(fd, &queues.irqs().wake);
+        }
     }
 
     fn backend_fd(&self) -> Option<RawFd> {
@@ -154,8 +232,13 @@ impl Device for Console {
         if unsafe { libc::poll(&mut fd, 1, 0) } == 0 {
             return Ok(());
         }
-        let mut buf = [0u8; PENDING_MAX];
         let room = PENDING_MAX - self.pending.len();
+        if room == 0 {
+            // The other thread filled the buffer first. A read of nothing
+            // would return 0, which is not the end of input.
+            return self.deliver(queues);
+        }
+        let mut buf = [0u8; PENDING_MAX];
         // SAFETY: reads at most `room` bytes into our own buffer.
         let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), room) };
         match n {
@@ -163,6 +246,7 @@ impl Device for Console {
             n if n > 0 => {
                 let input = &buf[..n as usize];
                 if self.raw_terminal && self.three_ctrl_c(input) {
+                    self.user_stop = true;
                     queues.stop_guest("ended by the user (three Ctrl-C)");
                 }
                 self.pending.extend(input);
@@ -184,13 +268,132 @@ impl Device for Console {
     fn reset(&mut self) {
         // Input already read stays for the Guest's next driver, and end of
         // input, once signalled, is not signalled again (ABI section 8: one
-        // empty buffer, "and no more").
+        // empty buffer, "and no more"). Output in the backlog goes out; a
+        // chain we held goes with the ring.
+        self.held = None;
+    }
+
+    fn queue_stopped(&mut self, q: usize) {
+        if q == TX {
+            self.held = None;
+        }
+    }
+}
+
+/// Calls `f` with the `n` readable bytes of `chain` that follow the first
+/// `skip`, a piece at a time.
+fn read_chain(
+    mem: &GuestMemory,
+    chain: &Chain,
+    mut skip: u64,
+    mut n: u64,
+    mut f: impl FnMut(&[u8]),
+) {
+    let mut chunk = [0u8; 4096];
+    for b in chain.readable() {
+        let len = b.len as u64;
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let mut at = skip;
+        skip = 0;
+        while at < len && n > 0 {
+            let take = (len - at).min(n).min(chunk.len() as u64) as usize;
+            mem.read(b.addr + at, &mut chunk[..take])
+                .expect("checked by the walk");
+            f(&chunk[..take]);
+            at += take as u64;
+            n -= take as u64;
+        }
+        if n == 0 {
+            return;
+        }
+    }
+}
+
+/// The early console's text (a NOTIFY with a string), written after any
+/// console output still waiting, so the two keep their order. There is no
+/// ring to leave it in, so the Guest waits in its hypercall until stdout has
+/// taken it all, but in poll(), not write(): the user's three Ctrl-C or a
+/// Sudden Death end the wait (and the Guest).
+pub fn write_early(text: &[u8], irqs: &Irqs) {
+    let mut rest = text;
+    loop {
+        let fd = {
+            let mut out = stdout::stdout();
+            let n = rest.len().min(out.room());
+            out.write(&rest[..n]);
+            rest = &rest[n..];
+            if out.flush() && rest.is_empty() {
+                return;
+            }
+            if kick::user_stopped() || irqs.death().is_some() {
+                // The Guest is ending: keep the rest with what waits.
+                out.write(rest);
+                return;
+            }
+            out.fd()
+        };
+        stdout::wait_for_room(fd, &irqs.wake);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::memory::Layout;
+    use crate::virtio::queue::Buffer;
+
+    #[test]
+    fn a_chain_is_read_on_from_where_it_stopped() {
+        let mem = GuestMemory::new(Layout {
+            mem: 1 << 20,
+            pfn_limit: 256,
+            mmio_hole_pages: 0,
+            host_ro_pages: 1,
+            host_rw_pages: 1,
+        })
+        .unwrap();
+        // Three readable buffers around a writable one, which output skips.
+        let text = b"0123456789abcdefghij";
+        let buffers = [
+            (0x1000, 0..3, false),
+            (0x3000, 0..4, true),
+            (0x2000, 3..12, false),
+            (0x5000, 12..20, false),
+        ]
+        .map(
+            |(addr, range, writable): (u64, std::ops::Range<usize>, bool)| {
+                mem.write(addr, &text[range.clone()]).unwrap();
+                Buffer {
+                    addr,
+                    len: range.len() as u32,
+                    writable,
+                }
+            },
+        );
+        let chain = Chain {
+            head: 0,
+            buffers: buffers.to_vec(),
+        };
+        let read = |skip, n| {
+            let mut got = Vec::new();
+            read_chain(&mem, &chain, skip, n, |b| got.extend_from_slice(b));
+            got
+        };
+        assert_eq!(read(0, 20), text);
+        assert_eq!(read(2, 5), b"23456");
+        assert_eq!(read(3, 9), b"3456789ab");
+        assert_eq!(read(15, 100), b"fghij");
+        assert_eq!(read(20, 1), b"");
+        // Pieces taken one after another make the whole.
+        let mut whole = Vec::new();
+        for at in (0..20).step_by(7) {
+            whole.extend(read(at, 7));
+        }
+        assert_eq!(whole, text);
+    }
 
     #[test]
     fn three_ctrl_c_within_a_second() {

@@ -26,8 +26,8 @@ pub fn make_raw() -> bool {
     }
     let mut raw = saved;
     raw.c_lflag &= !(libc::ICANON | libc::ECHO | libc::ISIG);
-    // No XON/XOFF either: Ctrl-S is the Guest's, and must not stop our output
-    // (the vCPU writes console output itself).
+    // No XON/XOFF either: Ctrl-S is the Guest's, like any other key, and must
+    // not stop our output (which would hold the Guest back until Ctrl-Q).
     raw.c_iflag &= !libc::IXON;
     raw.c_cc[libc::VMIN] = 1;
     raw.c_cc[libc::VTIME] = 0;

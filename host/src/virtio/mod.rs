@@ -77,6 +77,18 @@ pub trait Device: Send {
     fn backend_ready(&mut self, _queues: &mut Queues) -> Result<(), String> {
         Ok(())
     }
+    /// A descriptor the device waits to become writable (output it could not
+    /// write yet, e.g. the console's stdout), while it waits.
+    fn output_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// `output_fd` has room.
+    fn output_ready(&mut self, _queues: &mut Queues) -> Result<(), String> {
+        Ok(())
+    }
+    /// The Guest has stopped for good (this boot): finish what it left
+    /// behind. Called on the Launcher's thread, with its memory still there.
+    fn finish(&mut self, _queues: &mut Queues) {}
     /// The Guest reset the device: forget everything about its queues.
     fn reset(&mut self) {}
     /// Queue `q` was taken away (reset, or the driver tore it down): drop
@@ -100,6 +112,11 @@ pub struct Queues<'a> {
 impl Queues<'_> {
     fn context(&self, q: usize, e: String) -> String {
         format!("queue {q} ({}): {e}", self.names[q])
+    }
+
+    /// The Guest's IRQ state (its wake-up eventfd, whether it is dying).
+    pub fn irqs(&self) -> &Irqs {
+        self.irq_state
     }
 
     /// Ends the Guest (the user asked to, through this device).
@@ -224,6 +241,7 @@ impl DeviceState {
 
 const BACKEND: u64 = 64;
 const STOP: u64 = 65;
+const OUTPUT: u64 = 66;
 
 impl Running {
     /// Starts the device's thread.
@@ -269,6 +287,7 @@ impl Running {
             kicks: kicks.clone(),
             epoll,
             backend: Backend::None,
+            output: None,
         };
         let thread = crate::kick::without_sigint(|| {
             std::thread::Builder::new()
@@ -293,10 +312,15 @@ impl Running {
      * Death reason. */
     pub fn kick(&self, q: usize) -> Result<(), String> {
         if self.inline_queues[q] {
-            return self
-                .shared
+            self.shared
                 .serve(Some(q), |d, queues| d.kick(q, queues))
-                .map_err(|e| format!("{} {e}", self.name));
+                .map_err(|e| format!("{} {e}", self.name))?;
+            // Output that must wait for room is the device thread's to
+            // finish: wake it to watch for that room.
+            if lock(&self.shared.state).device.output_fd().is_some() {
+                let _ = self.kicks[q].write(1);
+            }
+            return Ok(());
         }
         let _ = self.kicks[q].write(1);
         Ok(())
@@ -375,6 +399,10 @@ impl Drop for Running {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        let _ = self.shared.serve(None, |d, queues| {
+            d.finish(queues);
+            Ok(())
+        });
     }
 }
 
@@ -443,13 +471,17 @@ struct Worker {
     kicks: Vec<Arc<EventFd>>,
     epoll: Epoll,
     backend: Backend,
+    /// The output descriptor registered for EPOLLOUT, while the device
+    /// waits for room.
+    output: Option<RawFd>,
 }
 
 impl Worker {
     fn run(&mut self) {
-        let mut events = vec![EpollEvent::default(); self.kicks.len() + 2];
+        let mut events = vec![EpollEvent::default(); self.kicks.len() + 3];
         loop {
             self.watch_backend();
+            self.watch_output();
             let timeout = if matches!(self.backend, Backend::AlwaysReady) {
                 0
             } else {
@@ -466,6 +498,7 @@ impl Worker {
                 let result = match token {
                     STOP => return,
                     BACKEND => self.shared.serve(None, |d, q| d.backend_ready(q)),
+                    OUTPUT => self.shared.serve(None, |d, q| d.output_ready(q)),
                     q => {
                         let q = q as usize;
                         let _ = self.kicks[q].read();
@@ -477,6 +510,25 @@ impl Worker {
                     self.shared.irqs.kill(format!("{name} {reason}"));
                     return;
                 }
+            }
+        }
+    }
+
+    /// Watches the device's output descriptor for room while it wants.
+    fn watch_output(&mut self) {
+        let fd = lock(&self.shared.state).device.output_fd();
+        if fd == self.output {
+            return;
+        }
+        if let Some(old) = self.output.take() {
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, old, EpollEvent::default());
+        }
+        if let Some(fd) = fd {
+            let ev = EpollEvent::new(EventSet::OUT, OUTPUT);
+            if self.epoll.ctl(ControlOperation::Add, fd, ev).is_ok() {
+                self.output = Some(fd);
             }
         }
     }

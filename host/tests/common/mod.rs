@@ -6,10 +6,14 @@
 //! part of it, hence the `allow`s.
 #![allow(dead_code, unused_macros)]
 
+use std::fs::File;
 use std::io::Read;
+use std::ops::{Deref, DerefMut};
+use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Once, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -35,42 +39,88 @@ pub const CORE_TESTS: [&str; 12] = [
     "ts",
 ];
 
-/// The KVM device every test that boots a Guest needs.
-pub const KVM_DEVICE: &str = "/dev/kvm";
+/// The KVM device every test that boots a Guest needs: `/dev/kvm`, or
+/// `$LGUEST_KVM_DEVICE` when set (point it at a path that does not exist to
+/// see the tests skip).
+pub fn kvm_device() -> String {
+    std::env::var("LGUEST_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".to_string())
+}
 
-/// A `Command` for the `lguest` binary built by this package.
+/// A `Command` for the `lguest` binary built by this package, using the
+/// tests' KVM device.
 ///
 /// Variables from the caller's environment that would change what the
-/// Launcher does or prints are removed, so every test starts from the same
-/// place; a test that wants one sets it again.
+/// Launcher prints are removed, so every test starts from the same place; a
+/// test that wants one sets it again.
 pub fn lguest() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lguest"));
-    cmd.env_remove("LGUEST_KVM_DEVICE").env_remove("RUST_LOG");
+    cmd.env("LGUEST_KVM_DEVICE", kvm_device())
+        .env_remove("RUST_LOG");
     cmd
 }
 
-/// Whether /dev/kvm can be opened read-write (checked once per test binary).
+/// Tests of this binary that skipped for want of KVM.
+static SKIPPED: AtomicUsize = AtomicUsize::new(0);
+
+/// Says how many tests skipped, after the test harness's own summary: the
+/// harness hides what a passing test prints, so a `SKIPPED` line alone would
+/// go unseen, and a run that tested nothing would look like a green one.
+extern "C" fn report_skipped() {
+    let n = SKIPPED.load(Ordering::SeqCst);
+    if n == 0 {
+        return;
+    }
+    let binary = std::env::args().next().unwrap_or_default();
+    let name = Path::new(&binary)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map(|n| n.rsplit_once('-').map_or(n, |(name, _hash)| name))
+        .unwrap_or("tests")
+        .to_string();
+    let line = format!(
+        "{n} {} SKIPPED: {} unavailable (tests/{name}.rs; LGUEST_REQUIRE_KVM=1 makes this a failure)\n",
+        if n == 1 { "test" } else { "tests" },
+        kvm_device()
+    );
+    // SAFETY: write(2) from a live buffer; after main, the harness no longer
+    // captures anything, and fd 2 is the terminal or cargo's stderr.
+    unsafe { libc::write(2, line.as_ptr().cast(), line.len()) };
+}
+
+/// Whether the KVM device can be opened read-write (checked once per test
+/// binary).
 ///
 /// When it cannot: with `LGUEST_REQUIRE_KVM=1` (as in CI) this panics, so a
-/// machine without KVM fails the run instead of passing it untested; otherwise
-/// it prints `SKIPPED: /dev/kvm unavailable` and returns false.
+/// machine without KVM fails the run instead of passing it untested;
+/// otherwise it prints `SKIPPED: /dev/kvm unavailable`, counts the test as
+/// skipped (the count is printed when the test binary ends) and returns false.
 pub fn kvm_available() -> bool {
     static OPENED: OnceLock<Result<(), String>> = OnceLock::new();
     let opened = OPENED.get_or_init(|| {
         std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .open(KVM_DEVICE)
+            .open(kvm_device())
             .map(drop)
             .map_err(|e| e.to_string())
     });
     match opened {
         Ok(()) => true,
         Err(e) if std::env::var("LGUEST_REQUIRE_KVM").as_deref() == Ok("1") => {
-            panic!("LGUEST_REQUIRE_KVM=1 but {KVM_DEVICE} cannot be opened read-write: {e}")
+            panic!(
+                "LGUEST_REQUIRE_KVM=1 but {} cannot be opened read-write: {e}",
+                kvm_device()
+            )
         }
         Err(e) => {
-            println!("SKIPPED: /dev/kvm unavailable ({e})");
+            static REPORT: Once = Once::new();
+            REPORT.call_once(|| {
+                // SAFETY: registers a plain function that only formats and
+                // writes a line; it runs once, as the process exits.
+                unsafe { libc::atexit(report_skipped) };
+            });
+            SKIPPED.fetch_add(1, Ordering::SeqCst);
+            println!("SKIPPED: {} unavailable ({e})", kvm_device());
             false
         }
     }
@@ -188,6 +238,32 @@ impl Outcome {
     }
 }
 
+/// A running child that is killed and reaped when dropped, so a test that
+/// fails (panics) anywhere never leaves an `lguest` behind.
+pub struct Spawned(Child);
+
+impl Deref for Spawned {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl DerefMut for Spawned {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Runs `cmd` with stdin from /dev/null and a time limit of `TIMEOUT`.
 pub fn run(cmd: &mut Command) -> Outcome {
     run_with_timeout(cmd, TIMEOUT)
@@ -208,6 +284,7 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Outcome {
             // Kill it, then show whatever it printed before it hung.
             let _ = child.kill();
             let status = child.wait().expect("waiting for killed lguest");
+            drop(child);
             panic!(
                 "{cmd:?} did not finish within {timeout:?}; killed\n{}",
                 Outcome {
@@ -229,13 +306,91 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Outcome {
     }
 }
 
-/// Starts `cmd` with stdin from /dev/null and stdout and stderr piped.
-pub fn spawn(cmd: &mut Command) -> Child {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
+/// Starts `cmd` with stdin from /dev/null and stdout and stderr piped; it is
+/// killed when the result is dropped.
+pub fn spawn(cmd: &mut Command) -> Spawned {
+    Spawned(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}")),
+    )
+}
+
+/// A pipe: (read end, write end), both close-on-exec (a child gets the end
+/// it is given as its stdin or stdout, and no other).
+pub fn pipe() -> (File, File) {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two new descriptors, which the Files then own.
+    unsafe {
+        assert_eq!(
+            libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC),
+            0,
+            "pipe2: {}",
+            std::io::Error::last_os_error()
+        );
+        (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1]))
+    }
+}
+
+/// Whether SIGINT is pending for process `pid`: sent, but not yet taken by
+/// one of its threads. False once the process has exited (or been reaped).
+fn sigint_pending(pid: u32) -> bool {
+    let bit = 1u64 << (libc::SIGINT - 1);
+    let pending = |status: &str, field: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .is_some_and(|mask| mask & bit != 0)
+    };
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    if status
+        .lines()
+        .any(|l| l.starts_with("State:") && (l.contains("zombie") || l.contains("dead")))
+    {
+        return false;
+    }
+    if pending(&status, "ShdPnd:") {
+        return true;
+    }
+    // A signal sent to the process may also wait on one thread.
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|task| {
+        std::fs::read_to_string(task.path().join("status"))
+            .is_ok_and(|status| pending(&status, "SigPnd:"))
+    })
+}
+
+/// Sends SIGINT to process `pid` (a child not yet reaped), as Ctrl-C on a
+/// terminal that is not raw would, and waits until the process has taken it.
+///
+/// Signals are not queued: one sent while the last is still pending merges
+/// with it, so three SIGINTs sent back to back may arrive as one or two. A
+/// test that means three sends them with this, one after another.
+pub fn ctrl_c(pid: u32) {
+    // SAFETY: kill() on the pid of a child the caller has not reaped, so the
+    // pid is still its.
+    let sent = unsafe { libc::kill(pid as libc::pid_t, libc::SIGINT) };
+    assert_eq!(
+        sent,
+        0,
+        "kill -INT {pid}: {}",
+        std::io::Error::last_os_error()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sigint_pending(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "process {pid} has not taken its SIGINT within 10 s"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// Reads a pipe to its end on a thread of its own, so a chatty child never
@@ -255,9 +410,9 @@ fn join(reader: thread::JoinHandle<String>) -> String {
 /// A Launcher left running while the test talks to it: its stdin is piped
 /// (or whatever `start_with_stdin` was given), and what it prints so far can
 /// be looked at before it ends. Dropping it kills the process if it is still
-/// running, so a failing test never leaves a Guest behind.
+/// running (see `Spawned`), so a failing test never leaves a Guest behind.
 pub struct Session {
-    child: Child,
+    child: Spawned,
     what: String,
     stdin: Option<std::process::ChildStdin>,
     stdout: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
@@ -274,18 +429,32 @@ impl Session {
     /// Starts `cmd` with `stdin` as its standard input (a file, a terminal,
     /// or `Stdio::piped()` to write to it with `send`).
     pub fn start_with_stdin(cmd: &mut Command, stdin: Stdio) -> Session {
-        let mut child = cmd
-            .stdin(stdin)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        Session::start_with_stdio(cmd, stdin, Stdio::piped())
+    }
+
+    /// Starts `cmd` with `stdin` and `stdout` as given. A piped stdout is
+    /// collected (`stdout_so_far`); any other (the write end of a `pipe()`,
+    /// say) is the test's to read, at its own pace, or not at all.
+    pub fn start_with_stdio(cmd: &mut Command, stdin: Stdio, stdout: Stdio) -> Session {
+        let mut child = Spawned(
+            cmd.stdin(stdin)
+                .stdout(stdout)
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}")),
+        );
+        // The Command keeps what it was given: let go of our copies of the
+        // child's descriptors, so a reader of its stdout sees it end.
+        cmd.stdin(Stdio::null()).stdout(Stdio::null());
         let stdout = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let stderr = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let readers = vec![
-            collect(child.stdout.take().expect("piped stdout"), stdout.clone()),
-            collect(child.stderr.take().expect("piped stderr"), stderr.clone()),
-        ];
+        let mut readers = vec![collect(
+            child.stderr.take().expect("piped stderr"),
+            stderr.clone(),
+        )];
+        if let Some(out) = child.stdout.take() {
+            readers.push(collect(out, stdout.clone()));
+        }
         Session {
             stdin: child.stdin.take(),
             child,
@@ -306,7 +475,8 @@ impl Session {
         String::from_utf8_lossy(&self.stdout.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
     }
 
-    fn stderr_so_far(&self) -> String {
+    /// What it has printed on stderr so far.
+    pub fn stderr_so_far(&self) -> String {
         String::from_utf8_lossy(&self.stderr.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
     }
 
@@ -351,8 +521,7 @@ impl Session {
             if self.stdout_so_far().contains(text) {
                 return true;
             }
-            let ended = !matches!(self.child.try_wait(), Ok(None));
-            if ended {
+            if self.has_ended() {
                 // Its last words may still be on their way through the pipe.
                 thread::sleep(Duration::from_millis(50));
                 return self.stdout_so_far().contains(text);
@@ -362,6 +531,46 @@ impl Session {
             }
             thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Whether the process has ended.
+    pub fn has_ended(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits until the pipe the process writes its stdout to is full (it
+    /// was started with the write end of a `pipe()` nobody reads; `probe` is
+    /// a copy of that write end, which this closes), then a little longer
+    /// for what the Launcher keeps back to fill too. Panics if the process
+    /// ends first or the pipe never fills.
+    pub fn wait_until_stdout_full(&mut self, probe: File) {
+        use std::os::fd::AsRawFd;
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let mut p = libc::pollfd {
+                fd: probe.as_raw_fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            // SAFETY: one pollfd we own, zero timeout. A pipe polls writable
+            // while it has a free page.
+            if unsafe { libc::poll(&mut p, 1, 0) } == 0 {
+                break;
+            }
+            assert!(
+                !self.has_ended(),
+                "ended before filling its stdout\n{}",
+                self.describe_so_far()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "stdout never filled\n{}",
+                self.describe_so_far()
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+        drop(probe);
+        thread::sleep(Duration::from_millis(200));
     }
 
     /// Like `wait_for_stdout`, but panics (showing the output so far) when
@@ -402,15 +611,6 @@ impl Session {
             status,
             stdout: self.stdout_so_far(),
             stderr: self.stderr_so_far(),
-        }
-    }
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
         }
     }
 }
