@@ -93,6 +93,9 @@ pub struct HostTables {
 }
 
 /// Fills the Host pages of `mem` and returns where things are.
+/*L:130 What was lguest's Switcher page: the IDT, GDT and TSS the CPU needs
+ * to take a trap from ring 3, the stubs that turn every trap into an exit,
+ * and the initial page tables, all read-only to the Guest. */
 pub fn build(mem: &GuestMemory) -> HostTables {
     let layout = mem.layout;
     let phys = |page: u64| layout.host_base() + page * PAGE_SIZE;
@@ -221,6 +224,10 @@ fn write_tss(mem: &GuestMemory, layout: &Layout) {
     mem.write_host(TSS_PAGE, TSS_SIZE - 1, &[0xFF]);
 }
 
+/*S:140 The stubs: push an error code if the CPU didn't, push the vector,
+ * `out` to port 0x1E (an exit: the Host reads the frame), then `iretq` to
+ * wherever the Host left the frame pointing. A few instructions, since
+ * ring 0 is emulated on some KVMs. */
 fn write_stubs(mem: &GuestMemory) {
     for v in 0..STUB_VECTORS {
         let mut s = [0x90u8; STUB_SIZE as usize];

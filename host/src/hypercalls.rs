@@ -136,7 +136,7 @@ impl Lguest {
         }
     }
 
-    /*H:200 A synchronous hypercall: the first must be LGUEST_INIT; every
+    /*H:330 A synchronous hypercall: the first must be LGUEST_INIT; every
      * other first drains the async ring, then runs. */
     pub fn hypercall(
         &mut self,
@@ -154,7 +154,7 @@ impl Lguest {
         self.do_hypercall(mem, m, nr, [a1, a2, a3, a4])
     }
 
-    /*H:210 Section 4.1: run the queued calls from our cursor, in order, up to
+    /*H:350 Section 4.1: run the queued calls from our cursor, in order, up to
      * the first free slot. Queued calls behave as if made directly; their
      * results are discarded. */
     fn drain_async(&mut self, mem: &GuestMemory, m: &mut impl Machine) -> Result<(), HcallError> {
@@ -180,7 +180,7 @@ impl Lguest {
         Ok(())
     }
 
-    /*H:220 LGUEST_INIT: the Guest tells us where lguest_data is, and we fill
+    /*H:320 LGUEST_INIT: the Guest tells us where lguest_data is, and we fill
      * in our fields. */
     fn lguest_init(
         &mut self,
@@ -206,6 +206,8 @@ impl Lguest {
     }
 
     /// One hypercall, direct or queued: lguest's single `match`.
+    /*H:340 lguest's hypercall switch: one arm per call, each either done at
+     * once or handed to the module of its mechanism. */
     fn do_hypercall(
         &mut self,
         mem: &GuestMemory,

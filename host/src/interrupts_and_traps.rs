@@ -124,7 +124,7 @@ impl Traps {
         self.idt[FIRST_EXTERNAL_VECTOR as usize + irq as usize].expect("candidates have gates")
     }
 
-    /*H:300 lguest's set_guest_interrupt: push the frame the CPU would have
+    /*H:430 lguest's set_guest_interrupt: push the frame the CPU would have
      * pushed, on the Guest's stack (through its own page tables, at `cr3`),
      * and return the context that enters the handler. The frame's IF is the
      * virtual one, irq_enabled. */
@@ -197,6 +197,9 @@ pub struct Choice {
 }
 
 /// Decides what to deliver (a halted Guest wakes for any candidate).
+/*H:420 Which IRQ goes next: the lowest candidate, if the Guest can take
+ * it now. Otherwise irq_pending tells the Guest, and the 1 ms re-look makes
+ * sure a window that closes without an exit doesn't strand it. */
 pub fn choose(look: Look) -> Choice {
     let c = look.candidates;
     if c == 0 {

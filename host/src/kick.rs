@@ -149,6 +149,9 @@ impl Irqs {
     /// Marks `irq` pending and gets the vCPU to look at it. An IRQ already
     /// pending needs no second kick: the vCPU has been told, and if it could
     /// not deliver, its 1 ms re-look is armed.
+    /*H:440 Any thread raises an IRQ: a bit, an eventfd for a halted vCPU,
+     * and a signal for a running one, whose handler sets immediate_exit so
+     * even a kick just before KVM_RUN is not lost. */
     pub fn raise(&self, irq: u32) {
         let old = self.pending.fetch_or(1 << irq, Ordering::SeqCst);
         if old & (1 << irq) == 0 {

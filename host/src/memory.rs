@@ -20,6 +20,9 @@ use vm_memory::{
 
 /// Where everything lies for one boot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/*L:120 The Guest's physical memory, as ABI section 2 draws it: RAM, the
+ * device pages just above it, then pages of the Host's that the Guest can't
+ * write. */
 pub struct Layout {
     /// Bytes of RAM (`mem`): the first device page is here.
     pub mem: u64,

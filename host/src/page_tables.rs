@@ -96,7 +96,7 @@ impl ShadowRoots {
             .unwrap_or(self.init_pml4)
     }
 
-    /*H:400 NEW_PGTABLE: check the Guest's PML4 as ABI section 4 says, then
+    /*H:450 NEW_PGTABLE: check the Guest's PML4 as ABI section 4 says, then
      * find (or take) a shadow root for it and copy its lower half in. A root
      * already holding the same entries is loaded as it is, without a copy.
      * NEW_PGTABLE of the initial tables goes back to them: they are ours. */
@@ -144,7 +144,7 @@ impl ShadowRoots {
         Ok(self.load(mem, i, changed))
     }
 
-    /*H:410 SET_PGD: the Guest changed entry `index` of its loaded PML4. */
+    /*H:460 SET_PGD: the Guest changed entry `index` of its loaded PML4. */
     pub fn set_pgd(
         &mut self,
         mem: &GuestMemory,

@@ -128,6 +128,7 @@ impl ClockEvent {
 
     /// SET_CLOCKEVENT: fire once after `delta_ns` (0 cancels; tiny deltas
     /// fire at once). Re-arming replaces the previous event.
+    /*H:470 SET_CLOCKEVENT: a one-shot timerfd; its thread raises IRQ 0. */
     pub fn set(&self, delta_ns: u64, irqs: &Irqs) {
         let mut timer = lock(&self.timer);
         if delta_ns == 0 {

@@ -40,6 +40,8 @@ pub enum Stop {
 
 /// Sudden Death, as the vCPU thread decides it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/*H:600 Sudden Death: whatever the Guest did wrong ends here, as one
+ * reason, and the Guest never runs again (ABI section 4). */
 pub enum Death {
     #[error(transparent)]
     Hypercall(#[from] HcallError),
@@ -168,7 +170,7 @@ impl Guest {
         })
     }
 
-    /*H:100 Runs the Guest until it stops: look for an interrupt to
+    /*H:300 Runs the Guest until it stops: look for an interrupt to
      * deliver, enter it, handle the exit; again. */
     pub fn run(&mut self) -> Stop {
         let stop = loop {
@@ -183,6 +185,8 @@ impl Guest {
     }
 
     /// One KVM_RUN and the handling of its exit.
+    /*H:310 One KVM_RUN, and what its exit meant: lguest's run_guest_once
+     * and the switch after it. The world switch itself is KVM's. */
     fn run_once(&mut self) -> Flow {
         let cpu = &mut self.cpu;
         // KVM_RUN completes the previous exit's I/O before it enters.
@@ -259,7 +263,7 @@ impl Guest {
         }
     }
 
-    /*H:120 Whether the exit on port 0x1F came from a plain `out` (`e6 1f` or
+    /*H:360 Whether the exit on port 0x1F came from a plain `out` (`e6 1f` or
      * `ee`): only that is a hypercall (ABI section 4); `outs` there ends the
      * Guest. KVMs differ on where RIP is at an I/O exit: past a plain `out`
      * on some, on it on others, and on a string instruction on all (see
@@ -315,7 +319,7 @@ impl Guest {
      * Traps.
      */
 
-    /*H:110 The Guest trapped into stub `vector`: decide what it meant. */
+    /*H:370 The Guest trapped into stub `vector`: decide what it meant. */
     fn handle_trap(&mut self, frame: u64) -> Flow {
         let cpu = &mut self.cpu;
         if !cpu.frame_ok(frame) {
@@ -393,7 +397,7 @@ impl Guest {
         Some(one[0])
     }
 
-    /*H:130 After its first use, `int $0x1f` becomes `out %al,$0x1f`, which
+    /*H:380 After its first use, `int $0x1f` becomes `out %al,$0x1f`, which
      * exits straight to us instead of through a trap and a ring-0 stub. */
     fn rewrite_hcall_site(&mut self, site: u64) {
         if self.code_bytes(site) != Some(INT_1F_BYTES) {
@@ -414,7 +418,7 @@ impl Guest {
         self.lguest.data.expect("after LGUEST_INIT")
     }
 
-    /*H:140 Before entering the Guest: deliver what can be delivered, sleep
+    /*H:400 Before entering the Guest: deliver what can be delivered, sleep
      * while halted with nothing to deliver. */
     fn prepare_entry(&mut self) -> Result<(), Death> {
         loop {
@@ -460,7 +464,7 @@ impl Guest {
         Ok(())
     }
 
-    /*H:150 ABI section 6: find the lowest deliverable IRQ and deliver it. */
+    /*H:410 ABI section 6: find the lowest deliverable IRQ and deliver it. */
     fn look(&mut self, at: Option<Where>) -> Result<(), Death> {
         let Some(data) = self.lguest.data else {
             return Ok(());

@@ -81,6 +81,9 @@ pub struct Vm {
 impl Vm {
     /// Creates the VM, hands it every region of `mem` and sets the vCPU up
     /// for ring 3 at `entry` with the initial page tables.
+    /*L:160 The VM: every region of Guest memory a memslot (the Host's pages
+     * read-only), one vCPU, and its registers as ABI section 1 says: long
+     * mode, ring 3 from the first instruction, the Host's IDT and GDT. */
     pub fn new(
         hv: &Hypervisor,
         mem: &GuestMemory,

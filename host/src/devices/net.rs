@@ -97,7 +97,7 @@ impl Device for Net {
             self.rx_buffers = true;
             return self.receive(queues);
         }
-        /*D:600 The Guest's frames go to the tap straight from its buffers:
+        /*D:550 The Guest's frames go to the tap straight from its buffers:
          * one writev per frame, the kernel's copy the only one. Every frame
          * sent is handed back at once (its buffers are free again), but the
          * Guest hears of them once, after the last. */

@@ -305,7 +305,7 @@ impl Running {
         })
     }
 
-    /*H:500 The Guest kicked queue `q` (NOTIFY): wake the device's thread
+    /*D:500 The Guest kicked queue `q` (NOTIFY): wake the device's thread
      * with its eventfd, taking no lock, so the vCPU never waits while the
      * device does I/O. Only queues whose work is short and never blocks
      * (console output) are served here instead. An error is the Sudden
