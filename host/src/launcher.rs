@@ -11,6 +11,7 @@ use crate::host_pages;
 use crate::interrupts::{self, Irqs};
 use crate::memory::{GuestMemory, Layout};
 use crate::vcpu::{Guest, Stop};
+use crate::virtio::{Device, Queues};
 use crate::vm::{Hypervisor, Vm, VmError};
 use lguest_abi::{DEVICE_MODEL_VIRTIO, PAGE_SIZE};
 use std::fs::{File, FileType, Metadata};
@@ -207,6 +208,32 @@ impl Write for QuietStderr {
     }
 }
 
+/// A network card as the bus sees it (its queues and config space), before
+/// its tap exists: what `bus::check_fits` counts.
+struct CardShape;
+
+impl Device for CardShape {
+    fn name(&self) -> &'static str {
+        "net"
+    }
+    fn virtio_id(&self) -> u8 {
+        lguest_abi::VIRTIO_ID_NET
+    }
+    fn queue_names(&self) -> &'static [&'static str] {
+        &["rx", "tx"]
+    }
+    fn features(&self) -> u32 {
+        0
+    }
+    /// {u8 mac[6], u16 status}
+    fn config(&self) -> Vec<u8> {
+        vec![0; 8]
+    }
+    fn kick(&mut self, _q: usize, _queues: &mut Queues) -> Result<(), String> {
+        Ok(())
+    }
+}
+
 /// Whether the disk at `path` is one of `disks` already (by inode).
 fn opened_twice(path: &str, disks: &[Arc<Disk>]) -> bool {
     std::fs::metadata(path).is_ok_and(|m| disks.iter().any(|d| d.inode == (m.dev(), m.ino())))
@@ -304,12 +331,21 @@ impl Launch {
             nets: Vec::new(),
             rng: cfg.rng,
         };
+        // The devices must fit the bus before any tap is made: a card's
+        // stand-in has its shape (queues, config), and no tap.
+        let mut shapes = backends.devices();
+        let rng = cfg.rng.then(|| shapes.pop()).flatten();
+        shapes.extend(
+            tunnets
+                .iter()
+                .map(|_| Box::new(CardShape) as Box<dyn Device>),
+        );
+        shapes.extend(rng);
+        bus::check_fits(&shapes).map_err(LaunchError::Device)?;
         let mut cmdline = cfg.cmdline;
         if cfg.transport == Transport::Mmio {
-            // Announce the windows the way Linux reads them: the console,
-            // the disks, the cards, the rng.
-            let devices = 1 + backends.disks.len() + tunnets.len() + cfg.rng as usize;
-            for word in bus::mmio_cmdline(mem, devices) {
+            // Announce the windows the way Linux reads them.
+            for word in bus::mmio_cmdline(mem, shapes.len()) {
                 if !cmdline.is_empty() {
                     cmdline.push(' ');
                 }
@@ -324,8 +360,7 @@ impl Launch {
         }
         .check(mem)?;
         // The taps are the one set-up step with an effect outside us (they go
-        // away with us), so they come after every check but the bus's, which
-        // counts the cards themselves.
+        // away with us), so they come after every check that needs none.
         for (target, mac) in tunnets {
             let tap = tap::Tap::create(&target)?;
             let mac = mac.unwrap_or_else(tap::random_mac);
@@ -339,6 +374,7 @@ impl Launch {
             backends.nets.push((Arc::new(tap), mac));
         }
         let devices = backends.devices();
+        // Again with the real cards, should a stand-in ever differ.
         bus::check_fits(&devices).map_err(LaunchError::Device)?;
         let hole = match cfg.transport {
             Transport::Mmio => bus::mmio_hole_pages(devices.len()),
