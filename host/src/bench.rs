@@ -168,17 +168,40 @@ impl Bench {
     }
 }
 
-/// One output line (ABI section 10).
-fn report(name: &str, unit: &str, values: Vec<f64>, floors: Vec<f64>) {
-    report_line(name, unit, values, floors, "");
+/// Why the benchmarks stopped before the end.
+enum Halt {
+    Failed(String),
+    /// Stdout took no more (its reader left, as `lguest --bench | head -1`
+    /// does): there is no one left to measure for.
+    Unread,
 }
 
-fn report_line(name: &str, unit: &str, values: Vec<f64>, floors: Vec<f64>, extra: &str) {
+impl From<String> for Halt {
+    fn from(e: String) -> Halt {
+        Halt::Failed(e)
+    }
+}
+
+/// One output line (ABI section 10).
+fn report(name: &str, unit: &str, values: Vec<f64>, floors: Vec<f64>) -> Result<(), Halt> {
+    report_line(name, unit, values, floors, "")
+}
+
+fn report_line(
+    name: &str,
+    unit: &str,
+    values: Vec<f64>,
+    floors: Vec<f64>,
+    extra: &str,
+) -> Result<(), Halt> {
     let (v, f) = (median(values), median(floors));
-    println!(
+    let line = format!(
         "{name} value={v:.3} unit={unit} floor={f:.3} ratio={:.3} runs={RUNS}{extra}",
         v / f
     );
+    crate::launcher::stdout_line(&line)
+        .then_some(())
+        .ok_or(Halt::Unread)
 }
 
 /// A file removed when dropped.
@@ -258,7 +281,16 @@ fn rss_kib(pid: u32) -> Result<(f64, f64), String> {
     Ok((total, guest))
 }
 
+/// Runs every benchmark, printing a line for each; stops early, and
+/// successfully, when stdout is closed.
 pub fn run(kvm: &Path) -> Result<(), String> {
+    match measure(kvm) {
+        Ok(()) | Err(Halt::Unread) => Ok(()),
+        Err(Halt::Failed(e)) => Err(e),
+    }
+}
+
+fn measure(kvm: &Path) -> Result<(), Halt> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find myself: {e}"))?;
     let bench = Bench {
         exe,
@@ -278,8 +310,8 @@ pub fn run(kvm: &Path) -> Result<(), String> {
         ud.push(bench.guest_loop("ud")?);
     }
     let exit_floor = median(out.clone());
-    report("P1-hcall-out", "us", hcall, out.clone());
-    report("P1-hcall-ud", "us", ud, out.clone());
+    report("P1-hcall-out", "us", hcall, out.clone())?;
+    report("P1-hcall-ud", "us", ud, out.clone())?;
 
     // P8: the Host-owned top level (ABI 1.1). NEW_PGTABLE between two
     // PML4s it has roots for, and SET_PGD of an entry that changes each
@@ -290,8 +322,8 @@ pub fn run(kvm: &Path) -> Result<(), String> {
         pgtable.push(bench.guest_loop_n("pgtable", PGTABLE_ITERS)?);
         pgd.push(bench.guest_loop_n("pgd", PGTABLE_ITERS)?);
     }
-    report("P8-new-pgtable", "us", pgtable, out.clone());
-    report("P8-set-pgd", "us", pgd, out);
+    report("P8-new-pgtable", "us", pgtable, out.clone())?;
+    report("P8-set-pgd", "us", pgd, out)?;
 
     // P2: launch to exit against a Guest that exits at once.
     let floor_guest = Scratch::new("floor", &floor_guest())?;
@@ -300,7 +332,7 @@ pub fn run(kvm: &Path) -> Result<(), String> {
         boot.push(bench.launch(&[])?);
         floor.push(bench.launch(&["64", &floor_guest.arg()])?);
     }
-    report("P2-launch", "ms", boot, floor);
+    report("P2-launch", "ms", boot, floor)?;
 
     // P3: the Guest reading a disk against the host reading the same file.
     let disk: Vec<u8> = (0..DISK_BYTES).map(|i| (i / 4096) as u8).collect();
@@ -311,7 +343,7 @@ pub fn run(kvm: &Path) -> Result<(), String> {
         guest.push(bench.guest_throughput(&[&block, "--append", "bench=blk"])?);
         host.push(host_read(&disk.0)?);
     }
-    report_line("P3-blk-read", "MiB/s", guest, host, " higher=better");
+    report_line("P3-blk-read", "MiB/s", guest, host, " higher=better")?;
     drop(disk);
 
     // P4: the Guest sending to a tap against the host writing to one.
@@ -335,9 +367,9 @@ pub fn run(kvm: &Path) -> Result<(), String> {
                 guest,
                 host,
                 " higher=better floor_name=host-writes-to-tap",
-            );
+            )?;
         }
-        Err(e) => eprintln!("lguest: P4 not measured: {e}"),
+        Err(e) => crate::launcher::message(format_args!("P4 not measured: {e}")),
     }
 
     // P5: resident memory beyond the Guest's RAM, against a bare process.
@@ -348,15 +380,14 @@ pub fn run(kvm: &Path) -> Result<(), String> {
         launcher.push(bench.idle_rss(&[&block, "--rng"])?);
         bare.push(idle_rss_of(Command::new("cat"))?);
     }
-    report("P5-rss", "MiB", launcher, bare);
+    report("P5-rss", "MiB", launcher, bare)?;
 
     // P6: a byte through the console and back, against one bare exit.
     let mut echo = vec![];
     for _ in 0..RUNS {
         echo.push(bench.echo()?);
     }
-    report("P6-console-echo", "us", echo, vec![exit_floor; RUNS]);
-    Ok(())
+    report("P6-console-echo", "us", echo, vec![exit_floor; RUNS])
 }
 
 /// Resident MiB of a process idling on a pipe (P5's floor).

@@ -4,16 +4,22 @@
 //! Everything a user can get wrong (files, sizes, the command line) is checked
 //! in [`Launch::prepare`], before /dev/kvm is even opened.
 
-use crate::boot::{BootError, BootImage, Kernel};
+use crate::boot::{BootError, BootImage, Initrd, Kernel};
 use crate::bus::{self, Bus, Transport};
-use crate::devices::{self, block::Disk, tap, Backends};
+use crate::devices::{self, block::Disk, block::DiskError, tap, Backends};
 use crate::host_pages;
 use crate::kick::{self, Irqs};
 use crate::memory::{GuestMemory, Layout};
 use crate::vcpu::{Guest, Stop};
+use crate::virtio::{Device, Queues};
 use crate::vm::{Hypervisor, Vm, VmError};
 use lguest_abi::{DEVICE_MODEL_VIRTIO, PAGE_SIZE};
+use std::fs::{File, FileType, Metadata};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// The reference Guest, built by build.rs.
 pub static BUNDLED_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/lguest-guest"));
@@ -51,14 +57,31 @@ pub const MEM_MB_RANGE: std::ops::RangeInclusive<u64> = 2..=65536;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
-    #[error("cannot read {what} {path}: {err}")]
-    Read {
+    #[error("cannot open {what} {path}: {err}")]
+    Open {
         what: &'static str,
         path: String,
         err: std::io::Error,
     },
+    #[error("{what} {path} is {kind}, not a regular file")]
+    NotRegular {
+        what: &'static str,
+        path: String,
+        kind: &'static str,
+    },
     #[error(transparent)]
     Boot(#[from] BootError),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error("disk {0} is given twice, and read-write: two disks on one file would corrupt it")]
+    DiskTwice(String),
+    #[error(transparent)]
+    Tunnet(#[from] tap::TunnetError),
+    #[error(
+        "the reference Guest finds devices on the lguest bus only: with --transport=mmio it \
+         has no console for its prompt (use --guest=drivers, which drives virtio-mmio)"
+    )]
+    ReferenceNeedsBus,
     #[error(transparent)]
     Vm(#[from] VmError),
     #[error("cannot set up guest memory: {0}")]
@@ -78,8 +101,8 @@ pub struct Config {
     pub kvm_device: PathBuf,
     /// `--block` specs, `FILE[,ro]`.
     pub block: Vec<String>,
-    /// `--tunnet` spec.
-    pub tunnet: Option<String>,
+    /// `--tunnet` specs, one network card each, in order.
+    pub tunnet: Vec<String>,
     pub rng: bool,
     pub transport: Transport,
 }
@@ -87,7 +110,7 @@ pub struct Config {
 /// A checked configuration, ready to boot (again and again on restart).
 pub struct Launch {
     kernel: Kernel,
-    initrd: Option<(String, Vec<u8>)>,
+    initrd: Option<Initrd>,
     cmdline: String,
     layout: Layout,
     kvm_device: PathBuf,
@@ -95,12 +118,139 @@ pub struct Launch {
     transport: Transport,
 }
 
-fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, LaunchError> {
-    std::fs::read(path).map_err(|err| LaunchError::Read {
+/*
+ * Opening what the user names. A path may be anything: a FIFO that no one
+ * writes (open would wait for a writer forever), a terminal, /dev/zero. So we
+ * open without blocking, look at what we got through the descriptor itself
+ * (no window for the path to change in between), and only then go back to
+ * ordinary blocking I/O.
+ */
+
+/// Opens `path` with O_NONBLOCK (and O_CLOEXEC, O_NOCTTY), read-only or
+/// read-write, and returns it with its fstat. `flags` adds open flags.
+pub fn open_nonblocking(path: &Path, write: bool, flags: i32) -> std::io::Result<(File, Metadata)> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY | flags)
+        .open(path)?;
+    let meta = file.metadata()?;
+    Ok((file, meta))
+}
+
+/// Clears O_NONBLOCK, once `file` is known to be a file or a disk.
+pub fn set_blocking(file: &File) -> std::io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL and F_SETFL on a descriptor we own; no memory passes.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// What a file that is not a regular file is, for messages.
+pub fn kind_of(t: FileType) -> &'static str {
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Opens the kernel or initrd at `path`: a regular file, read-only. Returns
+/// it with its size.
+fn open_regular(what: &'static str, path: &Path) -> Result<(File, u64), LaunchError> {
+    let name = || path.display().to_string();
+    let open_err = |err| LaunchError::Open {
         what,
-        path: path.display().to_string(),
+        path: name(),
         err,
-    })
+    };
+    let (file, meta) = open_nonblocking(path, false, 0).map_err(open_err)?;
+    if !meta.file_type().is_file() {
+        return Err(LaunchError::NotRegular {
+            what,
+            path: name(),
+            kind: kind_of(meta.file_type()),
+        });
+    }
+    set_blocking(&file).map_err(open_err)?;
+    Ok((file, meta.len()))
+}
+
+/*
+ * The Launcher's own output. Nothing it prints may change how it ends: a
+ * full disk or a closed pipe on stderr or stdout is ignored (Rust leaves
+ * SIGPIPE ignored, so such a write just fails), and the exit status stays
+ * the one ABI section 10 gives.
+ */
+
+/// Writes `lguest: <text>` as one line on stderr, whatever becomes of it.
+pub fn message(text: impl std::fmt::Display) {
+    let line = format!("lguest: {text}\n");
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
+/// Writes `line` on stdout; false when stdout takes no more (a closed pipe,
+/// a full disk): whoever wanted the output has gone.
+pub fn stdout_line(line: &str) -> bool {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
+}
+
+/// A writer for stderr that drops what cannot be written, for `--verbose`.
+pub struct QuietStderr;
+
+impl Write for QuietStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().lock().write_all(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A network card as the bus sees it (its queues and config space), before
+/// its tap exists: what `bus::check_fits` counts.
+struct CardShape;
+
+impl Device for CardShape {
+    fn name(&self) -> &'static str {
+        "net"
+    }
+    fn virtio_id(&self) -> u8 {
+        lguest_abi::VIRTIO_ID_NET
+    }
+    fn queue_names(&self) -> &'static [&'static str] {
+        &["rx", "tx"]
+    }
+    fn features(&self) -> u32 {
+        0
+    }
+    /// {u8 mac[6], u16 status}
+    fn config(&self) -> Vec<u8> {
+        vec![0; 8]
+    }
+    fn kick(&mut self, _q: usize, _queues: &mut Queues) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Whether the disk at `path` is one of `disks` already (by inode).
+fn opened_twice(path: &str, disks: &[Arc<Disk>]) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| disks.iter().any(|d| d.inode == (m.dev(), m.ino())))
 }
 
 /// The memory layout for `mem_mb` MiB: RAM, then the device pages (the
@@ -119,61 +269,101 @@ pub fn layout_for(mem_mb: u64, device_pages: u64, mmio_hole_pages: u64) -> Layou
 
 impl Launch {
     pub fn prepare(cfg: Config) -> Result<Launch, LaunchError> {
-        let (name, image): (String, std::borrow::Cow<'static, [u8]>) = match &cfg.kernel {
-            KernelChoice::File(path) => (path.display().to_string(), read("kernel", path)?.into()),
-            KernelChoice::Reference if wants_tests(&cfg.cmdline) => (
-                "bundled reference Guest (with its tests)".into(),
-                BUNDLED_TESTS_GUEST.into(),
-            ),
-            KernelChoice::Reference => ("bundled reference Guest".into(), BUNDLED_GUEST.into()),
-            KernelChoice::Drivers => ("bundled drivers Guest".into(), BUNDLED_DRIVERS_GUEST.into()),
+        let mem = cfg.mem_mb << 20;
+        let kernel = match &cfg.kernel {
+            KernelChoice::File(path) => {
+                let (file, len) = open_regular("kernel", path)?;
+                Kernel::from_file(&path.display().to_string(), file, len)?
+            }
+            KernelChoice::Reference if wants_tests(&cfg.cmdline) => Kernel::from_bytes(
+                "bundled reference Guest (with its tests)",
+                BUNDLED_TESTS_GUEST,
+            )?,
+            KernelChoice::Reference => {
+                Kernel::from_bytes("bundled reference Guest", BUNDLED_GUEST)?
+            }
+            KernelChoice::Drivers => {
+                Kernel::from_bytes("bundled drivers Guest", BUNDLED_DRIVERS_GUEST)?
+            }
         };
-        let kernel = Kernel::parse(&name, image)?;
+        tracing::debug!("kernel {}, entry {:#x}", kernel.name, kernel.entry);
         let initrd = match &cfg.initrd {
-            Some(path) => Some((path.display().to_string(), read("initrd", path)?)),
-            None => None,
-        };
-        let disks = cfg
-            .block
-            .iter()
-            .map(|spec| Disk::open(spec).map(std::sync::Arc::new))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(LaunchError::Device)?;
-        let tunnet = cfg
-            .tunnet
-            .as_deref()
-            .map(tap::parse_tunnet)
-            .transpose()
-            .map_err(LaunchError::Device)?;
-        // The tap is the one set-up step with an effect outside us (it goes
-        // away with us), so it comes after every check that needs none.
-        let net = match tunnet {
-            Some((target, mac)) => {
-                let tap = tap::Tap::create(&target).map_err(LaunchError::Device)?;
-                Some((
-                    std::sync::Arc::new(tap),
-                    mac.unwrap_or_else(tap::random_mac),
-                ))
+            Some(path) => {
+                let (file, size) = open_regular("initrd", path)?;
+                let initrd = Initrd::from_file(&path.display().to_string(), file, size, mem)?;
+                tracing::debug!("initrd {}, {} bytes", initrd.name, initrd.size);
+                Some(initrd)
             }
             None => None,
         };
-        let backends = Backends {
+        // The reference Guest looks for its devices on the lguest bus only;
+        // under mmio it can still run its self-tests and its bad= cases (which
+        // poke the windows), but not the prompt.
+        if cfg.transport == Transport::Mmio
+            && cfg.kernel == KernelChoice::Reference
+            && !cfg
+                .cmdline
+                .split_whitespace()
+                .any(|w| w.starts_with("test=") || w.starts_with("bad="))
+        {
+            return Err(LaunchError::ReferenceNeedsBus);
+        }
+        let mut disks: Vec<Arc<Disk>> = Vec::new();
+        for spec in &cfg.block {
+            let disk = match Disk::open(spec) {
+                Ok(disk) => disk,
+                Err(DiskError::InUse { path, .. }) if opened_twice(&path, &disks) => {
+                    return Err(LaunchError::DiskTwice(path));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            tracing::debug!(
+                "disk {}: {}, {} sectors, {}",
+                disk.path,
+                disk.kind,
+                disk.sectors,
+                if disk.read_only {
+                    "read-only (shared lock)"
+                } else {
+                    "read-write (exclusive lock)"
+                }
+            );
+            disks.push(Arc::new(disk));
+        }
+        let tunnets = cfg
+            .tunnet
+            .iter()
+            .map(|spec| tap::parse_tunnet(spec))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (target, _) in &tunnets {
+            if let tap::TapSpec::Bridge(name) = target {
+                tap::check_bridge(name)?;
+            }
+        }
+        if cfg.rng {
+            tracing::debug!("rng: random numbers from getrandom");
+        }
+        let mut backends = Backends {
             raw_terminal: false,
             disks,
-            net,
+            nets: Vec::new(),
             rng: cfg.rng,
         };
-        let devices = backends.devices();
-        bus::check_fits(&devices).map_err(LaunchError::Device)?;
-        let hole = match cfg.transport {
-            Transport::Mmio => bus::mmio_hole_pages(devices.len()),
-            Transport::LguestBus => 0,
-        };
-        let layout = layout_for(cfg.mem_mb, bus::device_pages(&devices, cfg.transport), hole);
+        // The devices must fit the bus before any tap is made: a card's
+        // stand-in has its shape (queues, config), and no tap.
+        let mut shapes = backends.devices();
+        let rng = cfg.rng.then(|| shapes.pop()).flatten();
+        shapes.extend(
+            tunnets
+                .iter()
+                .map(|_| Box::new(CardShape) as Box<dyn Device>),
+        );
+        shapes.extend(rng);
+        bus::check_fits(&shapes).map_err(LaunchError::Device)?;
         let mut cmdline = cfg.cmdline;
         if cfg.transport == Transport::Mmio {
             // Announce the windows the way Linux reads them.
-            for word in bus::mmio_cmdline(layout.mem, devices.len()) {
+            for word in bus::mmio_cmdline(mem, shapes.len()) {
                 if !cmdline.is_empty() {
                     cmdline.push(' ');
                 }
@@ -182,11 +372,33 @@ impl Launch {
         }
         BootImage {
             kernel: &kernel,
-            initrd: initrd.as_ref().map(|(n, d)| (n.as_str(), d.as_slice())),
+            initrd: initrd.as_ref(),
             cmdline: &cmdline,
             device_model: DEVICE_MODEL_VIRTIO,
         }
-        .check(layout.mem)?;
+        .check(mem)?;
+        // The taps are the one set-up step with an effect outside us (they go
+        // away with us), so they come after every check that needs none.
+        for (target, mac) in tunnets {
+            let tap = tap::Tap::create(&target)?;
+            let mac = mac.unwrap_or_else(tap::random_mac);
+            tracing::debug!(
+                "network card {}: tap {} on {}, MAC {}",
+                backends.nets.len(),
+                tap.name,
+                target,
+                tap::MacDisplay(mac)
+            );
+            backends.nets.push((Arc::new(tap), mac));
+        }
+        let devices = backends.devices();
+        // Again with the real cards, should a stand-in ever differ.
+        bus::check_fits(&devices).map_err(LaunchError::Device)?;
+        let hole = match cfg.transport {
+            Transport::Mmio => bus::mmio_hole_pages(devices.len()),
+            Transport::LguestBus => 0,
+        };
+        let layout = layout_for(cfg.mem_mb, bus::device_pages(&devices, cfg.transport), hole);
         let launch = Launch {
             kernel,
             initrd,
@@ -202,10 +414,7 @@ impl Launch {
     fn image(&self) -> BootImage<'_> {
         BootImage {
             kernel: &self.kernel,
-            initrd: self
-                .initrd
-                .as_ref()
-                .map(|(n, d)| (n.as_str(), d.as_slice())),
+            initrd: self.initrd.as_ref(),
             cmdline: &self.cmdline,
             device_model: DEVICE_MODEL_VIRTIO,
         }
@@ -221,7 +430,7 @@ impl Launch {
         let backends = Backends {
             raw_terminal: raw,
             disks: self.backends.disks.clone(),
-            net: self.backends.net.clone(),
+            nets: self.backends.nets.clone(),
             rng: self.backends.rng,
         };
         loop {

@@ -14,6 +14,9 @@ use clap::Parser;
 use launcher::{Config, Launch, MEM_MB_RANGE};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
 use vcpu::Stop;
 
 /// Exit statuses (ABI section 10).
@@ -38,14 +41,17 @@ struct Cli {
     /// Load FILE as the initial RAM disk, at the top of memory.
     #[arg(long, value_name = "FILE")]
     initrd: Option<PathBuf>,
-    /// Give the Guest a disk backed by FILE (repeatable); `,ro` makes it
-    /// read-only.
+    /// Give the Guest a disk backed by FILE, a regular file or a block
+    /// device (repeatable); `,ro` makes it read-only. Locked while in use:
+    /// one writer, or any number of `,ro` users.
     #[arg(long, value_name = "FILE[,ro]")]
     block: Vec<String>,
-    /// Give the Guest a network: a new tap device with this address (the
-    /// Guest's side of a /24), or one added to an existing bridge.
+    /// Give the Guest a network card on a new tap device, which gets IPADDR
+    /// (the host's side of a /24; the Guest takes another address in it with
+    /// ip=) or joins the existing bridge NAME. MAC is the card's (unicast);
+    /// repeat for more cards, one tap each.
     #[arg(long, value_name = "IPADDR[:MAC]|bridge:NAME[:MAC]")]
-    tunnet: Option<String>,
+    tunnet: Vec<String>,
     /// Give the Guest a random-number device.
     #[arg(long)]
     rng: bool,
@@ -100,10 +106,32 @@ fn verbose_level() -> tracing::Level {
         .unwrap_or(tracing::Level::DEBUG)
 }
 
-/// Prints `lguest: <message>` as one line.
+/// Prints `lguest: <message>` as one line (see `launcher::message`).
 fn error_line(message: impl std::fmt::Display) {
     let text = message.to_string();
-    eprintln!("lguest: {}", escape(text.lines().next().unwrap_or("")));
+    launcher::message(escape(text.lines().next().unwrap_or("")));
+}
+
+/// `--verbose` lines: `lguest: ` and the event's message and fields, one
+/// line, control characters escaped (a path or command line may hold any).
+struct Prefixed<F>(F);
+
+impl<S, N, F> FormatEvent<S, N> for Prefixed<F>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let mut line = String::new();
+        self.0.format_event(ctx, Writer::new(&mut line), event)?;
+        writeln!(writer, "lguest: {}", escape(line.trim_end_matches('\n')))
+    }
 }
 
 /// Guest-supplied text goes to stderr with control characters escaped.
@@ -151,9 +179,17 @@ fn main() -> ExitCode {
         }
     };
     if cli.verbose {
+        let format = tracing_subscriber::fmt::format()
+            .without_time()
+            .with_target(false)
+            .with_level(false)
+            .with_ansi(false);
+        // Our writer never fails, and with log_internal_errors off the
+        // subscriber never falls back to eprintln! either.
         tracing_subscriber::fmt()
-            .with_writer(std::io::stderr)
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .log_internal_errors(false)
+            .event_format(Prefixed(format))
+            .with_writer(|| launcher::QuietStderr)
             .with_max_level(verbose_level())
             .init();
     }
@@ -204,20 +240,20 @@ fn main() -> ExitCode {
         }
     };
     let stop = launch.run(|reason| {
-        eprintln!("lguest: guest restarting: {}", escape(reason));
+        launcher::message(format_args!("guest restarting: {}", escape(reason)));
     });
     devices::terminal::restore();
     match stop {
         Ok(Stop::PowerOff(reason)) => {
-            eprintln!("lguest: guest powered off: {}", escape(&reason));
+            launcher::message(format_args!("guest powered off: {}", escape(&reason)));
             ExitCode::SUCCESS
         }
         Ok(Stop::Crash(reason)) => {
-            eprintln!("lguest: guest crashed: {}", escape(&reason));
+            launcher::message(format_args!("guest crashed: {}", escape(&reason)));
             ExitCode::from(EXIT_GUEST_DIED)
         }
         Ok(Stop::Killed(reason)) => {
-            eprintln!("lguest: guest killed: {}", escape(&reason));
+            launcher::message(format_args!("guest killed: {}", escape(&reason)));
             ExitCode::from(EXIT_GUEST_DIED)
         }
         Ok(Stop::Restart(_)) => unreachable!("the launcher restarts the Guest itself"),

@@ -201,11 +201,27 @@ fn an_initrd_larger_than_memory_is_refused() {
     // 3 MiB of initrd in a 2 MiB Guest, with a kernel that fits on its own.
     let kernel = TempFile::new("small-kernel-big-initrd", &kernel_image(0x10_0000, 0x1000));
     let initrd = TempFile::new("big-initrd", &vec![0x5A; 3 << 20]);
-    early_error(&[
+    let line = early_error(&[
         format!("--initrd={}", initrd.arg()).as_str(),
         "2",
         kernel.arg(),
     ]);
+    assert_mentions(&line, &format!("initrd {}", initrd.arg()));
+}
+
+#[test]
+fn an_initrd_above_4_gib_is_refused() {
+    // With 8 GiB of RAM the top is above what boot_params' 32-bit
+    // ramdisk_image can name.
+    let kernel = TempFile::new("kernel-4g-initrd", &kernel_image(0x10_0000, 0x1000));
+    let initrd = TempFile::new("initrd-4g", &[0x5A; 4096]);
+    let line = early_error(&[
+        format!("--initrd={}", initrd.arg()).as_str(),
+        "8192",
+        kernel.arg(),
+    ]);
+    assert_mentions(&line, initrd.arg());
+    assert_mentions(&line, "4 GiB");
 }
 
 #[test]
@@ -214,11 +230,16 @@ fn a_kernel_and_initrd_that_overlap_are_refused() {
     // of 2 MiB of RAM would start at 1 MiB.
     let kernel = TempFile::new("overlap-kernel", &kernel_image(0x10_0000, 0x8_0000));
     let initrd = TempFile::new("overlap-initrd", &vec![0x5A; 1 << 20]);
-    early_error(&[
+    let line = early_error(&[
         format!("--initrd={}", initrd.arg()).as_str(),
         "2",
         kernel.arg(),
     ]);
+    // The kernel fits on its own: it is the initrd that does not.
+    assert!(
+        line.starts_with(&format!("lguest: initrd {} ", initrd.arg())),
+        "the error should blame the initrd: {line}"
+    );
 }
 
 #[test]
@@ -264,6 +285,14 @@ fn help_lists_the_device_options() {
     for word in ["--block", "--tunnet", "--rng"] {
         out.assert_stdout_contains(word);
     }
+    // IPADDR goes on the tap: it is the host's end of the link, and the
+    // Guest takes its own address with ip=.
+    out.assert_stdout_contains("the host's side of a /24");
+    assert!(
+        !out.stdout.contains("Guest's side"),
+        "--help still calls IPADDR the Guest's\n{}",
+        out.describe()
+    );
 }
 
 #[test]
@@ -336,9 +365,10 @@ fn good_disks_are_accepted() {
 #[test]
 fn too_many_disks_are_refused() {
     // A Guest has IRQs 1-31 for queues: the console takes two, each disk
-    // one, so 29 disks fit and 30 do not.
+    // one, so 29 disks fit and 30 do not. (One file, read-only: a file may be
+    // shared by readers, never by writers.)
     let disk = TempFile::new("many-disks", &[0; 512]);
-    let arg = format!("--block={}", disk.arg());
+    let arg = format!("--block={},ro", disk.arg());
     let line = setup_error(&vec![arg.as_str(); 29]);
     assert!(
         line.contains(FAKE_KVM),
@@ -364,4 +394,270 @@ fn tunnet_with_a_bad_mac_is_refused() {
 fn tunnet_bridge_without_a_name_is_refused() {
     let line = early_error(&["--tunnet=bridge:"]);
     assert_mentions(&line, "tunnet");
+}
+
+/*
+ * Files that are not what they seem. Each is refused at once: a FIFO is
+ * never opened in a way that waits for a writer, a device is never read
+ * without end. A Launcher that hangs instead is killed after SOON, and the
+ * test fails.
+ */
+
+/// Far more than any set-up error takes, far less than a hang.
+const SOON: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A FIFO under the temporary directory (nobody ever writes it), removed
+/// when dropped.
+struct Fifo(std::path::PathBuf);
+
+impl Fifo {
+    fn new(name: &str) -> Fifo {
+        let path = std::env::temp_dir().join(format!("lguest-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let c_path = std::ffi::CString::new(path.to_str().expect("UTF-8")).expect("no NUL");
+        // SAFETY: mkfifo reads the NUL-terminated path we own.
+        let rc = unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) };
+        assert_eq!(rc, 0, "mkfifo {}", path.display());
+        Fifo(path)
+    }
+    fn arg(&self) -> &str {
+        self.0.to_str().expect("UTF-8")
+    }
+}
+
+impl Drop for Fifo {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `early_error`, but the Launcher must give its answer within SOON, and
+/// with at most 512 MiB of address space: one that reads a device without
+/// end dies of it instead of eating the machine.
+fn prompt_error(args: &[&str]) -> String {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = lguest();
+    cmd.args(args).env("LGUEST_KVM_DEVICE", FAKE_KVM);
+    // SAFETY: setrlimit is async-signal-safe and touches only the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 512 << 20,
+                rlim_max: 512 << 20,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    let out = run_with_timeout(&mut cmd, SOON);
+    out.assert_no_panic().assert_code(2);
+    let line = out.single_stderr_line("lguest: ").to_string();
+    assert!(
+        !line.contains(FAKE_KVM),
+        "lguest {args:?} should fail before opening the KVM device, but said: {line}"
+    );
+    line
+}
+
+#[test]
+fn a_fifo_is_not_a_kernel() {
+    let fifo = Fifo::new("fifo-kernel");
+    let line = prompt_error(&["64", fifo.arg()]);
+    assert_mentions(&line, fifo.arg());
+    assert_mentions(&line, "FIFO");
+}
+
+#[test]
+fn a_fifo_is_not_an_initrd() {
+    let fifo = Fifo::new("fifo-initrd");
+    let line = prompt_error(&[format!("--initrd={}", fifo.arg()).as_str()]);
+    assert_mentions(&line, fifo.arg());
+    assert_mentions(&line, "FIFO");
+}
+
+#[test]
+fn a_fifo_is_not_a_disk() {
+    let fifo = Fifo::new("fifo-disk");
+    for spec in [format!("{},ro", fifo.arg()), fifo.arg().to_string()] {
+        let line = prompt_error(&[format!("--block={spec}").as_str()]);
+        assert_mentions(&line, fifo.arg());
+        assert_mentions(&line, "FIFO");
+    }
+}
+
+#[test]
+fn dev_zero_is_neither_kernel_nor_initrd() {
+    let line = prompt_error(&["64", "/dev/zero"]);
+    assert_mentions(&line, "kernel /dev/zero");
+    assert_mentions(&line, "not a regular file");
+    let line = prompt_error(&["--initrd=/dev/zero"]);
+    assert_mentions(&line, "initrd /dev/zero");
+    assert_mentions(&line, "not a regular file");
+}
+
+#[test]
+fn a_character_device_is_not_a_disk() {
+    let line = prompt_error(&["--block=/dev/zero,ro"]);
+    assert_mentions(&line, "/dev/zero");
+    assert_mentions(&line, "character device");
+}
+
+/// A vmlinux as Linux builds one for x86-64: ET_EXEC, loaded at 16 MiB
+/// physical, entered in the upper half.
+#[test]
+fn a_linux_vmlinux_is_named_as_such() {
+    let mut image = kernel_image(0x100_0000, 0x10_0000);
+    image[24..32].copy_from_slice(&0xffff_ffff_8100_0000u64.to_le_bytes());
+    let file = TempFile::new("vmlinux", &image);
+    let line = early_error(&["64", file.arg()]);
+    assert_mentions(&line, file.arg());
+    assert_mentions(&line, "looks like a Linux vmlinux");
+    assert_mentions(&line, "lguest ABI");
+}
+
+#[test]
+fn a_linux_bzimage_is_named_as_such() {
+    // The EFI stub's "MZ", and the real-mode setup header's "HdrS".
+    let mut image = vec![0u8; 0x2000];
+    image[0..2].copy_from_slice(b"MZ");
+    image[0x202..0x206].copy_from_slice(b"HdrS");
+    let file = TempFile::new("bzImage", &image);
+    let line = early_error(&["64", file.arg()]);
+    assert_mentions(&line, "looks like a Linux bzImage");
+    assert_mentions(&line, "ELF64 ET_EXEC x86-64");
+}
+
+#[test]
+fn an_entry_point_outside_the_kernel_is_refused() {
+    let mut image = kernel_image(0x10_0000, 0x1000);
+    image[24..32].copy_from_slice(&0x20_0000u64.to_le_bytes());
+    let file = TempFile::new("entry-outside", &image);
+    let line = early_error(&["64", file.arg()]);
+    assert_mentions(&line, "entry point 0x200000");
+}
+
+#[test]
+fn block_options_other_than_ro_are_refused() {
+    // Even when a file has that name: the text after the comma is an
+    // option, and `ro` the only one.
+    let disk = TempFile::new("suffix-disk.img", &[0; 4096]);
+    let with_comma = TempFile::new("suffix-disk.img,rw", &[0; 4096]);
+    assert!(with_comma.path().exists());
+    for option in ["rw", "foo", "ro,ro"] {
+        let line = early_error(&[format!("--block={},{option}", disk.arg()).as_str()]);
+        assert_mentions(&line, &format!("unknown option '{option}'"));
+        assert_mentions(&line, ",ro");
+    }
+}
+
+#[test]
+fn one_file_twice_read_write_is_refused() {
+    // Two disks writing one file would corrupt it.
+    let disk = TempFile::new("twice-disk", &[0; 4096]);
+    let arg = format!("--block={}", disk.arg());
+    let line = early_error(&[&arg, &arg]);
+    assert_mentions(&line, disk.arg());
+    assert_mentions(&line, "twice");
+    // Read-only twice is fine: only the KVM device is left to fail.
+    let ro = format!("--block={},ro", disk.arg());
+    let line = setup_error(&[&ro, &ro]);
+    assert_mentions(&line, FAKE_KVM);
+}
+
+#[test]
+fn tunnet_refuses_addresses_a_tap_cannot_have() {
+    for (spec, why) in [
+        ("255.255.255.255", "broadcast"),
+        ("0.0.0.0", "unspecified"),
+        ("10.77.9.0", "network address"),
+        ("10.77.9.255", "broadcast address"),
+        ("127.0.0.1", "loopback"),
+        ("224.0.0.1", "multicast"),
+    ] {
+        let line = early_error(&[format!("--tunnet={spec}").as_str()]);
+        assert_mentions(&line, spec);
+        assert_mentions(&line, why);
+    }
+}
+
+#[test]
+fn tunnet_refuses_a_multicast_mac() {
+    // Bit 0 of the first byte: a group address, no card's own.
+    let line = early_error(&["--tunnet=10.77.9.1:01:00:5e:00:00:01"]);
+    assert_mentions(&line, "01:00:5e:00:00:01");
+    assert_mentions(&line, "multicast");
+    let line = early_error(&["--tunnet=bridge:br0:03:00:00:00:00:01"]);
+    assert_mentions(&line, "multicast");
+}
+
+#[test]
+fn tunnet_is_repeatable_and_each_is_checked() {
+    // The first is good, the second is not: both are read, in order.
+    let line = early_error(&["--tunnet=10.77.9.1", "--tunnet=10.77.10.255"]);
+    assert_mentions(&line, "10.77.10.255");
+}
+
+#[test]
+fn tunnet_to_a_missing_bridge_names_it() {
+    // Found before any tap is made, so this needs no root.
+    let line = early_error(&["--tunnet=bridge:lgnosuchbr7"]);
+    assert_mentions(&line, "bridge lgnosuchbr7");
+    assert_mentions(&line, "does not exist");
+}
+
+#[test]
+fn mmio_with_the_reference_guest_is_refused_with_a_hint() {
+    // It finds devices on the lguest bus only, so it would have no console
+    // for its prompt.
+    let line = early_error(&["--transport=mmio"]);
+    assert_mentions(&line, "--guest=drivers");
+    // Its self-tests and bad= cases still run there; the drivers Guest too.
+    for args in [
+        &["--transport=mmio", "--append", "test=all"][..],
+        &["--transport=mmio", "--guest=drivers"][..],
+    ] {
+        let line = setup_error(args);
+        assert_mentions(&line, FAKE_KVM);
+    }
+}
+
+#[test]
+fn verbose_names_what_was_set_up_on_lguest_lines() {
+    let kernel = TempFile::new("verbose-kernel", &kernel_image(0x10_0000, 0x1000));
+    let initrd = TempFile::new("verbose-initrd", &[0x5A; 4096]);
+    let a = TempFile::new("verbose-disk-a", &[0; 4096]);
+    let b = TempFile::new("verbose-disk-b", &[0; 512]);
+    let out = run(lguest()
+        .args([
+            "--verbose",
+            &format!("--initrd={}", initrd.arg()),
+            &format!("--block={}", a.arg()),
+            &format!("--block={},ro", b.arg()),
+            "--rng",
+            "64",
+            kernel.arg(),
+        ])
+        .env("LGUEST_KVM_DEVICE", FAKE_KVM));
+    out.assert_no_panic().assert_code(2);
+    let lines = out.stderr_lines();
+    for line in &lines {
+        assert!(
+            line.starts_with("lguest: "),
+            "every line starts with `lguest: `\n{}",
+            out.describe()
+        );
+    }
+    let has = |words: &[&str]| lines.iter().any(|l| words.iter().all(|w| l.contains(w)));
+    for words in [
+        &[kernel.arg()][..],
+        &["initrd", initrd.arg(), "4096 bytes"],
+        &["disk", a.arg(), "read-write", "8 sectors"],
+        &["disk", b.arg(), "read-only", "1 sectors"],
+        &["rng"],
+        &[FAKE_KVM],
+    ] {
+        assert!(has(words), "no line with {words:?}\n{}", out.describe());
+    }
 }

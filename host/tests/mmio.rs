@@ -79,7 +79,13 @@ fn windows_are_announced_on_the_command_line() {
     // (empty) descriptor page at 64 MiB, IRQs 1, 2, 3.
     let disk = TempFile::new("mmio-cmdline", &vec![0u8; 1 << 20]);
     let block = format!("--block={}", disk.arg());
-    let out = run(lguest().args(["--verbose", "--transport=mmio", &block, "--rng"]));
+    let out = run(lguest().args([
+        "--verbose",
+        "--transport=mmio",
+        "--guest=drivers",
+        &block,
+        "--rng",
+    ]));
     out.assert_code(0);
     for word in [
         "virtio_mmio.device=0x200@0x4001000:1",

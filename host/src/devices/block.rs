@@ -10,6 +10,7 @@ use crate::virtio::queue::{Buffer, Chain};
 use crate::virtio::{Device, Queues};
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::sync::Arc;
 use virtio_bindings::virtio_blk::*;
 
@@ -23,43 +24,152 @@ const HEADER: usize = 16;
 /// A disk image, opened once and kept across Guest restarts.
 pub struct Disk {
     pub file: File,
+    /// The path it was opened by, for messages.
+    pub path: String,
+    /// "file" or "block device".
+    pub kind: &'static str,
+    /// Its (st_dev, st_ino): the same file given twice is the same inode.
+    pub inode: (u64, u64),
     pub read_only: bool,
     /// In 512-byte sectors.
     pub sectors: u64,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("--block needs a file name")]
+    NoName,
+    #[error("--block={spec}: unknown option '{option}' (the only one is ',ro'; a file name cannot hold a comma)")]
+    UnknownOption { spec: String, option: String },
+    #[error("cannot open disk {path}: {err}")]
+    Open { path: String, err: std::io::Error },
+    #[error("disk {path} is {kind}, not a regular file or a block device")]
+    NotADisk { path: String, kind: &'static str },
+    #[error("cannot find the size of disk {path}: {err}")]
+    Size { path: String, err: std::io::Error },
+    #[error("disk {path} is {size} bytes, not a whole number of 512-byte sectors")]
+    NotSectors { path: String, size: u64 },
+    #[error("disk {path} is in use: {why}")]
+    InUse { path: String, why: &'static str },
+}
+
+// The size of a block device in bytes: _IOR(0x12, 114, size_t).
+vmm_sys_util::ioctl_ior_nr!(BLKGETSIZE64, 0x12, 114, u64);
+
+/// Splits `FILE[,ro]` into the path and whether it is read-only.
+fn parse_spec(spec: &str) -> Result<(&str, bool), DiskError> {
+    let (path, options) = spec.split_once(',').unwrap_or((spec, ""));
+    if path.is_empty() {
+        return Err(DiskError::NoName);
+    }
+    match options {
+        "" if !spec.ends_with(',') => Ok((path, false)),
+        "ro" => Ok((path, true)),
+        other => Err(DiskError::UnknownOption {
+            spec: spec.to_string(),
+            option: other.to_string(),
+        }),
+    }
+}
+
 impl Disk {
-    /// Opens `spec` = `FILE` or `FILE,ro`.
-    pub fn open(spec: &str) -> Result<Disk, String> {
-        let (path, read_only) = match spec.strip_suffix(",ro") {
-            Some(p) => (p, true),
-            None => (spec, false),
+    /// Opens `spec` = `FILE` or `FILE,ro`: a regular file or a block
+    /// device, whose size is a whole number of sectors, and locks it: one
+    /// writer, or any number of read-only users.
+    pub fn open(spec: &str) -> Result<Disk, DiskError> {
+        let (path, read_only) = parse_spec(spec)?;
+        let open_err = |err| DiskError::Open {
+            path: path.to_string(),
+            err,
         };
-        if path.is_empty() {
-            return Err("--block needs a file name".into());
-        }
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|e| format!("cannot open disk {path}: {e}"))?;
-        let meta = file
-            .metadata()
-            .map_err(|e| format!("cannot stat disk {path}: {e}"))?;
-        if !meta.is_file() {
-            return Err(format!("disk {path} is not a regular file"));
-        }
-        let size = meta.len();
+        // O_EXCL on a block device opened for writing fails if the system
+        // uses it (a mounted filesystem, say); on anything else it does
+        // nothing.
+        let excl = if read_only { 0 } else { libc::O_EXCL };
+        let (file, meta) = crate::launcher::open_nonblocking(path.as_ref(), !read_only, excl)
+            .map_err(|err| match err.raw_os_error() {
+                Some(libc::EBUSY) => DiskError::InUse {
+                    path: path.to_string(),
+                    why: "the system is using it (mounted, or held open exclusively)",
+                },
+                _ => open_err(err),
+            })?;
+        let file_type = meta.file_type();
+        let (kind, size) = if file_type.is_file() {
+            ("file", meta.len())
+        } else if file_type.is_block_device() {
+            let mut size = 0u64;
+            // SAFETY: BLKGETSIZE64 writes one u64, into `size`, which we own.
+            let rc = unsafe {
+                vmm_sys_util::ioctl::ioctl_with_mut_ref(&file, BLKGETSIZE64(), &mut size)
+            };
+            if rc < 0 {
+                return Err(DiskError::Size {
+                    path: path.to_string(),
+                    err: std::io::Error::last_os_error(),
+                });
+            }
+            ("block device", size)
+        } else {
+            return Err(DiskError::NotADisk {
+                path: path.to_string(),
+                kind: crate::launcher::kind_of(file_type),
+            });
+        };
+        crate::launcher::set_blocking(&file).map_err(open_err)?;
         if size % SECTOR != 0 {
-            return Err(format!(
-                "disk {path} is {size} bytes, not a whole number of 512-byte sectors"
-            ));
+            return Err(DiskError::NotSectors {
+                path: path.to_string(),
+                size,
+            });
         }
+        lock(&file, path, read_only)?;
         Ok(Disk {
             file,
+            path: path.to_string(),
+            kind,
+            inode: (meta.dev(), meta.ino()),
             read_only,
             sectors: size / SECTOR,
         })
+    }
+}
+
+/// Takes an open file description lock on the whole of `file`: shared for a
+/// read-only disk, exclusive for a writable one. It belongs to this open
+/// file (not to the process), so it lasts as long as the Disk, across
+/// restarts, and goes when we do, however we end. A second Launcher (or
+/// anything else that asks, as QEMU does) on a disk we write is refused, and
+/// so are we on one that is written.
+fn lock(file: &File, path: &str, read_only: bool) -> Result<(), DiskError> {
+    // SAFETY: flock is plain data; all zeroes is a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = if read_only {
+        libc::F_RDLCK
+    } else {
+        libc::F_WRLCK
+    } as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    // l_start and l_len 0: the whole file; l_pid must be 0 for OFD locks.
+    // SAFETY: F_OFD_SETLK reads one flock we own, on a descriptor we own.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EAGAIN | libc::EACCES) => Err(DiskError::InUse {
+            path: path.to_string(),
+            why: if read_only {
+                "another program has it locked for writing"
+            } else {
+                "another program has it locked (a disk has one writer, or any number of ,ro users)"
+            },
+        }),
+        // A filesystem without locks: go on, unguarded, as QEMU does.
+        _ => {
+            tracing::warn!(disk = path, error = %err, "cannot lock the disk; using it unlocked");
+            Ok(())
+        }
     }
 }
 
@@ -281,5 +391,24 @@ impl Device for Block {
             queues.push(q, &chain, len)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ro_is_the_only_option() {
+        assert_eq!(parse_spec("disk.img").unwrap(), ("disk.img", false));
+        assert_eq!(parse_spec("disk.img,ro").unwrap(), ("disk.img", true));
+        for bad in ["disk.img,rw", "disk.img,foo", "disk.img,", "disk.img,ro,ro"] {
+            assert!(
+                matches!(parse_spec(bad), Err(DiskError::UnknownOption { .. })),
+                "{bad}"
+            );
+        }
+        assert!(matches!(parse_spec(",ro"), Err(DiskError::NoName)));
+        assert!(matches!(parse_spec(""), Err(DiskError::NoName)));
     }
 }

@@ -16,7 +16,8 @@ use std::sync::Arc;
 pub struct Backends {
     pub raw_terminal: bool,
     pub disks: Vec<Arc<block::Disk>>,
-    pub net: Option<(Arc<tap::Tap>, [u8; 6])>,
+    /// One network card per `--tunnet`, in order: its tap and MAC.
+    pub nets: Vec<(Arc<tap::Tap>, [u8; 6])>,
     pub rng: bool,
 }
 
@@ -28,7 +29,7 @@ impl Backends {
         for (i, disk) in self.disks.iter().enumerate() {
             devices.push(Box::new(block::Block::new(disk.clone(), i)));
         }
-        if let Some((tap, mac)) = &self.net {
+        for (tap, mac) in &self.nets {
             devices.push(Box::new(net::Net::new(tap.clone(), *mac)));
         }
         if self.rng {

@@ -16,18 +16,67 @@ const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54D8;
 /// What `--tunnet=` asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TapSpec {
+    /// The host's side of a /24 shared with the Guest.
     Address(Ipv4Addr),
     Bridge(String),
 }
 
-/// Parses `IPADDR[:MAC]` or `bridge:NAME[:MAC]`.
-pub fn parse_tunnet(spec: &str) -> Result<(TapSpec, Option<[u8; 6]>), String> {
-    let bad = || format!("--tunnet={spec}: expected IPADDR[:MAC] or bridge:NAME[:MAC]");
+impl std::fmt::Display for TapSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TapSpec::Address(ip) => write!(f, "{ip}/24"),
+            TapSpec::Bridge(name) => write!(f, "bridge {name}"),
+        }
+    }
+}
+
+/// A MAC address as `02:00:00:00:00:01`.
+pub struct MacDisplay(pub [u8; 6]);
+
+impl std::fmt::Display for MacDisplay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TunnetError {
+    #[error("--tunnet={0}: expected IPADDR[:MAC] or bridge:NAME[:MAC]")]
+    Syntax(String),
+    #[error("--tunnet={spec}: {ip} cannot be the host's address: {why}")]
+    BadAddress {
+        spec: String,
+        ip: Ipv4Addr,
+        why: &'static str,
+    },
+    #[error("--tunnet={spec}: {mac} cannot be the Guest's MAC: {why}")]
+    BadMac {
+        spec: String,
+        mac: String,
+        why: &'static str,
+    },
+    #[error("--tunnet: cannot add a tap to bridge {0}: it does not exist")]
+    NoBridge(String),
+    #[error("--tunnet: cannot add a tap to {0}: it is not a bridge")]
+    NotABridge(String),
+    #[error("{0}")]
+    Tap(String),
+}
+
+/// Parses `IPADDR[:MAC]` or `bridge:NAME[:MAC]`, refusing addresses and MACs
+/// that cannot work.
+pub fn parse_tunnet(spec: &str) -> Result<(TapSpec, Option<[u8; 6]>), TunnetError> {
+    let bad = || TunnetError::Syntax(spec.to_string());
     let (target, mac) = if let Some(rest) = spec.strip_prefix("bridge:") {
         let (name, mac) = rest
             .split_once(':')
             .map_or((rest, None), |(n, m)| (n, Some(m)));
-        if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('/') {
             return Err(bad());
         }
         (TapSpec::Bridge(name.to_string()), mac)
@@ -35,19 +84,88 @@ pub fn parse_tunnet(spec: &str) -> Result<(TapSpec, Option<[u8; 6]>), String> {
         let (ip, mac) = spec
             .split_once(':')
             .map_or((spec, None), |(i, m)| (i, Some(m)));
-        (TapSpec::Address(ip.parse().map_err(|_| bad())?), mac)
+        let ip: Ipv4Addr = ip.parse().map_err(|_| bad())?;
+        if let Some(why) = unusable_host_address(ip) {
+            return Err(TunnetError::BadAddress {
+                spec: spec.to_string(),
+                ip,
+                why,
+            });
+        }
+        (TapSpec::Address(ip), mac)
     };
-    let mac = mac.map(|m| parse_mac(m).ok_or_else(bad)).transpose()?;
+    let mac = match mac {
+        Some(text) => {
+            let mac = parse_mac(text).ok_or_else(bad)?;
+            let why = if mac[0] & 1 != 0 {
+                Some("it is a multicast address (bit 0 of the first byte is set)")
+            } else if mac == [0; 6] {
+                Some("it is all zeroes")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(TunnetError::BadMac {
+                    spec: spec.to_string(),
+                    mac: text.to_string(),
+                    why,
+                });
+            }
+            Some(mac)
+        }
+        None => None,
+    };
     Ok((target, mac))
+}
+
+/// Why `ip` cannot be the tap's address in a /24 with the Guest, if it
+/// cannot.
+fn unusable_host_address(ip: Ipv4Addr) -> Option<&'static str> {
+    let host = ip.octets()[3];
+    if ip.is_unspecified() {
+        Some("it is the unspecified address")
+    } else if ip.is_broadcast() {
+        Some("it is the broadcast address")
+    } else if ip.is_loopback() {
+        Some("it is a loopback address")
+    } else if ip.is_multicast() {
+        Some("it is a multicast address")
+    } else if ip.octets()[0] >= 240 {
+        Some("it is a reserved (class E) address")
+    } else if ip.octets()[0] == 0 {
+        Some("it is in 0.0.0.0/8, which means this network")
+    } else if host == 0 {
+        Some("it is the /24's network address (its last byte is 0)")
+    } else if host == 255 {
+        Some("it is the /24's broadcast address (its last byte is 255)")
+    } else {
+        None
+    }
 }
 
 fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
     let mut parts = s.split(':');
     for byte in &mut mac {
-        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+        let part = parts.next()?;
+        if part.is_empty() || part.len() > 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
     }
     parts.next().is_none().then_some(mac)
+}
+
+/// Checks that `name` is an existing network interface (before any tap is
+/// made for it to join).
+pub fn check_bridge(name: &str) -> Result<(), TunnetError> {
+    let c_name =
+        std::ffi::CString::new(name).map_err(|_| TunnetError::NoBridge(name.to_string()))?;
+    // SAFETY: if_nametoindex reads the NUL-terminated string we own.
+    if unsafe { libc::if_nametoindex(c_name.as_ptr()) } == 0 {
+        return Err(TunnetError::NoBridge(name.to_string()));
+    }
+    Ok(())
 }
 
 /// A random, locally administered unicast MAC.
@@ -57,6 +175,18 @@ pub fn random_mac() -> [u8; 6] {
     unsafe { libc::getrandom(mac.as_mut_ptr().cast(), mac.len(), 0) };
     mac[0] = (mac[0] & 0xFE) | 0x02;
     mac
+}
+
+/// Which step of setting a tap up failed: joining the bridge, or another.
+enum Step {
+    Bridge(String, std::io::Error),
+    Other(std::io::Error),
+}
+
+impl From<std::io::Error> for Step {
+    fn from(e: std::io::Error) -> Step {
+        Step::Other(e)
+    }
 }
 
 pub struct Tap {
@@ -93,32 +223,41 @@ fn ioctl(fd: RawFd, request: libc::c_ulong, req: &mut libc::ifreq) -> std::io::R
 
 impl Tap {
     /// Creates the tap and configures it as `spec` says.
-    pub fn create(spec: &TapSpec) -> Result<Tap, String> {
+    pub fn create(spec: &TapSpec) -> Result<Tap, TunnetError> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open("/dev/net/tun")
-            .map_err(|e| format!("cannot open /dev/net/tun: {e}"))?;
+            .map_err(|e| TunnetError::Tap(format!("cannot open /dev/net/tun: {e}")))?;
         let mut req = ifreq("lguest%d");
         req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
         ioctl(file.as_raw_fd(), TUNSETIFF, &mut req)
-            .map_err(|e| format!("cannot create a tap device: {e}"))?;
+            .map_err(|e| TunnetError::Tap(format!("cannot create a tap device: {e}")))?;
         let name = name_of(&req);
         // No offloads: the Guest negotiates none, so frames are whole.
         // SAFETY: TUNSETOFFLOAD takes an integer argument.
         unsafe { libc::ioctl(file.as_raw_fd(), TUNSETOFFLOAD as _, 0) };
         let tap = Tap { file, name };
-        tap.configure(spec)
-            .map_err(|e| format!("cannot set up tap {}: {e}", tap.name))?;
+        tap.configure(spec).map_err(|e| match e {
+            Step::Bridge(name, e) if e.raw_os_error() == Some(libc::ENODEV) => {
+                TunnetError::NoBridge(name)
+            }
+            Step::Bridge(name, e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                TunnetError::NotABridge(name)
+            }
+            Step::Bridge(_, e) | Step::Other(e) => {
+                TunnetError::Tap(format!("cannot set up tap {}: {e}", tap.name))
+            }
+        })?;
         Ok(tap)
     }
 
-    fn configure(&self, spec: &TapSpec) -> std::io::Result<()> {
+    fn configure(&self, spec: &TapSpec) -> Result<(), Step> {
         // SAFETY: a plain socket call; the result is checked and owned.
         let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
         if sock < 0 {
-            return Err(std::io::Error::last_os_error());
+            return Err(std::io::Error::last_os_error().into());
         }
         // SAFETY: `sock` is a fresh descriptor nobody else owns.
         let sock = unsafe { OwnedFd::from_raw_fd(sock) };
@@ -152,7 +291,7 @@ impl Tap {
                 let index = unsafe { req.ifr_ifru.ifru_ifindex };
                 let mut req = ifreq(bridge);
                 req.ifr_ifru.ifru_ifindex = index;
-                ioctl(fd, SIOCBRADDIF, &mut req)?;
+                ioctl(fd, SIOCBRADDIF, &mut req).map_err(|e| Step::Bridge(bridge.clone(), e))?;
             }
         }
         let mut req = ifreq(&self.name);
@@ -160,7 +299,7 @@ impl Tap {
         // SAFETY: SIOCGIFFLAGS filled the flags member.
         let flags = unsafe { req.ifr_ifru.ifru_flags };
         req.ifr_ifru.ifru_flags = flags | (libc::IFF_UP | libc::IFF_RUNNING) as i16;
-        ioctl(fd, libc::SIOCSIFFLAGS, &mut req)
+        Ok(ioctl(fd, libc::SIOCSIFFLAGS, &mut req)?)
     }
 
     /// The virtio-net header size frames carry: 10 (legacy) or 12 (virtio
@@ -212,5 +351,43 @@ mod tests {
         assert!(parse_tunnet("300.1.1.1").is_err());
         assert!(parse_tunnet("bridge:").is_err());
         assert!(random_mac()[0] & 3 == 2);
+    }
+
+    #[test]
+    fn unusable_addresses_and_macs_are_refused() {
+        for ip in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "127.0.0.1",
+            "224.0.0.1",
+            "240.1.2.3",
+            "0.1.2.3",
+            "10.0.0.0",
+            "10.0.0.255",
+        ] {
+            assert!(
+                matches!(parse_tunnet(ip), Err(TunnetError::BadAddress { .. })),
+                "{ip}"
+            );
+        }
+        for ok in ["10.0.0.1", "192.168.19.254", "169.254.77.1"] {
+            assert!(parse_tunnet(ok).is_ok(), "{ok}");
+        }
+        let e = parse_tunnet("10.0.0.1:01:00:5e:00:00:01").unwrap_err();
+        assert!(matches!(e, TunnetError::BadMac { .. }));
+        assert!(e.to_string().contains("multicast"), "{e}");
+        assert!(parse_tunnet("10.0.0.1:00:00:00:00:00:00").is_err());
+        assert!(parse_tunnet("bridge:br0:ff:ff:ff:ff:ff:ff").is_err());
+        assert!(parse_tunnet("10.0.0.1:002:00:00:00:00:01").is_err());
+        assert!(parse_tunnet("bridge:br0:02:00:00:00:00:01").is_ok());
+    }
+
+    #[test]
+    fn a_missing_bridge_is_named() {
+        assert_eq!(
+            check_bridge("lgnosuchbr9"),
+            Err(TunnetError::NoBridge("lgnosuchbr9".into()))
+        );
+        assert!(check_bridge("lo").is_ok());
     }
 }
