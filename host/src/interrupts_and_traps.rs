@@ -34,12 +34,14 @@ pub enum TrapError {
     StackOverflow(u64),
     #[error("cannot deliver vector {vector}: bad stack {sp:#x}")]
     BadStack { vector: u8, sp: u64 },
-    #[error("unhandled trap {vector} at {rip:#x} (error {error:#x}, cr2 {cr2:#x})")]
+    #[error("unhandled trap {vector} at {rip:#x} (error {error:#x}, cr2 {cr2:#x}){hint}")]
     Unhandled {
         vector: u8,
         rip: u64,
         error: u64,
         cr2: u64,
+        /// What the Guest most likely got wrong, when we can tell.
+        hint: &'static str,
     },
 }
 
@@ -116,6 +118,7 @@ impl Traps {
             rip,
             error,
             cr2,
+            hint: "",
         })
     }
 

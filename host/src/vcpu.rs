@@ -376,7 +376,28 @@ impl Guest {
     fn reflect_trap(&mut self, vector: u8, error: u64, cr2: u64) -> Result<(), Death> {
         let frame = self.cpu.trap_frame.expect("in a trap");
         let rip = self.cpu.frame_word(&self.mem, frame, 0);
-        let gate = self.lguest.traps.trap_gate(vector, rip, error, cr2)?;
+        let rsp = self.cpu.frame_word(&self.mem, frame, 3);
+        let gate = match self.lguest.traps.trap_gate(vector, rip, error, cr2) {
+            Ok(gate) => gate,
+            // A trap nobody handles, with what most likely went wrong.
+            Err(TrapError::Unhandled { .. }) if self.lguest.data.is_none() || rsp == 0 => {
+                let hint = if self.lguest.data.is_none() {
+                    "; it came before LGUEST_INIT: is this a kernel written for lguest? \
+                     (its first hypercall must be LGUEST_INIT, ABI section 3)"
+                } else {
+                    "; RSP is 0: the Guest starts with no stack and must set up its own \
+                     (ABI section 3)"
+                };
+                return Err(Death::Trap(TrapError::Unhandled {
+                    vector,
+                    rip,
+                    error,
+                    cr2,
+                    hint,
+                }));
+            }
+            Err(e) => return Err(e.into()),
+        };
         if vector == VEC_PF {
             self.data().write_u64(&self.mem, ld::CR2, cr2);
         }

@@ -549,6 +549,29 @@ fn an_unknown_shutdown_code_kills_the_guest() {
 }
 
 #[test]
+fn a_trap_before_lguest_init_gets_a_hint() {
+    require_kvm!();
+    let mut k = Kernel::new();
+    k.emit(&[0x0F, 0x0B]); // ud2, before anything else
+    let out = boot("trap-before-init", k, &[], &[]);
+    out.assert_code(1);
+    let line = out.single_stderr_line("lguest: guest killed: unhandled trap 6");
+    assert!(line.contains("before LGUEST_INIT"), "{line}");
+}
+
+#[test]
+fn a_trap_with_no_stack_gets_a_hint() {
+    require_kvm!();
+    let mut k = Kernel::new();
+    k.init();
+    k.emit(&[0x0F, 0x0B]); // ud2 with RSP still 0 and no gates
+    let out = boot("trap-no-stack", k, &[], &[]);
+    out.assert_code(1);
+    let line = out.single_stderr_line("lguest: guest killed: unhandled trap 6");
+    assert!(line.contains("RSP is 0"), "{line}");
+}
+
+#[test]
 fn control_characters_in_the_reason_are_escaped() {
     require_kvm!();
     // An escape sequence, a newline and a bell: the Guest must not be able to
