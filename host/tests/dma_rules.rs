@@ -79,16 +79,7 @@ fn keys_are_zero_or_aligned_inside_a_device_page() {
             offset: 0xFFC
         })
     );
-    for key in [
-        4,
-        0x1000,
-        MEM - 4,
-        MEM,
-        MEM + 8,
-        HOST,
-        HOST + 4,
-        !3,
-    ] {
+    for key in [4, 0x1000, MEM - 4, MEM, MEM + 8, HOST, HOST + 4, !3] {
         assert_eq!(
             t.key_owner(Call::Send, key),
             Err(DmaError::KeyOutsideDevicePages {

@@ -39,6 +39,8 @@ pub const PEER_ENV: &str = "LGUEST_DMA_BENCH_PEER";
 /// How long one run may take before it counts as failed.
 const RUN_LIMIT: Duration = Duration::from_secs(60);
 const MIB: f64 = 1024.0 * 1024.0;
+/// How long the sending Guest waits when the receiver's ring is full.
+const RING_FULL_PAUSE: Duration = Duration::from_micros(50);
 
 /// The figures of P7, in MiB/s, one per run.
 #[derive(Clone, Debug)]
@@ -113,7 +115,8 @@ fn socketpair_run(peer: &dyn Fn() -> Command, frames: u64) -> Result<f64, String
     let fd = theirs.as_raw_fd();
     let mut cmd = peer();
     cmd.env(PEER_ENV, format!("socket:{frames}"))
-        .stdin(Stdio::null());
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
     // SAFETY: between fork and exec the child only calls dup2 and fcntl,
     // which are async-signal-safe, on a descriptor the parent keeps open
     // until spawn returns.
@@ -216,6 +219,8 @@ struct Sink {
 
 impl Signals for Sink {
     fn raise(&self, _irq: u32) {
+        // One IRQ per frame, and each frame lands in the first free buffer:
+        // the first full one, as we free every buffer at once.
         let mut got = 0;
         for i in 0..RX_COUNT {
             let used = RX_ARRAY + i * super::bindings::DMA_SIZE + dma_off::DMA_USED_LEN as u64;
@@ -224,6 +229,7 @@ impl Signals for Sink {
                 got += 1;
                 self.bytes.fetch_add(n as u64, Ordering::Relaxed);
                 let _ = self.mem.write_u32(used, 0);
+                break;
             }
         }
         let frames = self.frames.fetch_add(got, Ordering::SeqCst) + got;
@@ -287,7 +293,8 @@ fn sharenet_run(peer: &dyn Fn() -> Command, frames: u64, run: usize) -> Result<f
         PEER_ENV,
         format!("sharenet:{frames}:{}:{}", net.slot(), file.0.display()),
     )
-    .stdin(Stdio::null());
+    .stdin(Stdio::null())
+    .stdout(Stdio::null());
     let child = Peer(
         cmd.spawn()
             .map_err(|e| format!("cannot start the P7 peer: {e}"))?,
@@ -368,8 +375,10 @@ fn run_peer(spec: &str) -> Result<(), String> {
                 } else if Instant::now() > deadline {
                     return Err(format!("sent {sent} of {frames} frames"));
                 } else {
-                    // The receiver's ring is full: let it catch up.
-                    std::thread::yield_now();
+                    // The receiver's ring is full: a Guest would wait for
+                    // its timer before trying again; so do we, rather than
+                    // take the processor the receiver needs to catch up.
+                    std::thread::sleep(RING_FULL_PAUSE);
                 }
             }
             let _ = std::io::stdout().flush();

@@ -23,9 +23,12 @@
 //! Claiming: slot s is held by an open-file-description lock on byte
 //! `LOCKS + s` (past the data: a lock needs no bytes). The kernel drops it
 //! when the Launcher exits however it exits, kill -9 included, so a slot
-//! whose lock is free is free, whatever its bytes say. Senders serialize on
-//! a second lock per ring, taken without waiting: a sender that cannot get
-//! it soon drops the frame rather than stall its Guest's vCPU.
+//! whose lock is free is free, whatever its bytes say. Senders to one ring
+//! take turns through a lock word in its control page (no system call): a
+//! sender that finds it held spins a little, then takes it over if the
+//! holder is gone (its slot's lock is free, or the word names no slot), and
+//! otherwise drops the frame rather than stall its Guest's vCPU. A receiver
+//! clears its ring's lock if it stays held, unchanged, for a long time.
 //!
 //! Waking: a receiver with nothing to do sets its `waiting` word and sleeps
 //! on it (a futex on the shared mapping); a sender that finds it set clears
@@ -44,7 +47,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use vm_memory::{FileOffset, MmapRegion, VolatileMemory};
 
 use lguest_abi::{LGUEST_NET_KEY_STRIDE, LGUEST_NET_MAC_LEN, PAGE_SIZE};
@@ -74,6 +77,8 @@ const WAITING: u64 = 64;
 const HEAD: u64 = 128;
 const TAIL: u64 = 192;
 const KEYS: u64 = 256;
+/// The ring's lock: 0 free, else the holder's slot + 1.
+const RING_LOCK: u64 = 384;
 /// One bit per 4-byte key offset in the net page.
 const KEY_WORDS: usize = (PAGE_SIZE / LGUEST_NET_KEY_STRIDE) as usize / 64;
 const LIVE: u32 = u32::from_le_bytes(*b"LIVE");
@@ -89,13 +94,14 @@ const SETUP_LOCK: i64 = LOCKS;
 fn claim_lock(slot: usize) -> i64 {
     LOCKS + 0x1000 + slot as i64
 }
-fn ring_lock(slot: usize) -> i64 {
-    LOCKS + 0x2000 + slot as i64
-}
-/// How often a sender tries for a busy ring before it drops the frame.
-const RING_LOCK_TRIES: u32 = 200;
+/// How often a sender tries for a busy ring before it looks whether the
+/// holder still lives (and, if it does, drops the frame).
+const RING_SPINS: u32 = 4096;
 /// A sleeping receiver looks again this often whatever its word says.
 const IDLE_RECHECK: Duration = Duration::from_millis(100);
+/// How long a receiver that ran dry watches its ring before it sleeps: a
+/// stream of frames then costs no wake-up per frame.
+const SPIN_BEFORE_SLEEP: Duration = Duration::from_micros(20);
 
 fn slot_base(slot: usize) -> u64 {
     SLOTS + slot as u64 * STRIDE
@@ -148,6 +154,12 @@ pub struct SharedNet {
     slot: usize,
     /// Whether a receiver runs (one at a time).
     attached: AtomicBool,
+    /// What we last published of our keys, to put back if someone writes
+    /// over it.
+    keys: std::sync::Mutex<[u64; KEY_WORDS]>,
+    /// One sender at a time in this process: our slot number in a ring's
+    /// lock word then means this thread.
+    sending: std::sync::Mutex<()>,
     pub stats: Stats,
 }
 
@@ -243,6 +255,8 @@ impl SharedNet {
             path: path.to_path_buf(),
             slot: 0,
             attached: AtomicBool::new(false),
+            keys: std::sync::Mutex::new([0; KEY_WORDS]),
+            sending: std::sync::Mutex::new(()),
             stats: Stats::default(),
         };
         net.slot = (1..MAX_SLOTS)
@@ -250,14 +264,25 @@ impl SharedNet {
             .ok_or_else(|| SharenetError::Full {
                 path: path.to_path_buf(),
             })?;
-        net.reset_slot(net.slot);
+        net.reset_slot(net.slot, false);
+        // A Launcher that died in our slot may have died holding a ring:
+        // that lock is ours to drop now.
+        let me = net.slot as u32 + 1;
+        for s in 0..MAX_SLOTS {
+            let _ = net.u32_at(slot_base(s) + RING_LOCK).compare_exchange(
+                me,
+                0,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+        }
         net.u32_at(slot_base(net.slot) + PID)
             .store(std::process::id(), Ordering::Relaxed);
         net.u32_at(slot_base(net.slot) + STATE)
             .store(LIVE, Ordering::Release);
         // Tidy what dead Launchers left: their MACs would draw broadcasts.
         for s in (0..MAX_SLOTS).filter(|&s| s != net.slot) {
-            net.reclaim_if_dead(s);
+            net.reclaim_if_dead(s, false);
         }
         Ok(net)
     }
@@ -424,10 +449,33 @@ impl SharedNet {
                 words[bit as usize / 64] |= 1 << (bit % 64);
             }
         }
+        *self.keys.lock().unwrap_or_else(|e| e.into_inner()) = words;
+        self.write_keys(&words);
+    }
+
+    fn write_keys(&self, words: &[u64; KEY_WORDS]) {
         let base = slot_base(self.slot) + KEYS;
         for (i, w) in words.iter().enumerate() {
             self.u64_at(base + 8 * i as u64)
                 .store(*w, Ordering::Release);
+        }
+    }
+
+    /// Puts our state and keys back if someone wrote over them: without
+    /// them, senders would pass us by.
+    fn reassert(&self) {
+        let base = slot_base(self.slot);
+        if self.u32_at(base + STATE).load(Ordering::Acquire) != LIVE {
+            self.u32_at(base + STATE).store(LIVE, Ordering::Release);
+        }
+        let words = *self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let differ = (0..KEY_WORDS).any(|i| {
+            self.u64_at(base + KEYS + 8 * i as u64)
+                .load(Ordering::Acquire)
+                != words[i]
+        });
+        if differ {
+            self.write_keys(&words);
         }
     }
 
@@ -473,21 +521,16 @@ impl SharedNet {
 
     /// Puts one record on `slot`'s ring and wakes its reader if it sleeps.
     fn enqueue(&self, slot: usize, offset: u64, frame: &[u8]) -> bool {
-        let lock = ring_lock(slot);
-        if !(0..RING_LOCK_TRIES).any(|i| {
-            if i > 0 {
-                std::thread::yield_now();
-            }
-            try_lock(&self.file, lock)
-        }) {
+        let _one_sender = self.sending.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.lock_ring(slot) {
             return false;
         }
         let queued = self.put_record(slot, offset, frame);
         if !queued {
             // A ring that stays full may belong to a Launcher that is gone.
-            self.reclaim_if_dead(slot);
+            self.reclaim_if_dead(slot, true);
         }
-        unlock(&self.file, lock);
+        self.unlock_ring(slot);
         if queued {
             let waiting = self.u32_at(slot_base(slot) + WAITING);
             if waiting.swap(0, Ordering::SeqCst) != 0 {
@@ -495,6 +538,56 @@ impl SharedNet {
             }
         }
         queued
+    }
+
+    /// Takes `slot`'s ring lock, or takes it over from a holder that is
+    /// gone. False: a live Launcher holds it and does not let go.
+    fn lock_ring(&self, slot: usize) -> bool {
+        let word = self.u32_at(slot_base(slot) + RING_LOCK);
+        let me = self.slot as u32 + 1;
+        for i in 0..RING_SPINS {
+            if word
+                .compare_exchange_weak(0, me, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                return true;
+            }
+            if i % 64 == 63 {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        let holder = word.load(Ordering::Relaxed);
+        // Our own number while we send is nobody's (one sender at a time
+        // here); a number that is no slot is nobody's; a slot whose lock is
+        // free has nobody in it.
+        let gone = holder == 0
+            || holder == me
+            || holder as usize > MAX_SLOTS
+            || self.slot_is_free(holder as usize - 1);
+        gone && word
+            .compare_exchange(holder, me, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    fn unlock_ring(&self, slot: usize) {
+        let me = self.slot as u32 + 1;
+        let _ = self.u32_at(slot_base(slot) + RING_LOCK).compare_exchange(
+            me,
+            0,
+            Ordering::Release,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Whether no Launcher holds `slot` (its lock is free).
+    fn slot_is_free(&self, slot: usize) -> bool {
+        if slot == self.slot || !try_lock(&self.file, claim_lock(slot)) {
+            return false;
+        }
+        unlock(&self.file, claim_lock(slot));
+        true
     }
 
     /// Writes the record; called holding `slot`'s ring lock.
@@ -519,7 +612,7 @@ impl SharedNet {
         }
         if wrap > 0 {
             self.write_bytes(ring + pos, &WRAP.to_le_bytes());
-            tail += wrap;
+            tail = tail.wrapping_add(wrap);
         }
         let pos = tail % RING_BYTES;
         let mut header = [0u8; RECORD_HEADER as usize];
@@ -528,47 +621,44 @@ impl SharedNet {
         self.write_bytes(ring + pos, &header);
         self.write_bytes(ring + pos + RECORD_HEADER, frame);
         // SeqCst: ordered before our look at the reader's `waiting`.
-        tail_word.store(tail + need, Ordering::SeqCst);
+        tail_word.store(tail.wrapping_add(need), Ordering::SeqCst);
         true
     }
 
     /// Frees `slot` if no Launcher holds it: the kernel let go of its lock,
-    /// so whoever had it is gone.
-    fn reclaim_if_dead(&self, slot: usize) {
+    /// so whoever had it is gone. `ring_held`: we hold its ring lock.
+    fn reclaim_if_dead(&self, slot: usize, ring_held: bool) {
         if slot == self.slot || !try_lock(&self.file, claim_lock(slot)) {
             return;
         }
         let dirty = self.u32_at(slot_base(slot) + STATE).load(Ordering::Acquire) != 0
             || self.mac(slot) != [0; 6];
         if dirty {
-            self.reset_slot(slot);
+            self.reset_slot(slot, ring_held);
             self.stats.reclaimed.fetch_add(1, Ordering::Relaxed);
         }
         unlock(&self.file, claim_lock(slot));
     }
 
-    /// Clears `slot`'s bytes; called holding its claim lock.
-    fn reset_slot(&self, slot: usize) {
+    /// Clears `slot`'s bytes; called holding its claim lock, and its ring
+    /// lock if `ring_held`.
+    fn reset_slot(&self, slot: usize, ring_held: bool) {
         let base = slot_base(slot);
         self.u32_at(base + STATE).store(0, Ordering::Release);
         for i in 0..KEY_WORDS as u64 {
             self.u64_at(base + KEYS + 8 * i).store(0, Ordering::Release);
         }
         self.set_mac(slot, [0; 6]);
-        // The ring's indices belong to its writers: take their lock (we are
-        // already holding it when a sender reclaims).
-        let ring = ring_lock(slot);
-        let have = (0..RING_LOCK_TRIES).any(|_| {
-            try_lock(&self.file, ring) || {
-                std::thread::yield_now();
-                false
-            }
-        });
+        // The ring's indices belong to its writers: take their lock.
+        let have = ring_held || {
+            let _one_sender = self.sending.lock().unwrap_or_else(|e| e.into_inner());
+            self.lock_ring(slot)
+        };
         self.u64_at(base + HEAD).store(0, Ordering::Release);
         self.u64_at(base + TAIL).store(0, Ordering::Release);
         self.u32_at(base + WAITING).store(0, Ordering::Release);
-        if have {
-            unlock(&self.file, ring);
+        if have && !ring_held {
+            self.unlock_ring(slot);
         }
     }
 
@@ -603,19 +693,57 @@ impl SharedNet {
     fn receive_loop(&self, stop: &AtomicBool, mut deliver: impl FnMut(u64, &[u8])) {
         let base = slot_base(self.slot);
         let waiting = self.u32_at(base + WAITING);
+        let tail = self.u64_at(base + TAIL);
         let mut frame = vec![0u8; FRAME_MAX];
+        // The ring lock as last seen at an idle look, to notice one stuck.
+        let mut lock_seen = (0, 0, Instant::now());
         while !stop.load(Ordering::SeqCst) {
             if self.drain(&mut frame, &mut deliver) {
                 continue;
             }
+            // Dry: watch a little before paying for a sleep and a wake-up.
+            let seen = tail.load(Ordering::Acquire);
+            let spin = Instant::now();
+            while tail.load(Ordering::Acquire) == seen
+                && spin.elapsed() < SPIN_BEFORE_SLEEP
+                && !stop.load(Ordering::Relaxed)
+            {
+                std::hint::spin_loop();
+            }
+            if tail.load(Ordering::Acquire) != seen {
+                continue;
+            }
             waiting.store(1, Ordering::SeqCst);
-            let empty = self.u64_at(base + TAIL).load(Ordering::SeqCst)
-                == self.u64_at(base + HEAD).load(Ordering::Relaxed);
+            let empty =
+                tail.load(Ordering::SeqCst) == self.u64_at(base + HEAD).load(Ordering::Relaxed);
             if empty && !stop.load(Ordering::SeqCst) {
                 futex_wait(waiting, 1, IDLE_RECHECK);
             }
             waiting.store(0, Ordering::SeqCst);
+            self.reassert();
+            lock_seen = self.unstick_ring(lock_seen);
         }
+    }
+
+    /// Clears our ring's lock if it has stayed held, with the ring
+    /// unchanged, since the last look at least IDLE_RECHECK ago: no live
+    /// sender holds it that long, so it is garbage or a stopped process.
+    fn unstick_ring(&self, (lock, tail, when): (u32, u64, Instant)) -> (u32, u64, Instant) {
+        let base = slot_base(self.slot);
+        let word = self.u32_at(base + RING_LOCK);
+        let now = (
+            word.load(Ordering::Acquire),
+            self.u64_at(base + TAIL).load(Ordering::Acquire),
+        );
+        if now.0 == 0 || now != (lock, tail) {
+            return (now.0, now.1, Instant::now());
+        }
+        if when.elapsed() >= IDLE_RECHECK {
+            let _ = word.compare_exchange(lock, 0, Ordering::AcqRel, Ordering::Relaxed);
+            self.stats.garbled.fetch_add(1, Ordering::Relaxed);
+            return (0, tail, Instant::now());
+        }
+        (lock, tail, when)
     }
 
     /// Takes every record off our ring; false if there was none.
@@ -681,17 +809,14 @@ impl SharedNet {
     fn recover_ring(&self) -> bool {
         self.stats.garbled.fetch_add(1, Ordering::Relaxed);
         let base = slot_base(self.slot);
-        let lock = ring_lock(self.slot);
-        let have = (0..RING_LOCK_TRIES).any(|_| {
-            try_lock(&self.file, lock) || {
-                std::thread::yield_now();
-                false
-            }
-        });
+        let have = {
+            let _one_sender = self.sending.lock().unwrap_or_else(|e| e.into_inner());
+            self.lock_ring(self.slot)
+        };
         if have {
             self.u64_at(base + TAIL).store(0, Ordering::SeqCst);
             self.u64_at(base + HEAD).store(0, Ordering::SeqCst);
-            unlock(&self.file, lock);
+            self.unlock_ring(self.slot);
         }
         have
     }
@@ -701,7 +826,7 @@ impl Drop for SharedNet {
     fn drop(&mut self) {
         // Leave the slot clean for the next Launcher; the lock goes when
         // the file and its mapping close.
-        self.reset_slot(self.slot);
+        self.reset_slot(self.slot, false);
     }
 }
 
