@@ -15,7 +15,7 @@
 use super::{DeviceContext, Sent};
 use std::collections::VecDeque;
 use std::io::Write;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -50,8 +50,6 @@ impl ConsoleConfig {
         })
     }
 }
-
-use std::os::fd::AsFd;
 
 pub struct Console {
     output: Arc<Mutex<dyn Write + Send>>,

@@ -258,7 +258,18 @@ fn tap_input(port: &dyn FramePort, stop: &EventFd, page: u64, ctx: &DeviceContex
         {
             return; // the port is gone
         }
-        while let Ok(n) = port.recv(&mut frame) {
+        loop {
+            let n = match port.recv(&mut frame) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Gone for good (a tap fails this way only when it is
+                    // taken away): the Guest's wire goes quiet.
+                    tracing::warn!("net slot 0 stops receiving: {e}");
+                    return;
+                }
+            };
             if ctx.mem.read(page, &mut macs).is_err() {
                 return;
             }

@@ -16,8 +16,8 @@
 //! 0x1000            header: magic, version, slots, ring size
 //! 0x2000 + s*STRIDE slot s: control page {state, pid, waiting (a futex
 //!                   word), head, tail, bitmap of the key offsets its Guest
-//!                   bound}, then its ring of records {u32 len, u32 key
-//!                   offset, frame, padding to 8}
+//!                   bound, ring lock}, then its ring of records {u32 len,
+//!                   u32 key offset, frame, padding to 8}
 //! ```
 //!
 //! Claiming: slot s is held by an open-file-description lock on byte
@@ -30,10 +30,10 @@
 //! otherwise drops the frame rather than stall its Guest's vCPU. A receiver
 //! clears its ring's lock if it stays held, unchanged, for a long time.
 //!
-//! Waking: a receiver with nothing to do sets its `waiting` word and sleeps
-//! on it (a futex on the shared mapping); a sender that finds it set clears
-//! it and wakes the receiver. A busy receiver costs its senders no system
-//! call beyond the ring lock.
+//! Waking: a receiver with nothing to do watches its ring for a moment,
+//! then sets its `waiting` word and sleeps on it (a futex on the shared
+//! mapping); a sender that finds it set clears it and wakes the receiver.
+//! While frames stream, nobody makes a system call.
 //!
 //! Nothing read from the FILE is trusted: any process that can write it can
 //! write anything there. Indices and lengths are checked before use, a ring
