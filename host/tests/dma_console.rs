@@ -85,7 +85,10 @@ fn input_waits_for_a_buffer_and_none_is_lost() {
     let writer = {
         let mut w = c.input.take().unwrap();
         let text = text.clone();
-        std::thread::spawn(move || w.write_all(&text).unwrap())
+        std::thread::spawn(move || {
+            w.write_all(&text).unwrap();
+            w // kept open: this test is not about the end of input
+        })
     };
     std::thread::sleep(Duration::from_millis(20));
     assert!(c.signals.seen().irqs.is_empty(), "no buffer, no IRQ");
@@ -99,9 +102,14 @@ fn input_waits_for_a_buffer_and_none_is_lost() {
         got.extend(chunk);
     }
     assert!(got == text, "every byte, in order");
-    writer.join().unwrap();
+    let still_open = writer.join().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
     assert_eq!(c.signals.seen().end_of_input, 0, "the pipe is still open");
-    c.input = None;
+    drop(still_open);
+    assert_eq!(
+        c.signals.wait(LIMIT, |s| s.end_of_input > 0).end_of_input,
+        1
+    );
 }
 
 #[test]

@@ -97,6 +97,8 @@ fn claim_lock(slot: usize) -> i64 {
 /// How often a sender tries for a busy ring before it looks whether the
 /// holder still lives (and, if it does, drops the frame).
 const RING_SPINS: u32 = 4096;
+/// How long a Launcher waits for another to finish laying out the FILE.
+const SETUP_WAIT: Duration = Duration::from_secs(5);
 /// A sleeping receiver looks again this often whatever its word says.
 const IDLE_RECHECK: Duration = Duration::from_millis(100);
 /// How long a receiver that ran dry watches its ring before it sleeps: a
@@ -123,8 +125,10 @@ pub enum SharenetError {
     NotRegular { path: PathBuf },
     #[error("--sharenet={}: not an lguest network file ({why}); give a new file name, or remove it if no Launcher uses it", path.display())]
     NotNetworkFile { path: PathBuf, why: &'static str },
-    #[error("--sharenet={}: all {MAX_SLOTS} slots are taken", path.display())]
+    #[error("--sharenet={}: all {} Guest slots are taken", path.display(), MAX_SLOTS - 1)]
     Full { path: PathBuf },
+    #[error("--sharenet={}: another process has been setting it up for too long", path.display())]
+    Busy { path: PathBuf },
 }
 
 /// What a Launcher saw of the network, for tests and curious users.
@@ -163,33 +167,29 @@ pub struct SharedNet {
     pub stats: Stats,
 }
 
-/// An open-file-description lock on one byte of `file`.
-fn ofd_lock(file: &File, at: i64, kind: libc::c_int, wait: bool) -> std::io::Result<()> {
+/// Takes (F_WRLCK) or drops (F_UNLCK) an open-file-description lock on
+/// one byte of `file`, without waiting.
+fn ofd_lock(file: &File, at: i64, kind: libc::c_int) -> std::io::Result<()> {
     // SAFETY: flock is plain data; all zeroes is a valid value.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = kind as libc::c_short;
     fl.l_whence = libc::SEEK_SET as libc::c_short;
     fl.l_start = at;
     fl.l_len = 1;
-    let cmd = if wait {
-        libc::F_OFD_SETLKW
-    } else {
-        libc::F_OFD_SETLK
-    };
     // SAFETY: fcntl reads one flock we own; OFD locks need l_pid 0, which
     // it is.
-    if unsafe { libc::fcntl(file.as_raw_fd(), cmd, &fl) } < 0 {
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
 
 fn try_lock(file: &File, at: i64) -> bool {
-    ofd_lock(file, at, libc::F_WRLCK, false).is_ok()
+    ofd_lock(file, at, libc::F_WRLCK).is_ok()
 }
 
 fn unlock(file: &File, at: i64) {
-    let _ = ofd_lock(file, at, libc::F_UNLCK, false);
+    let _ = ofd_lock(file, at, libc::F_UNLCK);
 }
 
 fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
@@ -239,8 +239,17 @@ impl SharedNet {
                 path: path.to_path_buf(),
             });
         }
-        // One Launcher at a time looks at (and perhaps lays out) the file.
-        ofd_lock(&file, SETUP_LOCK, libc::F_WRLCK, true).map_err(io)?;
+        // One Launcher at a time looks at (and perhaps lays out) the file;
+        // it takes a moment, so waiting longer means something is wrong.
+        let deadline = Instant::now() + SETUP_WAIT;
+        while !try_lock(&file, SETUP_LOCK) {
+            if Instant::now() > deadline {
+                return Err(SharenetError::Busy {
+                    path: path.to_path_buf(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let checked = Self::check_or_create(&file, path);
         unlock(&file, SETUP_LOCK);
         checked?;
@@ -249,21 +258,21 @@ impl SharedNet {
             FILE_SIZE as usize,
         )
         .map_err(|e| io(std::io::Error::other(e)))?;
-        let mut net = SharedNet {
+        let slot = (1..MAX_SLOTS)
+            .find(|&s| try_lock(&file, claim_lock(s)))
+            .ok_or_else(|| SharenetError::Full {
+                path: path.to_path_buf(),
+            })?;
+        let net = SharedNet {
             map,
             file,
             path: path.to_path_buf(),
-            slot: 0,
+            slot,
             attached: AtomicBool::new(false),
             keys: std::sync::Mutex::new([0; KEY_WORDS]),
             sending: std::sync::Mutex::new(()),
             stats: Stats::default(),
         };
-        net.slot = (1..MAX_SLOTS)
-            .find(|&s| try_lock(&net.file, claim_lock(s)))
-            .ok_or_else(|| SharenetError::Full {
-                path: path.to_path_buf(),
-            })?;
         net.reset_slot(net.slot, false);
         // A Launcher that died in our slot may have died holding a ring:
         // that lock is ours to drop now.
