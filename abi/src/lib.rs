@@ -503,6 +503,66 @@ pub struct BlockPage {
     pub num_sectors: u32,
 }
 
+/// Device types of the 2007 device table.
+pub const LGUEST_DEVICE_T_CONSOLE: u16 = 1;
+pub const LGUEST_DEVICE_T_NET: u16 = 2;
+pub const LGUEST_DEVICE_T_BLOCK: u16 = 3;
+
+/// Status bits of a 2007 device-table entry: all 0 at boot, set only by the
+/// Guest (the Host may set REMOVED).
+pub const LGUEST_DEVICE_S_ACKNOWLEDGE: u16 = 1;
+pub const LGUEST_DEVICE_S_DRIVER: u16 = 2;
+pub const LGUEST_DEVICE_S_DRIVER_OK: u16 = 4;
+pub const LGUEST_DEVICE_S_REMOVED: u16 = 8;
+pub const LGUEST_DEVICE_S_REMOVED_ACK: u16 = 16;
+pub const LGUEST_DEVICE_S_FAILED: u16 = 128;
+
+/// Feature bits of a 2007 device-table entry.
+pub const LGUEST_NET_F_NOCSUM: u16 = 0x4000;
+pub const LGUEST_DEVICE_F_RANDOMNESS: u16 = 0x8000;
+/// A net entry's features carry its slot number in these bits.
+pub const LGUEST_NET_SLOT_MASK: u16 = 0x0FFF;
+
+/// The net page: 6-byte MAC slots at `page + 6 * slot`...
+pub const LGUEST_NET_MAC_LEN: usize = 6;
+/// ...and slot n's key at `page + 4 * n`.
+pub const LGUEST_NET_KEY_STRIDE: u64 = 4;
+/// Bit 0 of a MAC slot's byte 0: the slot's Guest is promiscuous.
+pub const LGUEST_NET_PROMISC: u8 = 1;
+
+/// BIND_DMA's third argument is `(count << 8) | irq`.
+pub const BIND_DMA_COUNT_SHIFT: u32 = 8;
+pub const BIND_DMA_IRQ_MASK: u64 = 0xFF;
+
+/// The block page's `type` and `result` values.
+pub const LGUEST_BLOCK_READ: u32 = 0;
+pub const LGUEST_BLOCK_WRITE: u32 = 1;
+pub const LGUEST_BLOCK_PENDING: u32 = 0;
+pub const LGUEST_BLOCK_DONE: u32 = 1;
+pub const LGUEST_BLOCK_ERROR: u32 = 2;
+/// Block requests move whole 512-byte sectors.
+pub const LGUEST_BLOCK_SECTOR: u64 = 512;
+
+/// Byte offsets of the 2007 layouts, for code that reads Guest memory field
+/// by field.
+pub mod dma_off {
+    use super::{BlockPage, DmaDeviceDesc, LguestDma};
+    use core::mem::offset_of;
+    pub const DESC_TYPE: usize = offset_of!(DmaDeviceDesc, type_);
+    pub const DESC_FEATURES: usize = offset_of!(DmaDeviceDesc, features);
+    pub const DESC_STATUS: usize = offset_of!(DmaDeviceDesc, status);
+    pub const DESC_NUM_PAGES: usize = offset_of!(DmaDeviceDesc, num_pages);
+    pub const DESC_PFN: usize = offset_of!(DmaDeviceDesc, pfn);
+    pub const DMA_USED_LEN: usize = offset_of!(LguestDma, used_len);
+    pub const DMA_ADDR: usize = offset_of!(LguestDma, addr);
+    pub const DMA_LEN: usize = offset_of!(LguestDma, len);
+    pub const BLOCK_TYPE: usize = offset_of!(BlockPage, type_);
+    pub const BLOCK_SECTOR: usize = offset_of!(BlockPage, sector);
+    pub const BLOCK_BYTES: usize = offset_of!(BlockPage, bytes);
+    pub const BLOCK_RESULT: usize = offset_of!(BlockPage, result);
+    pub const BLOCK_NUM_SECTORS: usize = offset_of!(BlockPage, num_sectors);
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -624,6 +684,50 @@ mod tests {
             status: 0,
         };
         assert_eq!(d.total_size(), 5 + 16 + 8 + 8);
+    }
+
+    #[test]
+    fn dma_model_numbers_match_the_abi() {
+        assert_eq!(
+            (
+                LGUEST_DEVICE_T_CONSOLE,
+                LGUEST_DEVICE_T_NET,
+                LGUEST_DEVICE_T_BLOCK
+            ),
+            (1, 2, 3)
+        );
+        assert_eq!(
+            [
+                LGUEST_DEVICE_S_ACKNOWLEDGE,
+                LGUEST_DEVICE_S_DRIVER,
+                LGUEST_DEVICE_S_DRIVER_OK,
+                LGUEST_DEVICE_S_REMOVED,
+                LGUEST_DEVICE_S_REMOVED_ACK,
+                LGUEST_DEVICE_S_FAILED
+            ],
+            [1, 2, 4, 8, 16, 128]
+        );
+        assert_eq!(LGUEST_NET_F_NOCSUM, 0x4000);
+        assert_eq!(LGUEST_DEVICE_F_RANDOMNESS, 0x8000);
+        assert_eq!(LGUEST_NET_SLOT_MASK, (1 << 12) - 1);
+        assert_eq!(DMA_MAX_DEVICES * size_of::<DmaDeviceDesc>(), 192);
+        assert_eq!((dma_off::DESC_FEATURES, dma_off::DESC_STATUS), (2, 4));
+        assert_eq!((dma_off::DESC_NUM_PAGES, dma_off::DESC_PFN), (6, 8));
+        assert_eq!(dma_off::DMA_USED_LEN, 0);
+        assert_eq!(
+            [
+                dma_off::BLOCK_TYPE,
+                dma_off::BLOCK_SECTOR,
+                dma_off::BLOCK_BYTES,
+                dma_off::BLOCK_RESULT,
+                dma_off::BLOCK_NUM_SECTORS
+            ],
+            [0, 4, 8, 12, 16]
+        );
+        assert_eq!(
+            (LGUEST_BLOCK_DONE, LGUEST_BLOCK_ERROR, LGUEST_BLOCK_WRITE),
+            (1, 2, 1)
+        );
     }
 
     #[test]
