@@ -145,16 +145,14 @@ impl Dma {
 /// someone sends to `key`. They must be ours, reached only through raw
 /// pointers, for as long as they are bound (for our drivers: for ever).
 pub unsafe fn bind(key: u64, dmas: *mut LguestDma, count: usize, irq: u8) -> bool {
+    let count_irq = (count << 8) as u64 | irq as u64;
     // SAFETY: the caller's.
-    unsafe {
-        hcall(
-            nr::BIND_DMA,
-            key,
-            dmas as u64,
-            (count << 8) as u64 | irq as u64,
-            0,
-        ) == 1
-    }
+    unsafe { hcall(nr::BIND_DMA, key, dmas as u64, count_irq, 0) == 1 }
+}
+
+/// A driver that could not come up marks its entry FAILED.
+fn up<T>(at: usize, probed: Result<T, Error>) -> Result<T, Error> {
+    probed.inspect_err(|_| set_status(at, status(at) | S_FAILED))
 }
 
 /// The devices we drive, brought up when first wanted, as on the bus.
@@ -188,7 +186,9 @@ impl Devices {
 
     pub fn console(&mut self) -> Result<&mut console::Console, Error> {
         let at = self.find(T_CONSOLE, 0);
-        probe_once(&mut self.console, at, "console", console::Console::probe)
+        probe_once(&mut self.console, at, "console", |at| {
+            up(at, console::Console::probe(at))
+        })
     }
 
     /// Disk `n` (0 is the first block entry).
@@ -197,7 +197,7 @@ impl Devices {
         let slot = self.disks.get_mut(n).ok_or_else(|| err!("no disk {n}"))?;
         let table = &self.table;
         probe_once(slot, at, "block device", |at| {
-            blk::Blk::probe(at, &table[at], n)
+            up(at, blk::Blk::probe(at, &table[at], n))
         })
     }
 
@@ -205,7 +205,7 @@ impl Devices {
         let at = self.find(T_NET, 0);
         let table = &self.table;
         probe_once(&mut self.net, at, "net device", |at| {
-            net::Net::probe(at, &table[at])
+            up(at, net::Net::probe(at, &table[at]))
         })
     }
 
