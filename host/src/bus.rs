@@ -15,9 +15,9 @@
 
 use crate::kick::Irqs;
 use crate::memory::GuestMemory;
-use crate::virtio::mmio::{MmioDevice, WINDOW};
+use crate::virtio::mmio::{MmioDevice, MmioError, WINDOW};
 use crate::virtio::queue::ring_bytes;
-use crate::virtio::{Device, LegacyQueue, QueueSetup, Running, COMMON_FEATURES};
+use crate::virtio::{Device, DeviceError, LegacyQueue, QueueSetup, Running, COMMON_FEATURES};
 use lguest_abi::{
     DeviceDesc, VqConfig, FEATURE_LEN, LGUEST_IRQS, PAGE_SIZE, VIRTIO_STATUS_FAILED,
     VRING_DEFAULT_NUM,
@@ -26,6 +26,24 @@ use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 use virtio_bindings::virtio_config::{VIRTIO_F_ANY_LAYOUT, VIRTIO_F_NOTIFY_ON_EMPTY};
 use zerocopy::IntoBytes;
+
+/// Devices that don't fit, or a Guest that broke a rule reaching them (the
+/// Sudden Death reason).
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// More queues than the Guest has IRQs for.
+    #[error("too many devices: {queues} queues, but a Guest has IRQs for {irqs}")]
+    TooManyQueues { queues: usize, irqs: u32 },
+    /// More descriptors than one page holds.
+    #[error("too many devices for one descriptor page")]
+    DescriptorPageFull,
+    /// A kick served at once found a ring broken.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// A virtio-mmio access the Guest may not make.
+    #[error(transparent)]
+    Mmio(#[from] MmioError),
+}
 
 /// How the Guest reaches its devices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,20 +69,20 @@ pub fn device_pages(devices: &[Box<dyn Device>], transport: Transport) -> u64 {
 
 /// Checks the devices fit the bus: one descriptor page, and one IRQ per
 /// queue from IRQ 1.
-pub fn check_fits(devices: &[Box<dyn Device>]) -> Result<(), String> {
+pub fn check_fits(devices: &[Box<dyn Device>]) -> Result<(), BusError> {
     let queues: usize = devices.iter().map(|d| d.queue_names().len()).sum();
     if queues >= LGUEST_IRQS as usize {
-        return Err(format!(
-            "too many devices: {queues} queues, but a Guest has IRQs for {}",
-            LGUEST_IRQS - 1
-        ));
+        return Err(BusError::TooManyQueues {
+            queues,
+            irqs: LGUEST_IRQS - 1,
+        });
     }
     let bytes: usize = devices
         .iter()
         .map(|d| descriptor(d.as_ref()).total_size())
         .sum();
     if bytes >= PAGE_SIZE as usize {
-        return Err("too many devices for one descriptor page".into());
+        return Err(BusError::DescriptorPageFull);
     }
     Ok(())
 }
@@ -227,9 +245,9 @@ impl Bus {
     }
 
     /// Serves device `index`'s backend on the vCPU thread.
-    pub fn backend_ready(&self, index: usize) -> Result<(), String> {
+    pub fn backend_ready(&self, index: usize) -> Result<(), BusError> {
         match self.running().nth(index) {
-            Some(r) => r.backend_ready(),
+            Some(r) => Ok(r.backend_ready()?),
             None => Ok(()),
         }
     }
@@ -243,20 +261,20 @@ impl Bus {
 
     /// An MMIO access: Some if it hit a window (an error is a Sudden Death
     /// reason), None if no device is there.
-    pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) -> Option<Result<(), String>> {
+    pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) -> Option<Result<(), BusError>> {
         let d = self.mmio.iter_mut().find(|d| d.contains(addr))?;
-        Some(d.read(addr, data))
+        Some(d.read(addr, data).map_err(BusError::from))
     }
 
-    pub fn mmio_write(&mut self, addr: u64, data: &[u8]) -> Option<Result<(), String>> {
+    pub fn mmio_write(&mut self, addr: u64, data: &[u8]) -> Option<Result<(), BusError>> {
         let mem = &self.mem;
         let d = self.mmio.iter_mut().find(|d| d.contains(addr))?;
-        Some(d.write(addr, data, mem))
+        Some(d.write(addr, data, mem).map_err(BusError::from))
     }
 
     /// NOTIFY at `addr`, if it names a descriptor or a ring: true if it did.
     /// An error is a Sudden Death reason (a broken ring served right here).
-    pub fn notify(&self, addr: u64) -> Result<bool, String> {
+    pub fn notify(&self, addr: u64) -> Result<bool, BusError> {
         for d in &self.devices {
             if addr == d.desc {
                 self.status_changed(d);
@@ -377,15 +395,15 @@ mod tests {
 
         // A ring address kicks, a descriptor address is a status change,
         // anything else is not the bus's.
-        assert_eq!(bus.notify(u64::from(first_ring) * PAGE_SIZE), Ok(true));
-        assert_eq!(bus.notify(mem_bytes), Ok(true));
-        assert_eq!(bus.notify(mem_bytes + 1), Ok(false));
+        assert!(bus.notify(u64::from(first_ring) * PAGE_SIZE).unwrap());
+        assert!(bus.notify(mem_bytes).unwrap());
+        assert!(!bus.notify(mem_bytes + 1).unwrap());
 
         // Reset clears the Guest's features.
         let guest_features = mem_bytes + 5 + 16 + 4;
         mem.write_u32(guest_features, 0xFFFF).unwrap();
         mem.write(mem_bytes + 4, &[0]).unwrap();
-        assert_eq!(bus.notify(mem_bytes), Ok(true));
+        assert!(bus.notify(mem_bytes).unwrap());
         assert_eq!(mem.read_u32(guest_features).unwrap(), 0);
     }
 }

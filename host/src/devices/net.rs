@@ -4,7 +4,7 @@
 
 use crate::devices::tap::Tap;
 use crate::virtio::queue::{readable_len, write_to_chain, Chain};
-use crate::virtio::{Device, Queues};
+use crate::virtio::{Device, DeviceError, Queues};
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
@@ -42,7 +42,7 @@ impl Net {
     }
 
     /// Moves frames from the tap into receive buffers while both last.
-    fn receive(&mut self, queues: &mut Queues) -> Result<(), String> {
+    fn receive(&mut self, queues: &mut Queues) -> Result<(), DeviceError> {
         loop {
             let chain = match self.held.take() {
                 Some(chain) => chain,
@@ -92,7 +92,7 @@ impl Device for Net {
         c
     }
 
-    fn kick(&mut self, q: usize, queues: &mut Queues) -> Result<(), String> {
+    fn kick(&mut self, q: usize, queues: &mut Queues) -> Result<(), DeviceError> {
         if q == RX {
             self.rx_buffers = true;
             return self.receive(queues);
@@ -143,7 +143,7 @@ impl Device for Net {
         self.rx_buffers
     }
 
-    fn backend_ready(&mut self, queues: &mut Queues) -> Result<(), String> {
+    fn backend_ready(&mut self, queues: &mut Queues) -> Result<(), DeviceError> {
         self.receive(queues)
     }
 

@@ -8,8 +8,8 @@
 //! moves registers and rings: the device behind it is the bus's.
 
 use super::queue::{area_sizes, Queue, RingFeatures};
-use super::Running;
-use crate::memory::GuestMemory;
+use super::{DeviceError, Running};
+use crate::memory::{GuestMemory, OutOfBounds};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -23,6 +23,67 @@ const CONFIG: u64 = 0x100;
 
 const STATUS_FEATURES_OK: u32 = 8;
 const STATUS_FAILED: u32 = 0x80;
+
+/// An access the Guest may not make: the Sudden Death reason, naming the
+/// device (and its window or queue).
+#[derive(Debug, thiserror::Error)]
+pub enum MmioError {
+    /// A register access of the wrong width, or where there is no register.
+    #[error(
+        "virtio-mmio {device} window {base:#x}: bad {width}-byte {access} at offset {offset:#x}"
+    )]
+    BadAccess {
+        device: &'static str,
+        base: u64,
+        offset: u64,
+        width: usize,
+        access: Access,
+    },
+    /// QueueNum that is not a power of two we can serve.
+    #[error("virtio-mmio {device} queue {queue}: bad queue size {size}")]
+    QueueSize {
+        device: &'static str,
+        queue: u32,
+        size: u32,
+    },
+    /// QueueSel names a queue the device doesn't have.
+    #[error("virtio-mmio {device} queue {queue}: no such queue")]
+    NoSuchQueue { device: &'static str, queue: u32 },
+    /// A queue's size or areas written while it is ready.
+    #[error("virtio-mmio {device} queue {queue}: changed while ready")]
+    ChangedWhileReady { device: &'static str, queue: u32 },
+    /// QueueReady before the features were agreed.
+    #[error("virtio-mmio {device} queue {queue}: enabled before FEATURES_OK")]
+    EnabledEarly { device: &'static str, queue: u32 },
+    /// QueueReady with an area that is not wholly Guest memory.
+    #[error("virtio-mmio {device} queue {queue}: queue area {source}")]
+    QueueArea {
+        device: &'static str,
+        queue: u32,
+        source: OutOfBounds,
+    },
+    /// A kick the device served at once found a ring broken.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+}
+
+/// Which kind of access [`MmioError::BadAccess`] was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+    ConfigRead,
+}
+
+impl std::fmt::Display for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Access::Read => "read",
+            Access::Write => "write",
+            Access::ConfigRead => "config read",
+        })
+    }
+}
 
 /// Per-queue registers.
 #[derive(Clone, Copy, Default)]
@@ -90,13 +151,13 @@ impl MmioDevice {
 
     /// A read of `data.len()` bytes at `addr`; an error is a Sudden Death
     /// reason.
-    pub fn read(&mut self, addr: u64, data: &mut [u8]) -> Result<(), String> {
+    pub fn read(&mut self, addr: u64, data: &mut [u8]) -> Result<(), MmioError> {
         let offset = addr - self.base;
         if offset >= CONFIG {
             return self.read_config(offset - CONFIG, data);
         }
         if data.len() != 4 || !offset.is_multiple_of(4) {
-            return Err(self.bad(offset, data.len(), "read"));
+            return Err(self.bad(offset, data.len(), Access::Read));
         }
         let value = match offset {
             0x000 => MAGIC,
@@ -113,38 +174,40 @@ impl MmioDevice {
             0x060 => self.interrupt_status.load(Ordering::SeqCst),
             0x070 => self.status,
             0x0FC => 0, // config generation: our config never changes
-            _ => return Err(self.bad(offset, 4, "read")),
+            _ => return Err(self.bad(offset, 4, Access::Read)),
         };
         data.copy_from_slice(&value.to_le_bytes());
         Ok(())
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) -> Result<(), String> {
+    fn read_config(&self, offset: u64, data: &mut [u8]) -> Result<(), MmioError> {
         if !matches!(data.len(), 1 | 2 | 4) {
-            return Err(self.bad(CONFIG + offset, data.len(), "config read"));
+            return Err(self.bad(CONFIG + offset, data.len(), Access::ConfigRead));
         }
         let config = self.running.config();
         let start = offset as usize;
         match config.get(start..start + data.len()) {
             Some(bytes) => data.copy_from_slice(bytes),
-            None => return Err(self.bad(CONFIG + offset, data.len(), "config read")),
+            None => return Err(self.bad(CONFIG + offset, data.len(), Access::ConfigRead)),
         }
         Ok(())
     }
 
-    fn bad(&self, offset: u64, width: usize, what: &str) -> String {
-        format!(
-            "virtio-mmio {} window {:#x}: bad {width}-byte {what} at offset {offset:#x}",
-            self.name(),
-            self.base
-        )
+    fn bad(&self, offset: u64, width: usize, access: Access) -> MmioError {
+        MmioError::BadAccess {
+            device: self.name(),
+            base: self.base,
+            offset,
+            width,
+            access,
+        }
     }
 
     /// A write of `data` at `addr`; an error is a Sudden Death reason.
-    pub fn write(&mut self, addr: u64, data: &[u8], mem: &GuestMemory) -> Result<(), String> {
+    pub fn write(&mut self, addr: u64, data: &[u8], mem: &GuestMemory) -> Result<(), MmioError> {
         let offset = addr - self.base;
         if data.len() != 4 || !offset.is_multiple_of(4) {
-            return Err(self.bad(offset, data.len(), "write"));
+            return Err(self.bad(offset, data.len(), Access::Write));
         }
         let value = u32::from_le_bytes(data.try_into().expect("4 bytes"));
         let high = |old: u64, v: u32| (old & 0xFFFF_FFFF) | (v as u64) << 32;
@@ -162,7 +225,11 @@ impl MmioDevice {
                 // 0 unsets the size (drivers write it when they tear a queue
                 // down); anything else must be a power of two we can serve.
                 if value > QUEUE_NUM_MAX as u32 || (value != 0 && !value.is_power_of_two()) {
-                    return Err(format!("{}: bad queue size {value}", self.queue_name()));
+                    return Err(MmioError::QueueSize {
+                        device: self.name(),
+                        queue: self.queue_sel,
+                        size: value,
+                    });
                 }
                 self.with_selected(|q| q.num = value as u16)?;
             }
@@ -190,37 +257,33 @@ impl MmioDevice {
                     };
                 })?;
             }
-            _ => return Err(self.bad(offset, 4, "write")),
+            _ => return Err(self.bad(offset, 4, Access::Write)),
         }
         Ok(())
     }
 
-    fn queue_name(&self) -> String {
-        format!("virtio-mmio {} queue {}", self.name(), self.queue_sel)
-    }
-
-    fn with_selected(&mut self, f: impl FnOnce(&mut QueueRegs)) -> Result<(), String> {
-        let name = self.queue_name();
+    fn with_selected(&mut self, f: impl FnOnce(&mut QueueRegs)) -> Result<(), MmioError> {
+        let (device, queue) = (self.name(), self.queue_sel);
         let q = self
             .selected()
-            .ok_or_else(|| format!("{name}: no such queue"))?;
+            .ok_or(MmioError::NoSuchQueue { device, queue })?;
         if q.ready {
-            return Err(format!("{name}: changed while ready"));
+            return Err(MmioError::ChangedWhileReady { device, queue });
         }
         f(q);
         Ok(())
     }
 
-    fn set_queue_ready(&mut self, ready: bool, mem: &GuestMemory) -> Result<(), String> {
-        let name = self.queue_name();
+    fn set_queue_ready(&mut self, ready: bool, mem: &GuestMemory) -> Result<(), MmioError> {
+        let (device, queue) = (self.name(), self.queue_sel);
         if ready && self.status & STATUS_FEATURES_OK == 0 {
-            return Err(format!("{name}: enabled before FEATURES_OK"));
+            return Err(MmioError::EnabledEarly { device, queue });
         }
         let index = self.queue_sel as usize;
         let features = self.driver_features;
         let q = self
             .selected()
-            .ok_or_else(|| format!("{name}: no such queue"))?;
+            .ok_or(MmioError::NoSuchQueue { device, queue })?;
         if !ready {
             // The driver may free the ring as soon as this write returns, so
             // the device must be done with it by then.
@@ -231,7 +294,11 @@ impl MmioDevice {
         let num = if q.num == 0 { QUEUE_NUM_MAX } else { q.num };
         for (area, size) in q.areas.iter().zip(area_sizes(num)) {
             mem.check(*area, size)
-                .map_err(|e| format!("{name}: queue area {e}"))?;
+                .map_err(|source| MmioError::QueueArea {
+                    device,
+                    queue,
+                    source,
+                })?;
         }
         q.ready = true;
         let queue = Queue::with_areas(num, q.areas, RingFeatures::from_bits(features));
@@ -323,6 +390,7 @@ mod tests {
 
     fn wr(d: &mut MmioDevice, mem: &GuestMemory, off: u64, v: u32) -> Result<(), String> {
         d.write(BASE + off, &v.to_le_bytes(), mem)
+            .map_err(|e| e.to_string())
     }
 
     #[test]
@@ -382,17 +450,29 @@ mod tests {
     fn hostile_register_use_is_refused_with_a_reason() {
         let (mut d, mem) = device();
         let mut two = [0u8; 2];
-        assert!(d
-            .read(BASE + 0x004, &mut two)
-            .unwrap_err()
-            .contains("bad 2-byte read"));
-        assert!(d
-            .write(BASE + 0x070, &[1], &mem)
-            .unwrap_err()
-            .contains("bad 1-byte write"));
-        assert!(wr(&mut d, &mem, 0x044, 1)
-            .unwrap_err()
-            .contains("before FEATURES_OK"));
+        let err = d.read(BASE + 0x004, &mut two).unwrap_err();
+        assert!(matches!(
+            err,
+            MmioError::BadAccess {
+                device: "rng",
+                base: BASE,
+                offset: 4,
+                width: 2,
+                access: Access::Read,
+            }
+        ));
+        assert_eq!(
+            err.to_string(),
+            "virtio-mmio rng window 0x100000: bad 2-byte read at offset 0x4"
+        );
+        let err = d.write(BASE + 0x070, &[1], &mem).unwrap_err();
+        assert!(err.to_string().contains("bad 1-byte write"), "{err}");
+        let err = d.write(BASE + 0x044, &1u32.to_le_bytes(), &mem);
+        assert!(
+            matches!(err, Err(MmioError::EnabledEarly { queue: 0, .. })),
+            "{err:?}"
+        );
+        assert!(err.unwrap_err().to_string().contains("before FEATURES_OK"));
         // Features without VERSION_1 are refused: FEATURES_OK doesn't stick.
         wr(&mut d, &mem, 0x070, 1 | 2 | STATUS_FEATURES_OK).unwrap();
         assert_eq!(rd(&mut d, 0x070) & STATUS_FEATURES_OK, 0);

@@ -12,11 +12,7 @@ pub mod queue;
 
 use crate::kick::Irqs;
 use crate::memory::GuestMemory;
-use lguest_abi::vring::{
-    F_NOTIFY_ON_EMPTY as VIRTIO_F_NOTIFY_ON_EMPTY, RING_F_EVENT_IDX as VIRTIO_RING_F_EVENT_IDX,
-    RING_F_INDIRECT_DESC as VIRTIO_RING_F_INDIRECT_DESC,
-};
-use queue::{Chain, Queue, RingFeatures};
+use queue::{Chain, Queue, QueueError, RingFeatures};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -26,16 +22,18 @@ use vmm_sys_util::eventfd::EventFd;
 /// Features every device offers (ABI section 8).
 pub use lguest_abi::vring::COMMON_FEATURES;
 
-impl RingFeatures {
-    /// The ring features among negotiated feature bits.
-    pub fn from_bits(features: u64) -> RingFeatures {
-        let bit = |b: u32| features & (1 << b) != 0;
-        RingFeatures {
-            event_idx: bit(VIRTIO_RING_F_EVENT_IDX),
-            indirect: bit(VIRTIO_RING_F_INDIRECT_DESC),
-            notify_on_empty: bit(VIRTIO_F_NOTIFY_ON_EMPTY),
-        }
-    }
+/// Why a device stopped the Guest: its text is the Sudden Death reason,
+/// naming the device and the queue.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The Guest broke a ring rule on one of the device's queues.
+    #[error("{device} queue {index} ({queue}): {source}")]
+    Ring {
+        device: &'static str,
+        index: usize,
+        queue: &'static str,
+        source: QueueError,
+    },
 }
 
 /// One device's backend and behaviour.
@@ -51,7 +49,7 @@ pub trait Device: Send {
     /// Its config space.
     fn config(&self) -> Vec<u8>;
     /// Queue `q` was kicked (or just became ready).
-    fn kick(&mut self, q: usize, queues: &mut Queues) -> Result<(), String>;
+    fn kick(&mut self, q: usize, queues: &mut Queues) -> Result<(), DeviceError>;
     /// Whether a kick on queue `q` is served right away on the vCPU thread
     /// (short, non-blocking work such as console output) instead of waking
     /// the device's thread: one thread hand-off less per kick.
@@ -74,7 +72,7 @@ pub trait Device: Send {
         false
     }
     /// The backend is readable.
-    fn backend_ready(&mut self, _queues: &mut Queues) -> Result<(), String> {
+    fn backend_ready(&mut self, _queues: &mut Queues) -> Result<(), DeviceError> {
         Ok(())
     }
     /// A descriptor the device waits to become writable (output it could not
@@ -83,7 +81,7 @@ pub trait Device: Send {
         None
     }
     /// `output_fd` has room.
-    fn output_ready(&mut self, _queues: &mut Queues) -> Result<(), String> {
+    fn output_ready(&mut self, _queues: &mut Queues) -> Result<(), DeviceError> {
         Ok(())
     }
     /// The Guest has stopped for good (this boot): finish what it left
@@ -103,6 +101,7 @@ pub trait Device: Send {
 pub struct Queues<'a> {
     pub mem: &'a GuestMemory,
     queues: &'a mut [Option<Queue>],
+    device: &'static str,
     names: &'static [&'static str],
     setup: &'a [QueueSetup],
     irq_state: &'a Irqs,
@@ -110,8 +109,13 @@ pub struct Queues<'a> {
 }
 
 impl Queues<'_> {
-    fn context(&self, q: usize, e: String) -> String {
-        format!("queue {q} ({}): {e}", self.names[q])
+    fn context(&self, q: usize, source: QueueError) -> DeviceError {
+        DeviceError::Ring {
+            device: self.device,
+            index: q,
+            queue: self.names[q],
+            source,
+        }
     }
 
     /// The Guest's IRQ state (its wake-up eventfd, whether it is dying).
@@ -125,7 +129,7 @@ impl Queues<'_> {
     }
 
     /// Asks for kicks on queue `q` when the Guest adds buffers, or not.
-    pub fn want_kicks(&mut self, q: usize, wanted: bool) -> Result<(), String> {
+    pub fn want_kicks(&mut self, q: usize, wanted: bool) -> Result<(), DeviceError> {
         match &mut self.queues[q] {
             Some(queue) => queue
                 .want_kicks(self.mem, wanted)
@@ -135,7 +139,7 @@ impl Queues<'_> {
     }
 
     /// The next chain the Guest offers on queue `q`.
-    pub fn pop(&mut self, q: usize) -> Result<Option<Chain>, String> {
+    pub fn pop(&mut self, q: usize) -> Result<Option<Chain>, DeviceError> {
         match &mut self.queues[q] {
             Some(queue) => queue.pop(self.mem).map_err(|e| self.context(q, e)),
             None => Ok(None),
@@ -144,14 +148,14 @@ impl Queues<'_> {
 
     /// Hands a chain back with `len` bytes written, interrupting the Guest
     /// if it wants to hear of it.
-    pub fn push(&mut self, q: usize, chain: &Chain, len: u32) -> Result<(), String> {
+    pub fn push(&mut self, q: usize, chain: &Chain, len: u32) -> Result<(), DeviceError> {
         self.add_used(q, chain, len)?;
         self.signal(q)
     }
 
     /// Hands a chain back, leaving the interrupt to [`Queues::signal`]
     /// after the last of a batch: one interrupt for many buffers.
-    pub fn add_used(&mut self, q: usize, chain: &Chain, len: u32) -> Result<(), String> {
+    pub fn add_used(&mut self, q: usize, chain: &Chain, len: u32) -> Result<(), DeviceError> {
         // The queue may have been taken away since the chain was popped
         // (reset, or QueueReady cleared): the chain goes with it.
         let Some(queue) = self.queues[q].as_mut() else {
@@ -164,7 +168,7 @@ impl Queues<'_> {
 
     /// Interrupts the Guest for the buffers handed back on queue `q`, if it
     /// wants to hear of them.
-    pub fn signal(&mut self, q: usize) -> Result<(), String> {
+    pub fn signal(&mut self, q: usize) -> Result<(), DeviceError> {
         let Some(queue) = self.queues[q].as_mut() else {
             return Ok(());
         };
@@ -310,11 +314,9 @@ impl Running {
      * device does I/O. Only queues whose work is short and never blocks
      * (console output) are served here instead. An error is the Sudden
      * Death reason. */
-    pub fn kick(&self, q: usize) -> Result<(), String> {
+    pub fn kick(&self, q: usize) -> Result<(), DeviceError> {
         if self.inline_queues[q] {
-            self.shared
-                .serve(Some(q), |d, queues| d.kick(q, queues))
-                .map_err(|e| format!("{} {e}", self.name))?;
+            self.shared.serve(Some(q), |d, queues| d.kick(q, queues))?;
             // Output that must wait for room is the device thread's to
             // finish: wake it to watch for that room.
             if lock(&self.shared.state).device.output_fd().is_some() {
@@ -374,10 +376,8 @@ impl Running {
 
     /// The backend is readable: serve it here. An error is the Sudden Death
     /// reason.
-    pub fn backend_ready(&self) -> Result<(), String> {
-        self.shared
-            .serve(None, |d, q| d.backend_ready(q))
-            .map_err(|e| format!("{} {e}", self.name))
+    pub fn backend_ready(&self) -> Result<(), DeviceError> {
+        self.shared.serve(None, |d, q| d.backend_ready(q))
     }
 
     /// Resets the device, running `clear` (which wipes what the Guest sees
@@ -434,8 +434,8 @@ impl Shared {
     fn serve(
         &self,
         kicked: Option<usize>,
-        f: impl FnOnce(&mut dyn Device, &mut Queues) -> Result<(), String>,
-    ) -> Result<(), String> {
+        f: impl FnOnce(&mut dyn Device, &mut Queues) -> Result<(), DeviceError>,
+    ) -> Result<(), DeviceError> {
         let mut guard = lock(&self.state);
         let state = &mut *guard;
         if let Some(q) = kicked {
@@ -453,11 +453,11 @@ impl Shared {
                 }
             }
         }
-        let names = state.device.queue_names();
         let mut queues = Queues {
             mem: &self.mem,
             queues: &mut state.queues,
-            names,
+            device: state.device.name(),
+            names: state.device.queue_names(),
             setup: &self.setup,
             irq_state: &self.irqs,
             interrupt_status: self.interrupt_status.as_deref(),
@@ -506,8 +506,7 @@ impl Worker {
                     }
                 };
                 if let Err(reason) = result {
-                    let name = lock(&self.shared.state).device.name();
-                    self.shared.irqs.kill(format!("{name} {reason}"));
+                    self.shared.irqs.kill(reason.to_string());
                     return;
                 }
             }
@@ -590,7 +589,7 @@ mod tests {
         fn config(&self) -> Vec<u8> {
             vec![]
         }
-        fn kick(&mut self, _q: usize, _queues: &mut Queues) -> Result<(), String> {
+        fn kick(&mut self, _q: usize, _queues: &mut Queues) -> Result<(), DeviceError> {
             let _ = self.entered.send(());
             let _ = self.release.recv_timeout(Duration::from_secs(30));
             Ok(())
