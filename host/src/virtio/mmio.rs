@@ -5,14 +5,20 @@
 //! announced on the command line as `virtio_mmio.device=0x200@BASE:IRQ`. The
 //! windows are holes in the Guest's memory below pfn_limit, so every access
 //! exits to us ([`MmioDevice::read`], [`MmioDevice::write`]). A transport only
-//! moves registers and rings: the device behind it is the bus's.
+//! moves registers and rings: the device behind it is the runtime's
+//! ([`Running`]). A queue comes up when the driver sets QueueReady, and its
+//! interrupts set InterruptStatus bit 0 before they raise the window's IRQ.
 
 use super::queue::{area_sizes, Queue, RingFeatures};
-use super::{DeviceError, Running};
+use super::{Device, DeviceError, Interrupt, Running, COMMON_FEATURES};
+use crate::kick::Irqs;
 use crate::memory::{GuestMemory, OutOfBounds};
+use lguest_abi::vring::{F_ANY_LAYOUT, F_NOTIFY_ON_EMPTY};
+use lguest_abi::PAGE_SIZE;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+/// Bytes of one device's register window.
 pub const WINDOW: u64 = 0x200;
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
@@ -85,6 +91,56 @@ impl std::fmt::Display for Access {
     }
 }
 
+/// Pages of the hole the windows of `devices` devices make.
+pub fn hole_pages(devices: usize) -> u64 {
+    (devices as u64 * WINDOW).div_ceil(PAGE_SIZE)
+}
+
+/// Where each device's window is, and its IRQ, for RAM of `mem` bytes: from
+/// the page after the (empty) descriptor page, IRQs from 1.
+pub fn windows(mem: u64, devices: usize) -> Vec<(u64, u32)> {
+    (0..devices)
+        .map(|i| (mem + PAGE_SIZE + i as u64 * WINDOW, i as u32 + 1))
+        .collect()
+}
+
+/// The command-line words that announce the windows, as Linux reads them.
+pub fn cmdline(mem: u64, devices: usize) -> Vec<String> {
+    windows(mem, devices)
+        .into_iter()
+        .map(|(base, irq)| format!("virtio_mmio.device=0x{WINDOW:x}@0x{base:x}:{irq}"))
+        .collect()
+}
+
+/// Puts each of `devices` behind a window of its own, in order, and starts
+/// it.
+pub fn attach(
+    mem: &GuestMemory,
+    devices: Vec<Box<dyn Device>>,
+    irqs: &Arc<Irqs>,
+) -> std::io::Result<Vec<MmioDevice>> {
+    let windows = windows(mem.layout.mem, devices.len());
+    devices
+        .into_iter()
+        .zip(windows)
+        .map(|(device, (base, irq))| MmioDevice::new(base, irq, device, mem, irqs))
+        .collect()
+}
+
+/// A window's used-buffer interrupt: InterruptStatus bit 0, then its IRQ.
+struct WindowIrq {
+    irqs: Arc<Irqs>,
+    irq: u32,
+    status: Arc<AtomicU32>,
+}
+
+impl Interrupt for WindowIrq {
+    fn used_buffers(&self, _q: usize) {
+        self.status.fetch_or(1, Ordering::SeqCst);
+        self.irqs.raise(self.irq);
+    }
+}
+
 /// Per-queue registers.
 #[derive(Clone, Copy, Default)]
 struct QueueRegs {
@@ -110,27 +166,39 @@ pub struct MmioDevice {
 }
 
 impl MmioDevice {
+    /// `device` behind a window at `base` whose interrupts are `irq`; its
+    /// thread starts now.
     pub fn new(
         base: u64,
-        device_id: u8,
-        device_features: u64,
-        num_queues: usize,
-        running: Running,
-        interrupt_status: Arc<AtomicU32>,
-    ) -> MmioDevice {
-        MmioDevice {
+        irq: u32,
+        device: Box<dyn Device>,
+        mem: &GuestMemory,
+        irqs: &Arc<Irqs>,
+    ) -> std::io::Result<MmioDevice> {
+        // Modern drivers don't use the legacy-only feature bits.
+        let legacy_only = 1 << F_NOTIFY_ON_EMPTY | 1 << F_ANY_LAYOUT;
+        let features = ((COMMON_FEATURES & !legacy_only) | device.features()) as u64;
+        let (id, queues) = (device.virtio_id(), device.queue_names().len());
+        let interrupt_status = Arc::new(AtomicU32::new(0));
+        let interrupt = WindowIrq {
+            irqs: irqs.clone(),
+            irq,
+            status: interrupt_status.clone(),
+        };
+        let running = Running::start(device, mem.clone(), irqs.clone(), Box::new(interrupt))?;
+        Ok(MmioDevice {
             base,
-            device_id: device_id as u32,
-            device_features: device_features | 1 << VIRTIO_F_VERSION_1,
+            device_id: id as u32,
+            device_features: features | 1 << VIRTIO_F_VERSION_1,
             running,
             interrupt_status,
             device_features_sel: 0,
             driver_features_sel: 0,
             driver_features: 0,
             queue_sel: 0,
-            queues: vec![QueueRegs::default(); num_queues],
+            queues: vec![QueueRegs::default(); queues],
             status: 0,
-        }
+        })
     }
 
     pub fn running(&self) -> &Running {
@@ -350,11 +418,10 @@ mod tests {
     use crate::devices::rng::Rng;
     use crate::kick::Irqs;
     use crate::memory::Layout;
-    use crate::virtio::QueueSetup;
 
     const BASE: u64 = 0x10_0000;
 
-    fn device() -> (MmioDevice, GuestMemory) {
+    fn device() -> (MmioDevice, GuestMemory, Arc<Irqs>) {
         crate::kick::install_kick_handler().unwrap();
         let mem = GuestMemory::new(Layout {
             mem: 1 << 20,
@@ -364,22 +431,9 @@ mod tests {
             host_rw_pages: 1,
         })
         .unwrap();
-        let status = Arc::new(AtomicU32::new(0));
-        let setup = vec![QueueSetup {
-            num: 256,
-            irq: 1,
-            legacy: None,
-        }];
-        let running = Running::start(
-            Box::new(Rng),
-            setup,
-            mem.clone(),
-            Irqs::new().unwrap(),
-            Some(status.clone()),
-        )
-        .unwrap();
-        let id = lguest_abi::VIRTIO_ID_RNG;
-        (MmioDevice::new(BASE, id, 0, 1, running, status), mem)
+        let irqs = Irqs::new().unwrap();
+        let d = MmioDevice::new(BASE, 1, Box::new(Rng), &mem, &irqs).unwrap();
+        (d, mem, irqs)
     }
 
     fn rd(d: &mut MmioDevice, off: u64) -> u32 {
@@ -395,7 +449,7 @@ mod tests {
 
     #[test]
     fn a_modern_driver_gets_entropy_through_the_window() {
-        let (mut d, mem) = device();
+        let (mut d, mem, irqs) = device();
         assert_eq!(rd(&mut d, 0x000), MAGIC);
         assert_eq!(rd(&mut d, 0x004), 2);
         assert_eq!(rd(&mut d, 0x008), lguest_abi::VIRTIO_ID_RNG as u32);
@@ -437,6 +491,7 @@ mod tests {
         }
         assert_eq!(mem.read_u32(0x12008).unwrap(), 64, "used length");
         assert_eq!(rd(&mut d, 0x060) & 1, 1, "interrupt status");
+        assert_ne!(irqs.pending() & 1 << 1, 0, "the window's IRQ");
         wr(&mut d, &mem, 0x064, 1).unwrap();
         assert_eq!(rd(&mut d, 0x060), 0, "acknowledged");
 
@@ -448,7 +503,7 @@ mod tests {
 
     #[test]
     fn hostile_register_use_is_refused_with_a_reason() {
-        let (mut d, mem) = device();
+        let (mut d, mem, _) = device();
         let mut two = [0u8; 2];
         let err = d.read(BASE + 0x004, &mut two).unwrap_err();
         assert!(matches!(
@@ -497,7 +552,7 @@ mod tests {
     /// writes QueueNum 0 and zero addresses; none of that is an error.
     #[test]
     fn a_queue_torn_down_is_released_and_may_be_zeroed() {
-        let (mut d, mem) = device();
+        let (mut d, mem, _) = device();
         wr(&mut d, &mem, 0x024, 1).unwrap();
         wr(&mut d, &mem, 0x020, 1).unwrap();
         wr(&mut d, &mem, 0x070, 1 | 2 | STATUS_FEATURES_OK).unwrap();

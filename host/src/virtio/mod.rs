@@ -1,20 +1,27 @@
-//! Virtio devices, as the lguest bus ([`crate::bus`]) runs them.
+//! Virtio devices, and how they run whatever the transport.
 //!
 //! A device ([`Device`]) only moves bytes between its queues and its backend
 //! (stdin, a file, a tap, the kernel's random source). Each runs on a thread
-//! of its own, woken by an eventfd per queue (written when the Guest kicks it
-//! with NOTIFY) and by its backend's descriptor, so the vCPU never waits on
+//! of its own ([`Running`]), woken by an eventfd per queue (written when the
+//! Guest kicks it) and by its backend's descriptor, so the vCPU never waits on
 //! I/O. A Guest that breaks the ring rules ends in Sudden Death with a reason
 //! naming the device and queue.
+//!
+//! This runtime knows queues, devices and interrupts, nothing more. Where a
+//! queue's ring is, when it comes to life and how an interrupt reaches the
+//! Guest are the transport's: [`lguest_bus`] (a descriptor page and NOTIFY)
+//! or [`mmio`] (a register window per device). A transport hands the device
+//! its queues ([`Running::activate`]) and says how to interrupt
+//! ([`Interrupt`]).
 
+pub mod lguest_bus;
 pub mod mmio;
 pub mod queue;
 
 use crate::kick::Irqs;
 use crate::memory::GuestMemory;
-use queue::{Chain, Queue, QueueError, RingFeatures};
+use queue::{Chain, Queue, QueueError};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -97,15 +104,22 @@ pub trait Device: Send {
     fn set_driver_features(&mut self, _features: u64) {}
 }
 
+/// How a transport tells the Guest that a queue has used buffers: the
+/// lguest bus raises the queue's own IRQ; virtio-mmio also sets bit 0 of
+/// the window's InterruptStatus first.
+pub trait Interrupt: Send + Sync {
+    /// Queue `q` has handed buffers back and the Guest wants to hear of it.
+    fn used_buffers(&self, q: usize);
+}
+
 /// The queues of one device, as a device sees them while it works.
 pub struct Queues<'a> {
     pub mem: &'a GuestMemory,
     queues: &'a mut [Option<Queue>],
     device: &'static str,
     names: &'static [&'static str],
-    setup: &'a [QueueSetup],
     irq_state: &'a Irqs,
-    interrupt_status: Option<&'a AtomicU32>,
+    interrupt: &'a dyn Interrupt,
 }
 
 impl Queues<'_> {
@@ -176,23 +190,20 @@ impl Queues<'_> {
             .needs_interrupt(self.mem)
             .map_err(|e| self.context(q, e))?;
         if notify {
-            if let Some(status) = self.interrupt_status {
-                status.fetch_or(1, Ordering::SeqCst);
-            }
-            self.irq_state.raise(self.setup[q].irq);
+            self.interrupt.used_buffers(q);
         }
         Ok(())
     }
 }
 
-/// What the bus and a device's thread share.
+/// What the transport and a device's thread share.
 pub struct DeviceState {
     pub device: Box<dyn Device>,
-    /// Live queues (None until the first kick after setup or reset).
+    /// Live queues (None until the transport activates them).
     queues: Vec<Option<Queue>>,
 }
 
-/// A device's place on the bus for one boot.
+/// A device running for one boot, behind its transport.
 pub struct Running {
     pub name: &'static str,
     shared: Arc<Shared>,
@@ -202,35 +213,14 @@ pub struct Running {
     /// I/O.
     inline_queues: Vec<bool>,
     inline_backend: bool,
-    pub kicks: Vec<Arc<EventFd>>,
+    kicks: Vec<Arc<EventFd>>,
     stop: Arc<EventFd>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// Where a device's queues are and what they need to start.
-#[derive(Clone)]
-pub struct QueueSetup {
-    pub num: u16,
-    pub irq: u32,
-    /// On the lguest bus: where the queue's ring is and where the device's
-    /// descriptor is; the queue comes up at its first kick. None for a
-    /// transport that sets queues up itself ([`Running::activate`]).
-    pub legacy: Option<LegacyQueue>,
-}
-
-/// A lguest-bus queue's places.
-#[derive(Clone, Copy)]
-pub struct LegacyQueue {
-    /// The ring the Launcher assigned.
-    pub ring: u64,
-    /// The Guest's accepted features, on the descriptor page.
-    pub guest_features: u64,
-    /// The device's status byte, on the descriptor page.
-    pub status: u64,
-}
-
-pub fn lock(state: &Mutex<DeviceState>) -> MutexGuard<'_, DeviceState> {
-    state.lock().unwrap_or_else(|e| e.into_inner())
+/// Locks `m`, even if a thread that panicked holding it poisoned it.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl DeviceState {
@@ -248,28 +238,30 @@ const STOP: u64 = 65;
 const OUTPUT: u64 = 66;
 
 impl Running {
-    /// Starts the device's thread.
+    /// Starts the device's thread. Its queues stay down until the
+    /// transport activates them; `interrupt` is how it tells the Guest of
+    /// used buffers.
     pub fn start(
         device: Box<dyn Device>,
-        setup: Vec<QueueSetup>,
         mem: GuestMemory,
         irqs: Arc<Irqs>,
-        interrupt_status: Option<Arc<AtomicU32>>,
+        interrupt: Box<dyn Interrupt>,
     ) -> std::io::Result<Running> {
         let name = device.name();
-        let inline_queues = (0..setup.len()).map(|q| device.serve_inline(q)).collect();
+        let count = device.queue_names().len();
+        let inline_queues = (0..count).map(|q| device.serve_inline(q)).collect();
         let inline_backend = device.backend_inline();
         let shared = Arc::new(Shared {
             state: Mutex::new(DeviceState {
-                queues: setup.iter().map(|_| None).collect(),
+                queues: (0..count).map(|_| None).collect(),
                 device,
             }),
-            setup,
+            arriving: (0..count).map(|_| Mutex::new(None)).collect(),
             mem,
             irqs,
-            interrupt_status,
+            interrupt,
         });
-        let kicks: Vec<_> = (0..shared.setup.len())
+        let kicks: Vec<_> = (0..count)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).map(Arc::new))
             .collect::<Result<_, _>>()?;
         let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
@@ -316,7 +308,7 @@ impl Running {
      * Death reason. */
     pub fn kick(&self, q: usize) -> Result<(), DeviceError> {
         if self.inline_queues[q] {
-            self.shared.serve(Some(q), |d, queues| d.kick(q, queues))?;
+            self.shared.serve(|d, queues| d.kick(q, queues))?;
             // Output that must wait for room is the device thread's to
             // finish: wake it to watch for that room.
             if lock(&self.shared.state).device.output_fd().is_some() {
@@ -328,23 +320,26 @@ impl Running {
         Ok(())
     }
 
-    /// Brings queue `q` up (a transport that sets queues up itself).
+    /// Brings queue `q` up: the device serves it from its next turn (a
+    /// kick, its backend), whichever thread takes that turn. Like a kick,
+    /// this takes no lock the device holds while it does I/O.
     pub fn activate(&self, q: usize, queue: Queue) {
-        lock(&self.shared.state).queues[q] = Some(queue);
+        *lock(&self.shared.arriving[q]) = Some(queue);
     }
 
     /// Takes queue `q` away from the device (the driver is about to free its
     /// memory); done when this returns.
     pub fn deactivate(&self, q: usize) {
         let mut state = lock(&self.shared.state);
+        *lock(&self.shared.arriving[q]) = None;
         state.queues[q] = None;
         state.device.queue_stopped(q);
     }
 
-    /// Whether the device is serving queue `q`.
+    /// Whether queue `q` is up (or comes up at the device's next turn).
     #[cfg(test)]
     pub fn queue_ready(&self, q: usize) -> bool {
-        lock(&self.shared.state).queues[q].is_some()
+        lock(&self.shared.arriving[q]).is_some() || lock(&self.shared.state).queues[q].is_some()
     }
 
     /// The device's config space, as it is now.
@@ -377,16 +372,20 @@ impl Running {
     /// The backend is readable: serve it here. An error is the Sudden Death
     /// reason.
     pub fn backend_ready(&self) -> Result<(), DeviceError> {
-        self.shared.serve(None, |d, q| d.backend_ready(q))
+        self.shared.serve(|d, q| d.backend_ready(q))
     }
 
     /// Resets the device, running `clear` (which wipes what the Guest sees
     /// of it) under the device's lock, so its thread never sees half of it;
-    /// done when this returns (the Guest's NOTIFY waits).
+    /// done when this returns (the Guest's NOTIFY waits). Kicks not yet
+    /// served and queues not yet up are forgotten with the rest.
     pub fn reset(&self, clear: impl FnOnce()) {
         let mut state = lock(&self.shared.state);
         for k in &self.kicks {
             let _ = k.read();
+        }
+        for slot in &self.shared.arriving {
+            *lock(slot) = None;
         }
         state.reset();
         clear();
@@ -399,7 +398,7 @@ impl Drop for Running {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = self.shared.serve(None, |d, queues| {
+        let _ = self.shared.serve(|d, queues| {
             d.finish(queues);
             Ok(())
         });
@@ -416,41 +415,31 @@ enum Backend {
     AlwaysReady,
 }
 
-/// A device, its queues and what serving them needs: shared by the bus (on
-/// the vCPU thread) and the device's own thread.
+/// A device, its queues and what serving them needs: shared by the
+/// transport (on the vCPU thread) and the device's own thread.
 struct Shared {
     state: Mutex<DeviceState>,
-    setup: Vec<QueueSetup>,
+    /// Queues the transport has brought up, waiting for the device's next
+    /// turn to join it. A lock of their own, never held across I/O, so
+    /// activating one never waits for the device.
+    arriving: Vec<Mutex<Option<Queue>>>,
     mem: GuestMemory,
     irqs: Arc<Irqs>,
-    /// virtio-mmio's InterruptStatus: bit 0 set with every used-buffer
-    /// interrupt, cleared by the driver's InterruptACK.
-    interrupt_status: Option<Arc<AtomicU32>>,
+    interrupt: Box<dyn Interrupt>,
 }
 
 impl Shared {
-    /// Runs `f` with the device and its queues, first bringing up queue
-    /// `kicked` if this is its first kick since setup or reset.
+    /// Runs `f` with the device and its queues, those just brought up
+    /// included.
     fn serve(
         &self,
-        kicked: Option<usize>,
         f: impl FnOnce(&mut dyn Device, &mut Queues) -> Result<(), DeviceError>,
     ) -> Result<(), DeviceError> {
         let mut guard = lock(&self.state);
         let state = &mut *guard;
-        if let Some(q) = kicked {
-            if let (None, Some(legacy)) = (&state.queues[q], self.setup[q].legacy) {
-                // A driver kicks only once it has set DRIVER_OK, by when it
-                // has chosen its features. A kick without it (one that raced
-                // a reset, say) brings nothing up.
-                let mut status = [0u8];
-                let _ = self.mem.read(legacy.status, &mut status);
-                if status[0] & lguest_abi::VIRTIO_STATUS_DRIVER_OK != 0 {
-                    let features = self.mem.read_u32(legacy.guest_features).unwrap_or(0);
-                    let ring_features = RingFeatures::from_bits(features as u64);
-                    let num = self.setup[q].num;
-                    state.queues[q] = Some(Queue::new(num, legacy.ring, ring_features));
-                }
+        for (slot, queue) in self.arriving.iter().zip(state.queues.iter_mut()) {
+            if let Some(arrived) = lock(slot).take() {
+                *queue = Some(arrived);
             }
         }
         let mut queues = Queues {
@@ -458,9 +447,8 @@ impl Shared {
             queues: &mut state.queues,
             device: state.device.name(),
             names: state.device.queue_names(),
-            setup: &self.setup,
             irq_state: &self.irqs,
-            interrupt_status: self.interrupt_status.as_deref(),
+            interrupt: self.interrupt.as_ref(),
         };
         f(state.device.as_mut(), &mut queues)
     }
@@ -497,12 +485,12 @@ impl Worker {
             for token in events[..n].iter().map(|e| e.data()).chain(always) {
                 let result = match token {
                     STOP => return,
-                    BACKEND => self.shared.serve(None, |d, q| d.backend_ready(q)),
-                    OUTPUT => self.shared.serve(None, |d, q| d.output_ready(q)),
+                    BACKEND => self.shared.serve(|d, q| d.backend_ready(q)),
+                    OUTPUT => self.shared.serve(|d, q| d.output_ready(q)),
                     q => {
                         let q = q as usize;
                         let _ = self.kicks[q].read();
-                        self.shared.serve(Some(q), |d, queues| d.kick(q, queues))
+                        self.shared.serve(|d, queues| d.kick(q, queues))
                     }
                 };
                 if let Err(reason) = result {
@@ -581,7 +569,7 @@ mod tests {
             2
         }
         fn queue_names(&self) -> &'static [&'static str] {
-            &["requests"]
+            &["requests", "more"]
         }
         fn features(&self) -> u32 {
             0
@@ -594,6 +582,13 @@ mod tests {
             let _ = self.release.recv_timeout(Duration::from_secs(30));
             Ok(())
         }
+    }
+
+    /// A transport that never interrupts: this test has no Guest to tell.
+    struct Silent;
+
+    impl Interrupt for Silent {
+        fn used_buffers(&self, _q: usize) {}
     }
 
     #[test]
@@ -612,30 +607,30 @@ mod tests {
             entered: entered_tx,
             release: release_rx,
         };
-        let setup = vec![QueueSetup {
-            num: 8,
-            irq: 1,
-            legacy: None,
-        }];
         let irqs = Irqs::new().unwrap();
-        let running = Running::start(Box::new(slow), setup, mem, irqs, None).unwrap();
+        let running = Running::start(Box::new(slow), mem, irqs, Box::new(Silent)).unwrap();
 
         running.kick(0).unwrap();
         entered
             .recv_timeout(Duration::from_secs(10))
             .expect("the device's thread took the first kick");
         // The device's thread is inside its request now. A second NOTIFY,
-        // from the vCPU, must come straight back.
+        // from the vCPU, must come straight back; so must the first kick of
+        // the other queue, which brings that queue up (the lguest bus does
+        // so at a queue's first kick).
         let (done_tx, done) = mpsc::channel();
         let returned = std::thread::scope(|s| {
             s.spawn(|| {
                 let _ = running.kick(0);
+                running.activate(1, Queue::new(8, 0x1000, Default::default()));
+                let _ = running.kick(1);
                 let _ = done_tx.send(());
             });
             let returned = done.recv_timeout(Duration::from_secs(2)).is_ok();
             // Let the device finish either way, so nothing hangs.
-            let _ = release.send(());
-            let _ = release.send(());
+            for _ in 0..3 {
+                let _ = release.send(());
+            }
             returned
         });
         assert!(returned, "NOTIFY waited for the device's I/O to finish");
