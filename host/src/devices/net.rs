@@ -7,6 +7,7 @@ use crate::virtio::queue::{readable_len, write_to_chain, Chain};
 use crate::virtio::{Device, DeviceError, Queues};
 use std::os::fd::RawFd;
 use std::sync::Arc;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
 
 const RX: usize = 0;
@@ -161,7 +162,7 @@ impl Device for Net {
     }
 
     fn set_driver_features(&mut self, features: u64) {
-        self.modern = features & 1 << crate::virtio::mmio::VIRTIO_F_VERSION_1 != 0;
+        self.modern = features & 1 << VIRTIO_F_VERSION_1 != 0;
         // The tap adds or skips the header bytes it doesn't fill.
         let _ = self.tap.set_header_size(if self.modern { 12 } else { 10 });
     }

@@ -17,18 +17,22 @@ use lguest_abi::vring::{F_ANY_LAYOUT, F_NOTIFY_ON_EMPTY};
 use lguest_abi::PAGE_SIZE;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_F_VERSION_1,
+};
+use virtio_bindings::virtio_mmio::*;
 
 /// Bytes of one device's register window.
 pub const WINDOW: u64 = 0x200;
-const MAGIC: u32 = 0x7472_6976; // "virt"
+/// MagicValue: "virt", little-endian.
+const MAGIC: u32 = 0x7472_6976;
+/// The register layout we speak: virtio 1.x's (no legacy windows).
 const VERSION: u32 = 2;
-const VENDOR: u32 = 0x5453_474C; // "LGST"
-pub const VIRTIO_F_VERSION_1: u32 = 32;
-const QUEUE_NUM_MAX: u16 = 256;
-const CONFIG: u64 = 0x100;
-
-const STATUS_FEATURES_OK: u32 = 8;
-const STATUS_FAILED: u32 = 0x80;
+/// VendorID: "LGST".
+const VENDOR: u32 = 0x5453_474C;
+const QUEUE_NUM_MAX: u16 = lguest_abi::VRING_DEFAULT_NUM;
+/// Where the config space starts in the window.
+const CONFIG: u64 = VIRTIO_MMIO_CONFIG as u64;
 
 /// An access the Guest may not make: the Sudden Death reason, naming the
 /// device (and its window or queue).
@@ -136,9 +140,43 @@ struct WindowIrq {
 
 impl Interrupt for WindowIrq {
     fn used_buffers(&self, _q: usize) {
-        self.status.fetch_or(1, Ordering::SeqCst);
+        self.status
+            .fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
         self.irqs.raise(self.irq);
     }
+}
+
+/// The register at `offset` in a window (one past any there is, if the
+/// offset is not even a u32).
+fn register(offset: u64) -> u32 {
+    u32::try_from(offset).unwrap_or(u32::MAX)
+}
+
+/// Sets the low half of a 64-bit register pair.
+fn low(old: u64, v: u32) -> u64 {
+    (old & !0xFFFF_FFFF) | v as u64
+}
+
+/// Sets the high half of a 64-bit register pair.
+fn high(old: u64, v: u32) -> u64 {
+    (old & 0xFFFF_FFFF) | (v as u64) << 32
+}
+
+/// Sets one half of a 64-bit register pair: [`low`] or [`high`].
+type SetHalf = fn(u64, u32) -> u64;
+
+/// Which queue area (descriptors, driver, device) register `reg` sets, and
+/// which half of its address.
+fn area_register(reg: u32) -> Option<(usize, SetHalf)> {
+    Some(match reg {
+        VIRTIO_MMIO_QUEUE_DESC_LOW => (0, low),
+        VIRTIO_MMIO_QUEUE_DESC_HIGH => (0, high),
+        VIRTIO_MMIO_QUEUE_AVAIL_LOW => (1, low),
+        VIRTIO_MMIO_QUEUE_AVAIL_HIGH => (1, high),
+        VIRTIO_MMIO_QUEUE_USED_LOW => (2, low),
+        VIRTIO_MMIO_QUEUE_USED_HIGH => (2, high),
+        _ => return None,
+    })
 }
 
 /// Per-queue registers.
@@ -227,21 +265,22 @@ impl MmioDevice {
         if data.len() != 4 || !offset.is_multiple_of(4) {
             return Err(self.bad(offset, data.len(), Access::Read));
         }
-        let value = match offset {
-            0x000 => MAGIC,
-            0x004 => VERSION,
-            0x008 => self.device_id,
-            0x00C => VENDOR,
-            0x010 => match self.device_features_sel {
+        let value = match register(offset) {
+            VIRTIO_MMIO_MAGIC_VALUE => MAGIC,
+            VIRTIO_MMIO_VERSION => VERSION,
+            VIRTIO_MMIO_DEVICE_ID => self.device_id,
+            VIRTIO_MMIO_VENDOR_ID => VENDOR,
+            VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
                 0 => self.device_features as u32,
                 1 => (self.device_features >> 32) as u32,
                 _ => 0,
             },
-            0x034 => self.selected().map_or(0, |_| QUEUE_NUM_MAX as u32),
-            0x044 => self.selected().map_or(0, |q| q.ready as u32),
-            0x060 => self.interrupt_status.load(Ordering::SeqCst),
-            0x070 => self.status,
-            0x0FC => 0, // config generation: our config never changes
+            VIRTIO_MMIO_QUEUE_NUM_MAX => self.selected().map_or(0, |_| QUEUE_NUM_MAX as u32),
+            VIRTIO_MMIO_QUEUE_READY => self.selected().map_or(0, |q| q.ready as u32),
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt_status.load(Ordering::SeqCst),
+            VIRTIO_MMIO_STATUS => self.status,
+            // Our config never changes.
+            VIRTIO_MMIO_CONFIG_GENERATION => 0,
             _ => return Err(self.bad(offset, 4, Access::Read)),
         };
         data.copy_from_slice(&value.to_le_bytes());
@@ -278,18 +317,16 @@ impl MmioDevice {
             return Err(self.bad(offset, data.len(), Access::Write));
         }
         let value = u32::from_le_bytes(data.try_into().expect("4 bytes"));
-        let high = |old: u64, v: u32| (old & 0xFFFF_FFFF) | (v as u64) << 32;
-        let low = |old: u64, v: u32| (old & !0xFFFF_FFFF) | v as u64;
-        match offset {
-            0x014 => self.device_features_sel = value,
-            0x020 => match self.driver_features_sel {
+        match register(offset) {
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            VIRTIO_MMIO_DRIVER_FEATURES => match self.driver_features_sel {
                 0 => self.driver_features = low(self.driver_features, value),
                 1 => self.driver_features = high(self.driver_features, value),
                 _ => {}
             },
-            0x024 => self.driver_features_sel = value,
-            0x030 => self.queue_sel = value,
-            0x038 => {
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = value,
+            VIRTIO_MMIO_QUEUE_NUM => {
                 // 0 unsets the size (drivers write it when they tear a queue
                 // down); anything else must be a power of two we can serve.
                 if value > QUEUE_NUM_MAX as u32 || (value != 0 && !value.is_power_of_two()) {
@@ -301,31 +338,24 @@ impl MmioDevice {
                 }
                 self.with_selected(|q| q.num = value as u16)?;
             }
-            0x044 => self.set_queue_ready(value != 0, mem)?,
-            0x050 => {
+            VIRTIO_MMIO_QUEUE_READY => self.set_queue_ready(value != 0, mem)?,
+            VIRTIO_MMIO_QUEUE_NOTIFY => {
                 if let Some(q) = self.queues.get(value as usize) {
                     if q.ready {
                         self.running.kick(value as usize)?;
                     }
                 }
             }
-            0x064 => {
+            VIRTIO_MMIO_INTERRUPT_ACK => {
                 self.interrupt_status.fetch_and(!value, Ordering::SeqCst);
             }
-            0x070 => self.set_status(value),
-            0x080 | 0x084 | 0x090 | 0x094 | 0x0A0 | 0x0A4 => {
-                let area = ((offset - 0x080) / 0x10) as usize;
-                let is_high = offset % 0x10 == 4;
-                self.with_selected(|q| {
-                    let old = q.areas[area];
-                    q.areas[area] = if is_high {
-                        high(old, value)
-                    } else {
-                        low(old, value)
-                    };
-                })?;
+            VIRTIO_MMIO_STATUS => self.set_status(value),
+            reg => {
+                let Some((area, set)) = area_register(reg) else {
+                    return Err(self.bad(offset, 4, Access::Write));
+                };
+                self.with_selected(|q| q.areas[area] = set(q.areas[area], value))?;
             }
-            _ => return Err(self.bad(offset, 4, Access::Write)),
         }
         Ok(())
     }
@@ -344,7 +374,7 @@ impl MmioDevice {
 
     fn set_queue_ready(&mut self, ready: bool, mem: &GuestMemory) -> Result<(), MmioError> {
         let (device, queue) = (self.name(), self.queue_sel);
-        if ready && self.status & STATUS_FEATURES_OK == 0 {
+        if ready && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
             return Err(MmioError::EnabledEarly { device, queue });
         }
         let index = self.queue_sel as usize;
@@ -380,7 +410,9 @@ impl MmioDevice {
             return;
         }
         let mut value = value;
-        if value & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
+        if value & VIRTIO_CONFIG_S_FEATURES_OK != 0
+            && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0
+        {
             // Accept the driver's choice only if it is ours to give and
             // modern; otherwise FEATURES_OK does not stick and the driver
             // sees it was refused.
@@ -389,10 +421,10 @@ impl MmioDevice {
             if ok {
                 self.running.set_driver_features(self.driver_features);
             } else {
-                value &= !STATUS_FEATURES_OK;
+                value &= !VIRTIO_CONFIG_S_FEATURES_OK;
             }
         }
-        if value & STATUS_FAILED != 0 {
+        if value & VIRTIO_CONFIG_S_FAILED != 0 {
             tracing::warn!(device = self.name(), "the Guest's driver failed");
         }
         self.status = value;
@@ -418,6 +450,7 @@ mod tests {
     use crate::devices::rng::Rng;
     use crate::kick::Irqs;
     use crate::memory::Layout;
+    use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER};
 
     const BASE: u64 = 0x10_0000;
 
@@ -436,76 +469,114 @@ mod tests {
         (d, mem, irqs)
     }
 
-    fn rd(d: &mut MmioDevice, off: u64) -> u32 {
+    /// The three queue areas' registers (low, high), and where a test
+    /// puts each area.
+    const AREAS: [(u32, u32, u32); 3] = [
+        (
+            VIRTIO_MMIO_QUEUE_DESC_LOW,
+            VIRTIO_MMIO_QUEUE_DESC_HIGH,
+            0x10000,
+        ),
+        (
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW,
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH,
+            0x11000,
+        ),
+        (
+            VIRTIO_MMIO_QUEUE_USED_LOW,
+            VIRTIO_MMIO_QUEUE_USED_HIGH,
+            0x12000,
+        ),
+    ];
+    /// ACKNOWLEDGE | DRIVER: a driver has found the device.
+    const FOUND: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER;
+
+    fn rd(d: &mut MmioDevice, reg: u32) -> u32 {
         let mut b = [0u8; 4];
-        d.read(BASE + off, &mut b).unwrap();
+        d.read(BASE + reg as u64, &mut b).unwrap();
         u32::from_le_bytes(b)
     }
 
-    fn wr(d: &mut MmioDevice, mem: &GuestMemory, off: u64, v: u32) -> Result<(), String> {
-        d.write(BASE + off, &v.to_le_bytes(), mem)
+    fn wr(d: &mut MmioDevice, mem: &GuestMemory, reg: u32, v: u32) -> Result<(), String> {
+        d.write(BASE + reg as u64, &v.to_le_bytes(), mem)
             .map_err(|e| e.to_string())
     }
 
     #[test]
     fn a_modern_driver_gets_entropy_through_the_window() {
         let (mut d, mem, irqs) = device();
-        assert_eq!(rd(&mut d, 0x000), MAGIC);
-        assert_eq!(rd(&mut d, 0x004), 2);
-        assert_eq!(rd(&mut d, 0x008), lguest_abi::VIRTIO_ID_RNG as u32);
+        assert_eq!(rd(&mut d, VIRTIO_MMIO_MAGIC_VALUE), MAGIC);
+        assert_eq!(rd(&mut d, VIRTIO_MMIO_VERSION), 2);
+        assert_eq!(
+            rd(&mut d, VIRTIO_MMIO_DEVICE_ID),
+            lguest_abi::VIRTIO_ID_RNG as u32
+        );
         // Features: VERSION_1 is bit 32, the low bit of the second word.
-        wr(&mut d, &mem, 0x014, 1).unwrap();
-        assert_eq!(rd(&mut d, 0x010) & 1, 1);
-        wr(&mut d, &mem, 0x070, 1 | 2).unwrap();
-        wr(&mut d, &mem, 0x024, 1).unwrap();
-        wr(&mut d, &mem, 0x020, 1).unwrap();
-        wr(&mut d, &mem, 0x070, 1 | 2 | STATUS_FEATURES_OK).unwrap();
+        wr(&mut d, &mem, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1).unwrap();
+        assert_eq!(rd(&mut d, VIRTIO_MMIO_DEVICE_FEATURES) & 1, 1);
+        wr(&mut d, &mem, VIRTIO_MMIO_STATUS, FOUND).unwrap();
+        wr(&mut d, &mem, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1).unwrap();
+        wr(&mut d, &mem, VIRTIO_MMIO_DRIVER_FEATURES, 1).unwrap();
+        wr(
+            &mut d,
+            &mem,
+            VIRTIO_MMIO_STATUS,
+            FOUND | VIRTIO_CONFIG_S_FEATURES_OK,
+        )
+        .unwrap();
         assert_ne!(
-            rd(&mut d, 0x070) & STATUS_FEATURES_OK,
+            rd(&mut d, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_FEATURES_OK,
             0,
             "features accepted"
         );
 
         // One queue of 8, its areas wherever the driver likes.
-        wr(&mut d, &mem, 0x030, 0).unwrap();
-        assert_eq!(rd(&mut d, 0x034), 256);
-        wr(&mut d, &mem, 0x038, 8).unwrap();
-        for (off, addr) in [(0x080, 0x10000), (0x090, 0x11000), (0x0A0, 0x12000)] {
-            wr(&mut d, &mem, off, addr).unwrap();
-            wr(&mut d, &mem, off + 4, 0).unwrap();
+        wr(&mut d, &mem, VIRTIO_MMIO_QUEUE_SEL, 0).unwrap();
+        assert_eq!(rd(&mut d, VIRTIO_MMIO_QUEUE_NUM_MAX), 256);
+        wr(&mut d, &mem, VIRTIO_MMIO_QUEUE_NUM, 8).unwrap();
+        for (low, high, addr) in AREAS {
+            wr(&mut d, &mem, low, addr).unwrap();
+            wr(&mut d, &mem, high, 0).unwrap();
         }
-        wr(&mut d, &mem, 0x044, 1).unwrap();
-        assert_eq!(rd(&mut d, 0x044), 1);
+        wr(&mut d, &mem, VIRTIO_MMIO_QUEUE_READY, 1).unwrap();
+        assert_eq!(rd(&mut d, VIRTIO_MMIO_QUEUE_READY), 1);
 
         // A 64-byte device-writable buffer, offered and kicked.
         mem.write_u64(0x10000, 0x20000).unwrap();
         mem.write_u32(0x10008, 64).unwrap();
-        mem.write(0x1000C, &2u16.to_le_bytes()).unwrap(); // VRING_DESC_F_WRITE
+        mem.write(0x1000C, &lguest_abi::vring::DESC_F_WRITE.to_le_bytes())
+            .unwrap();
         mem.write(0x11004, &0u16.to_le_bytes()).unwrap();
         mem.write(0x11002, &1u16.to_le_bytes()).unwrap();
-        wr(&mut d, &mem, 0x050, 0).unwrap();
+        wr(&mut d, &mem, VIRTIO_MMIO_QUEUE_NOTIFY, 0).unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while mem.read_u32(0x12000).unwrap() >> 16 != 1 {
             assert!(std::time::Instant::now() < deadline, "no used buffer");
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         assert_eq!(mem.read_u32(0x12008).unwrap(), 64, "used length");
-        assert_eq!(rd(&mut d, 0x060) & 1, 1, "interrupt status");
+        assert_eq!(
+            rd(&mut d, VIRTIO_MMIO_INTERRUPT_STATUS) & 1,
+            1,
+            "interrupt status"
+        );
         assert_ne!(irqs.pending() & 1 << 1, 0, "the window's IRQ");
-        wr(&mut d, &mem, 0x064, 1).unwrap();
-        assert_eq!(rd(&mut d, 0x060), 0, "acknowledged");
+        wr(&mut d, &mem, VIRTIO_MMIO_INTERRUPT_ACK, 1).unwrap();
+        assert_eq!(rd(&mut d, VIRTIO_MMIO_INTERRUPT_STATUS), 0, "acknowledged");
 
         // Reset clears everything.
-        wr(&mut d, &mem, 0x070, 0).unwrap();
-        assert_eq!(rd(&mut d, 0x070), 0);
-        assert_eq!(rd(&mut d, 0x044), 0);
+        wr(&mut d, &mem, VIRTIO_MMIO_STATUS, 0).unwrap();
+        assert_eq!(rd(&mut d, VIRTIO_MMIO_STATUS), 0);
+        assert_eq!(rd(&mut d, VIRTIO_MMIO_QUEUE_READY), 0);
     }
 
     #[test]
     fn hostile_register_use_is_refused_with_a_reason() {
         let (mut d, mem, _) = device();
         let mut two = [0u8; 2];
-        let err = d.read(BASE + 0x004, &mut two).unwrap_err();
+        let err = d
+            .read(BASE + VIRTIO_MMIO_VERSION as u64, &mut two)
+            .unwrap_err();
         assert!(matches!(
             err,
             MmioError::BadAccess {
@@ -520,28 +591,49 @@ mod tests {
             err.to_string(),
             "virtio-mmio rng window 0x100000: bad 2-byte read at offset 0x4"
         );
-        let err = d.write(BASE + 0x070, &[1], &mem).unwrap_err();
+        let err = d
+            .write(BASE + VIRTIO_MMIO_STATUS as u64, &[1], &mem)
+            .unwrap_err();
         assert!(err.to_string().contains("bad 1-byte write"), "{err}");
-        let err = d.write(BASE + 0x044, &1u32.to_le_bytes(), &mem);
+        let err = d.write(
+            BASE + VIRTIO_MMIO_QUEUE_READY as u64,
+            &1u32.to_le_bytes(),
+            &mem,
+        );
         assert!(
             matches!(err, Err(MmioError::EnabledEarly { queue: 0, .. })),
             "{err:?}"
         );
         assert!(err.unwrap_err().to_string().contains("before FEATURES_OK"));
         // Features without VERSION_1 are refused: FEATURES_OK doesn't stick.
-        wr(&mut d, &mem, 0x070, 1 | 2 | STATUS_FEATURES_OK).unwrap();
-        assert_eq!(rd(&mut d, 0x070) & STATUS_FEATURES_OK, 0);
-        wr(&mut d, &mem, 0x024, 1).unwrap();
-        wr(&mut d, &mem, 0x020, 1).unwrap();
-        wr(&mut d, &mem, 0x070, 1 | 2 | STATUS_FEATURES_OK).unwrap();
+        wr(
+            &mut d,
+            &mem,
+            VIRTIO_MMIO_STATUS,
+            FOUND | VIRTIO_CONFIG_S_FEATURES_OK,
+        )
+        .unwrap();
+        assert_eq!(
+            rd(&mut d, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_FEATURES_OK,
+            0
+        );
+        wr(&mut d, &mem, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1).unwrap();
+        wr(&mut d, &mem, VIRTIO_MMIO_DRIVER_FEATURES, 1).unwrap();
+        wr(
+            &mut d,
+            &mem,
+            VIRTIO_MMIO_STATUS,
+            FOUND | VIRTIO_CONFIG_S_FEATURES_OK,
+        )
+        .unwrap();
         // A queue area past the end of Guest memory.
-        wr(&mut d, &mem, 0x080, 0xFFF0_0000).unwrap();
-        let err = wr(&mut d, &mem, 0x044, 1).unwrap_err();
+        wr(&mut d, &mem, VIRTIO_MMIO_QUEUE_DESC_LOW, 0xFFF0_0000).unwrap();
+        let err = wr(&mut d, &mem, VIRTIO_MMIO_QUEUE_READY, 1).unwrap_err();
         assert!(err.contains("outside guest memory"), "{err}");
-        assert!(wr(&mut d, &mem, 0x038, 3)
+        assert!(wr(&mut d, &mem, VIRTIO_MMIO_QUEUE_NUM, 3)
             .unwrap_err()
             .contains("bad queue size"));
-        assert!(wr(&mut d, &mem, 0x038, 512)
+        assert!(wr(&mut d, &mem, VIRTIO_MMIO_QUEUE_NUM, 512)
             .unwrap_err()
             .contains("bad queue size"));
     }
@@ -553,21 +645,28 @@ mod tests {
     #[test]
     fn a_queue_torn_down_is_released_and_may_be_zeroed() {
         let (mut d, mem, _) = device();
-        wr(&mut d, &mem, 0x024, 1).unwrap();
-        wr(&mut d, &mem, 0x020, 1).unwrap();
-        wr(&mut d, &mem, 0x070, 1 | 2 | STATUS_FEATURES_OK).unwrap();
-        for (off, addr) in [(0x080, 0x10000), (0x090, 0x11000), (0x0A0, 0x12000)] {
-            wr(&mut d, &mem, off, addr).unwrap();
+        wr(&mut d, &mem, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1).unwrap();
+        wr(&mut d, &mem, VIRTIO_MMIO_DRIVER_FEATURES, 1).unwrap();
+        wr(
+            &mut d,
+            &mem,
+            VIRTIO_MMIO_STATUS,
+            FOUND | VIRTIO_CONFIG_S_FEATURES_OK,
+        )
+        .unwrap();
+        for (low, _, addr) in AREAS {
+            wr(&mut d, &mem, low, addr).unwrap();
         }
-        wr(&mut d, &mem, 0x038, 8).unwrap();
-        wr(&mut d, &mem, 0x044, 1).unwrap();
+        wr(&mut d, &mem, VIRTIO_MMIO_QUEUE_NUM, 8).unwrap();
+        wr(&mut d, &mem, VIRTIO_MMIO_QUEUE_READY, 1).unwrap();
         assert!(d.running.queue_ready(0));
-        wr(&mut d, &mem, 0x044, 0).unwrap();
+        wr(&mut d, &mem, VIRTIO_MMIO_QUEUE_READY, 0).unwrap();
         assert!(!d.running.queue_ready(0), "the device still holds the ring");
-        wr(&mut d, &mem, 0x038, 0).unwrap();
-        for off in [0x080, 0x084, 0x090, 0x094, 0x0A0, 0x0A4] {
-            wr(&mut d, &mem, off, 0).unwrap();
+        wr(&mut d, &mem, VIRTIO_MMIO_QUEUE_NUM, 0).unwrap();
+        for (low, high, _) in AREAS {
+            wr(&mut d, &mem, low, 0).unwrap();
+            wr(&mut d, &mem, high, 0).unwrap();
         }
-        assert_eq!(rd(&mut d, 0x044), 0);
+        assert_eq!(rd(&mut d, VIRTIO_MMIO_QUEUE_READY), 0);
     }
 }
