@@ -342,7 +342,6 @@ mod ioctls {
         kvm_userspace_memory_region
     );
     ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
-    ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
     ioctl_iow_nr!(KVM_SET_REGS, KVMIO, 0x82, kvm_regs);
     ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
     ioctl_iow_nr!(KVM_SET_SREGS, KVMIO, 0x84, kvm_sregs);
@@ -611,8 +610,6 @@ fn own_groups(kind: ThreadKind) -> Vec<Group> {
                 name: "running the Guest",
                 calls: vec![ioctl(&[
                     ("KVM_RUN", KVM_RUN()),
-                    ("KVM_GET_REGS", KVM_GET_REGS()),
-                    ("KVM_SET_REGS", KVM_SET_REGS()),
                     ("KVM_GET_SREGS", KVM_GET_SREGS()),
                     ("KVM_SET_SREGS", KVM_SET_SREGS()),
                     ("KVM_SET_USER_MEMORY_REGION", KVM_SET_USER_MEMORY_REGION()),
@@ -627,6 +624,7 @@ fn own_groups(kind: ThreadKind) -> Vec<Group> {
                         ("KVM_CREATE_VCPU", KVM_CREATE_VCPU()),
                         ("KVM_GET_SUPPORTED_CPUID", KVM_GET_SUPPORTED_CPUID()),
                         ("KVM_SET_CPUID2", KVM_SET_CPUID2()),
+                        ("KVM_SET_REGS", KVM_SET_REGS()),
                         ("KVM_GET_FPU", KVM_GET_FPU()),
                         ("KVM_SET_FPU", KVM_SET_FPU()),
                         ("KVM_SET_MSRS", KVM_SET_MSRS()),

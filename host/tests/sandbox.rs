@@ -396,6 +396,14 @@ fn break_the_rules(role: &str) {
                 .unwrap();
             let _ = thread.join();
         }
+        // A process, not a thread: clone without CLONE_THREAD.
+        "fork" => {
+            // SAFETY: if fork were allowed, the child would only _exit.
+            if unsafe { libc::fork() } == 0 {
+                // SAFETY: _exit in the child ends it at once.
+                unsafe { libc::_exit(0) };
+            }
+        }
         other => panic!("no such kind {other}"),
     }
     println!("still alive after the forbidden call");
@@ -416,7 +424,7 @@ fn a_call_off_a_threads_list_kills_the_launcher() {
     if let Ok(role) = std::env::var(CHILD) {
         return break_the_rules(&role);
     }
-    for kind in ["vcpu", "timer"] {
+    for kind in ["vcpu", "timer", "fork"] {
         let out = child(
             "a_call_off_a_threads_list_kills_the_launcher",
             &format!("kill:{kind}"),
@@ -752,5 +760,47 @@ fn bad_usernames_and_chroots_are_setup_errors() {
             "not checked as uid 65534: it cannot run {}",
             env!("CARGO_BIN_EXE_lguest")
         );
+    }
+}
+
+#[test]
+fn the_documented_lists_are_the_real_ones() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/reliability.md");
+    let doc = std::fs::read_to_string(path).expect("read docs/reliability.md");
+    let start = doc
+        .find("## The sandbox")
+        .expect("a section \"The sandbox\"");
+    let section = &doc[start..];
+    let section = &section[..section[3..].find("\n## ").map_or(section.len(), |n| n + 3)];
+    for (kind, groups) in sandbox::documented_lists() {
+        for group in groups {
+            // The group's row in its kind's table, and each call (and each
+            // ioctl request, fcntl command, ...) in it, `quoted`.
+            let row = section
+                .lines()
+                .find(|l| l.starts_with(&format!("| {} |", group.name)))
+                .unwrap_or_else(|| {
+                    panic!(
+                        "docs/reliability.md has no row for the {} group {:?}",
+                        kind.name(),
+                        group.name
+                    )
+                });
+            for call in &group.calls {
+                let (name, values) = call.split_once('(').unwrap_or((call, ""));
+                let values = values.trim_end_matches(')').split(", ");
+                for token in std::iter::once(name).chain(values) {
+                    if token.is_empty() || token.contains(' ') {
+                        continue; // no value, or one described in words
+                    }
+                    assert!(
+                        row.contains(&format!("`{token}`")),
+                        "docs/reliability.md: the {} group {:?} lacks `{token}`\n{row}",
+                        kind.name(),
+                        group.name
+                    );
+                }
+            }
+        }
     }
 }
