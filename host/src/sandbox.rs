@@ -270,7 +270,9 @@ pub enum ThreadKind {
     Device,
     /// The timer thread (`timer`): the clock event and the re-look.
     Timer,
-    /// The gdb stub's thread: its socket.
+    /// The gdb stub's watcher thread: it waits for gdb to send something
+    /// while the Guest runs, and kicks the vCPU (the stub itself runs on
+    /// the vCPU thread, whose list then grows by the stub's group).
     Gdb,
 }
 
@@ -342,6 +344,7 @@ mod ioctls {
         kvm_userspace_memory_region
     );
     ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
+    ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
     ioctl_iow_nr!(KVM_SET_REGS, KVMIO, 0x82, kvm_regs);
     ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
     ioctl_iow_nr!(KVM_SET_SREGS, KVMIO, 0x84, kvm_sregs);
@@ -349,6 +352,7 @@ mod ioctls {
     ioctl_ior_nr!(KVM_GET_FPU, KVMIO, 0x8c, kvm_fpu);
     ioctl_iow_nr!(KVM_SET_FPU, KVMIO, 0x8d, kvm_fpu);
     ioctl_iow_nr!(KVM_SET_CPUID2, KVMIO, 0x90, kvm_cpuid2);
+    ioctl_iow_nr!(KVM_SET_GUEST_DEBUG, KVMIO, 0x9b, kvm_guest_debug);
     ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
     ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
     ioctl_iow_nr!(KVM_SET_XCRS, KVMIO, 0xa7, kvm_xcrs);
@@ -723,11 +727,30 @@ fn own_groups(kind: ThreadKind) -> Vec<Group> {
             calls: calls![epoll_wait, epoll_pwait, read, timerfd_settime, close],
         }],
         ThreadKind::Gdb => vec![Group {
-            name: "the debugger's socket",
-            calls: calls![
-                accept4, read, recvfrom, sendto, poll, ppoll, setsockopt, shutdown, close
-            ],
+            name: "watching the debugger's socket",
+            calls: calls![poll, ppoll, read],
         }],
+    }
+}
+
+/// With `--gdb`, the stub itself runs on the vCPU thread: it waits for gdb
+/// to connect, talks to it, and reads and writes the Guest's registers.
+fn gdb_stub_group() -> Group {
+    use ioctls::*;
+    Group {
+        name: "the gdb stub, on the vCPU thread (with --gdb)",
+        calls: {
+            let mut c = calls![accept4, recvfrom, sendto, setsockopt, shutdown];
+            c.push(ioctl(&[
+                ("FIONBIO", libc::FIONBIO),
+                ("KVM_SET_GUEST_DEBUG", KVM_SET_GUEST_DEBUG()),
+                ("KVM_GET_REGS", KVM_GET_REGS()),
+                ("KVM_SET_REGS", KVM_SET_REGS()),
+                ("KVM_GET_FPU", KVM_GET_FPU()),
+                ("KVM_SET_FPU", KVM_SET_FPU()),
+            ]));
+            c
+        },
     }
 }
 
@@ -743,6 +766,7 @@ fn groups(kind: ThreadKind, pid: u32, gdb: bool) -> Vec<Group> {
         }
         if gdb {
             all.extend(own_groups(ThreadKind::Gdb));
+            all.push(gdb_stub_group());
         }
     }
     all
@@ -761,7 +785,11 @@ pub fn documented_lists() -> Vec<(ThreadKind, Vec<ListedGroup>)> {
     ThreadKind::ALL
         .iter()
         .map(|&kind| {
-            let own = own_groups(kind).into_iter();
+            let mut own = own_groups(kind);
+            if kind == ThreadKind::Gdb {
+                own.push(gdb_stub_group());
+            }
+            let own = own.into_iter();
             let groups: Vec<Group> = if kind == ThreadKind::Vcpu {
                 common_groups(std::process::id())
                     .into_iter()
@@ -887,7 +915,8 @@ pub struct Filters {
 
 impl Filters {
     /// Builds the lists for this process (`tgkill` is allowed towards it
-    /// alone). With `gdb`, the vCPU thread may start the gdb stub's.
+    /// alone). With `gdb` (`--gdb`), the vCPU thread runs the gdb stub and
+    /// starts its watcher thread.
     pub fn compile(enforcement: Enforcement, gdb: bool) -> Result<Filters, SandboxError> {
         let pid = std::process::id();
         let mut programs = Vec::new();
@@ -1084,6 +1113,7 @@ mod tests {
         assert_eq!(KVM_GET_SREGS(), 0x8138_AE83);
         assert_eq!(KVM_SET_SREGS(), 0x4138_AE84);
         assert_eq!(KVM_GET_SUPPORTED_CPUID(), 0xC008_AE05);
+        assert_eq!(KVM_SET_GUEST_DEBUG(), 0x4048_AE9B);
         assert_eq!(TUNSETVNETHDRSZ(), 0x4004_54D8);
     }
 
