@@ -10,6 +10,7 @@ use crate::devices::{self, block::Disk, block::DiskError, tap, Backends};
 use crate::host_pages;
 use crate::kick::{self, Irqs};
 use crate::memory::{GuestMemory, Layout};
+use crate::sandbox::{self, Enforcement, Filters, Privileges, SandboxError};
 use crate::vcpu::{Guest, Stop};
 use crate::virtio::{Device, DeviceError, Queues};
 use crate::vm::{Hypervisor, Vm, VmError};
@@ -90,6 +91,8 @@ pub enum LaunchError {
     Threads(std::io::Error),
     #[error(transparent)]
     Bus(#[from] bus::BusError),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
 }
 
 /// What to boot.
@@ -105,6 +108,13 @@ pub struct Config {
     pub tunnet: Vec<String>,
     pub rng: bool,
     pub transport: Transport,
+    /// `--username`: the user to become once set-up is done.
+    pub username: Option<String>,
+    /// `--chroot`: the directory to make the root once set-up is done.
+    pub chroot: Option<PathBuf>,
+    /// How the seccomp filters treat a call off their lists; None with
+    /// `--no-seccomp`.
+    pub seccomp: Option<Enforcement>,
 }
 
 /// A checked configuration, ready to boot (again and again on restart).
@@ -116,6 +126,8 @@ pub struct Launch {
     kvm_device: PathBuf,
     backends: Backends,
     transport: Transport,
+    privileges: Privileges,
+    filters: Option<Filters>,
 }
 
 /*
@@ -270,6 +282,13 @@ pub fn layout_for(mem_mb: u64, device_pages: u64, mmio_hole_pages: u64) -> Layou
 impl Launch {
     pub fn prepare(cfg: Config) -> Result<Launch, LaunchError> {
         let mem = cfg.mem_mb << 20;
+        // The sandbox's options are checked first: like every other check,
+        // before anything with an effect outside us (a tap) is made.
+        let privileges = Privileges::prepare(cfg.username.as_deref(), cfg.chroot.as_deref())?;
+        let filters = cfg
+            .seccomp
+            .map(|mode| Filters::compile(mode, false))
+            .transpose()?;
         let kernel = match &cfg.kernel {
             KernelChoice::File(path) => {
                 let (file, len) = open_regular("kernel", path)?;
@@ -407,6 +426,8 @@ impl Launch {
             kvm_device: cfg.kvm_device,
             backends,
             transport: cfg.transport,
+            privileges,
+            filters,
         };
         Ok(launch)
     }
@@ -427,6 +448,7 @@ impl Launch {
         kick::install_kick_handler().map_err(LaunchError::Threads)?;
         kick::install_ctrl_c_handler().map_err(LaunchError::Threads)?;
         let raw = devices::terminal::make_raw();
+        self.lock_down()?;
         let backends = Backends {
             raw_terminal: raw,
             disks: self.backends.disks.clone(),
@@ -440,6 +462,23 @@ impl Launch {
                 other => return Ok(other),
             }
         }
+    }
+
+    /// Everything a boot needs is open now (/dev/kvm, the kernel and
+    /// initrd, the disks, the taps, stdout): give up the rest. Change root
+    /// and user (`--chroot`, `--username`), then install the vCPU thread's
+    /// seccomp filter, before the Guest's first instruction. The threads
+    /// each boot starts install their own ([`sandbox::enter_thread`]).
+    fn lock_down(&self) -> Result<(), LaunchError> {
+        // The console's own way to stdout is opened through /proc, which
+        // neither a chroot nor the filters allow later.
+        devices::console::open_stdout();
+        self.privileges.drop_now()?;
+        if let Some(filters) = &self.filters {
+            sandbox::lock_down(filters.clone())?;
+            tracing::debug!("seccomp filters installed");
+        }
+        Ok(())
     }
 
     /// One boot, from fresh memory to the Guest's stop.

@@ -21,6 +21,7 @@ pub mod lguest_data;
 pub mod memory;
 pub mod page_tables;
 pub mod pagewalk;
+pub mod sandbox;
 pub mod segments;
 pub mod timer;
 pub mod vcpu;

@@ -8,7 +8,7 @@
 //! `launcher` lays out memory and loads the kernel, `vm` creates the KVM
 //! machine, and `vcpu` runs it (see `lib.rs`).
 
-use lguest::{bench, bus, devices, launcher, vcpu};
+use lguest::{bench, bus, devices, launcher, sandbox, vcpu};
 
 use clap::Parser;
 use launcher::{Config, Launch, MEM_MB_RANGE};
@@ -64,7 +64,19 @@ struct Cli {
     /// window per device (announced on the kernel command line).
     #[arg(long, value_enum, default_value = "lguest-bus")]
     transport: TransportArg,
-    /// Trace the Host's work on stderr.
+    /// Once set-up is done, make DIR the Launcher's root directory (needs
+    /// root).
+    #[arg(long, value_name = "DIR")]
+    chroot: Option<PathBuf>,
+    /// Once set-up is done, run as USER, with its uid, gid and groups
+    /// (needs root).
+    #[arg(long, value_name = "USER")]
+    username: Option<String>,
+    /// Run without the seccomp filters (for debugging).
+    #[arg(long)]
+    no_seccomp: bool,
+    /// Trace the Host's work on stderr (and name any system call the
+    /// seccomp filters refuse).
     #[arg(long)]
     verbose: bool,
     /// Run the benchmarks and print one line per measure.
@@ -147,6 +159,20 @@ fn escape(s: &str) -> String {
         .collect()
 }
 
+/// How the seccomp filters treat a call off their lists: none with
+/// `--no-seccomp`; `LGUEST_SECCOMP` (kill, trap or log) if set; otherwise
+/// kill, or with `--verbose` trap (which names the call before dying).
+fn seccomp_mode(cli: &Cli) -> Result<Option<sandbox::Enforcement>, sandbox::SandboxError> {
+    if cli.no_seccomp {
+        return Ok(None);
+    }
+    match std::env::var_os("LGUEST_SECCOMP") {
+        Some(v) => sandbox::Enforcement::parse(&v.to_string_lossy()).map(Some),
+        None if cli.verbose => Ok(Some(sandbox::Enforcement::Trap)),
+        None => Ok(Some(sandbox::Enforcement::Kill)),
+    }
+}
+
 fn parse_mem(arg: Option<&str>) -> Result<u64, String> {
     let Some(arg) = arg else { return Ok(64) };
     match arg.parse::<u64>() {
@@ -212,6 +238,13 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_SETUP);
         }
     };
+    let seccomp = match seccomp_mode(&cli) {
+        Ok(mode) => mode,
+        Err(e) => {
+            error_line(e);
+            return ExitCode::from(EXIT_SETUP);
+        }
+    };
     let mut words = cli.kernel_args.clone();
     words.extend(cli.append.iter().cloned());
     let config = Config {
@@ -231,6 +264,9 @@ fn main() -> ExitCode {
             TransportArg::LguestBus => bus::Transport::LguestBus,
             TransportArg::Mmio => bus::Transport::Mmio,
         },
+        username: cli.username.clone(),
+        chroot: cli.chroot.clone(),
+        seccomp,
     };
     let launch = match Launch::prepare(config) {
         Ok(l) => l,

@@ -87,6 +87,7 @@ impl ClockEvent {
             std::thread::Builder::new()
                 .name("lguest-timer".into())
                 .spawn(move || {
+                    crate::sandbox::enter_thread(crate::sandbox::ThreadKind::Timer);
                     let mut events = [EpollEvent::default(); 3];
                     loop {
                         let n = match epoll.wait(-1, &mut events) {

@@ -312,6 +312,12 @@ fn read_chain(
     }
 }
 
+/// Opens the console's own way to stdout now (see [`stdout`]), while the
+/// Launcher may still open files: before it locks itself down.
+pub fn open_stdout() {
+    drop(stdout::stdout());
+}
+
 /// The early console's text (a NOTIFY with a string), written after any
 /// console output still waiting, so the two keep their order. There is no
 /// ring to leave it in, so the Guest waits in its hypercall until stdout has

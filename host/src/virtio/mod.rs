@@ -466,6 +466,7 @@ struct Worker {
 
 impl Worker {
     fn run(&mut self) {
+        crate::sandbox::enter_thread(crate::sandbox::ThreadKind::Device);
         let mut events = vec![EpollEvent::default(); self.kicks.len() + 3];
         loop {
             self.watch_backend();
