@@ -7,6 +7,7 @@
 use crate::boot::{BootError, BootImage, Kernel};
 use crate::bus::{self, Bus, Transport};
 use crate::devices::{self, block::Disk, tap, Backends};
+use crate::gdb::{self, GdbError, GdbServer};
 use crate::host_pages;
 use crate::interrupts::{self, Irqs};
 use crate::memory::{GuestMemory, Layout};
@@ -53,6 +54,8 @@ pub enum LaunchError {
     Threads(std::io::Error),
     #[error("{0}")]
     Device(String),
+    #[error(transparent)]
+    Gdb(#[from] GdbError),
 }
 
 /// What to boot.
@@ -68,6 +71,8 @@ pub struct Config {
     pub tunnet: Option<String>,
     pub rng: bool,
     pub transport: Transport,
+    /// `--gdb` spec, `[ADDR:]PORT`.
+    pub gdb: Option<String>,
 }
 
 /// A checked configuration, ready to boot (again and again on restart).
@@ -79,6 +84,7 @@ pub struct Launch {
     kvm_device: PathBuf,
     backends: Backends,
     transport: Transport,
+    gdb: Option<GdbServer>,
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, LaunchError> {
@@ -169,6 +175,7 @@ impl Launch {
             device_model: DEVICE_MODEL_VIRTIO,
         }
         .check(layout.mem)?;
+        let gdb = cfg.gdb.as_deref().map(GdbServer::bind).transpose()?;
         let launch = Launch {
             kernel,
             initrd,
@@ -177,6 +184,7 @@ impl Launch {
             kvm_device: cfg.kvm_device,
             backends,
             transport: cfg.transport,
+            gdb,
         };
         Ok(launch)
     }
@@ -206,8 +214,9 @@ impl Launch {
             net: self.backends.net.clone(),
             rng: self.backends.rng,
         };
+        let mut gdb = gdb::Link::new(self.gdb.as_ref());
         loop {
-            let stop = self.boot_once(&hv, &backends)?;
+            let stop = self.boot_once(&hv, &backends, &mut gdb)?;
             match stop {
                 Stop::Restart(reason) => on_restart(&reason),
                 other => return Ok(other),
@@ -216,7 +225,12 @@ impl Launch {
     }
 
     /// One boot, from fresh memory to the Guest's stop.
-    pub fn boot_once(&self, hv: &Hypervisor, backends: &Backends) -> Result<Stop, LaunchError> {
+    pub fn boot_once(
+        &self,
+        hv: &Hypervisor,
+        backends: &Backends,
+        gdb: &mut gdb::Link,
+    ) -> Result<Stop, LaunchError> {
         let mem = GuestMemory::new(self.layout).map_err(LaunchError::Memory)?;
         let tables = host_pages::build(&mem);
         let entry = self.image().load(&mem)?;
@@ -234,6 +248,11 @@ impl Launch {
         let bus = Bus::new(&mem, backends.devices(), &irqs, self.transport)
             .map_err(LaunchError::Threads)?;
         let mut guest = Guest::new(mem, tables, vm, irqs, bus).map_err(LaunchError::Threads)?;
-        Ok(guest.run())
+        if !gdb.attach(&mut guest)? {
+            return Ok(crate::vcpu::kill("ended by the user (three Ctrl-C)"));
+        }
+        let stop = guest.run();
+        gdb.detach(&mut guest, &stop);
+        Ok(stop)
     }
 }

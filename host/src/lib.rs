@@ -11,6 +11,7 @@ pub mod bench;
 pub mod boot;
 pub mod bus;
 pub mod devices;
+pub mod gdb;
 pub mod host_pages;
 pub mod hypercalls;
 pub mod interrupts;

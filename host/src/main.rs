@@ -8,7 +8,7 @@
 //! `launcher` lays out memory and loads the kernel, `vm` creates the KVM
 //! machine, and `vcpu` runs it (see `lib.rs`).
 
-use lguest::{bench, bus, devices, launcher, vcpu};
+use lguest::{bench, bus, devices, gdb, launcher, vcpu};
 
 use clap::Parser;
 use launcher::{Config, Launch, MEM_MB_RANGE};
@@ -64,6 +64,14 @@ struct Cli {
     /// Run the benchmarks and print one line per measure.
     #[arg(long)]
     bench: bool,
+    /// Wait for gdb on [ADDR:]PORT (default address 127.0.0.1; port 0
+    /// picks a free one) before the Guest's first instruction.
+    #[arg(long, value_name = "[ADDR:]PORT")]
+    gdb: Option<String>,
+    /// Write the bundled Guest (--guest) as an ELF file with symbols, for
+    /// gdb, and exit.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["mem_mb", "kernel"])]
+    write_guest: Option<PathBuf>,
     /// Guest memory in MiB (2-65536; default 64).
     #[arg(value_name = "MEM_MB")]
     mem_mb: Option<String>,
@@ -169,6 +177,19 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(path) = &cli.write_guest {
+        let elf = match cli.guest {
+            GuestArg::Reference => launcher::BUNDLED_GUEST,
+            GuestArg::Drivers => launcher::BUNDLED_DRIVERS_GUEST,
+        };
+        return match gdb::write_guest(path, elf) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                error_line(e);
+                ExitCode::from(EXIT_SETUP)
+            }
+        };
+    }
     let mem_mb = match parse_mem(cli.mem_mb.as_deref()) {
         Ok(mb) => mb,
         Err(e) => {
@@ -195,6 +216,7 @@ fn main() -> ExitCode {
             TransportArg::LguestBus => bus::Transport::LguestBus,
             TransportArg::Mmio => bus::Transport::Mmio,
         },
+        gdb: cli.gdb.clone(),
     };
     let launch = match Launch::prepare(config) {
         Ok(l) => l,

@@ -24,6 +24,9 @@ use lguest_abi::{lguest_data_off as ld, *};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
+// gdb's hooks into the loop below (`lguest --gdb`, see crate::gdb).
+mod debug;
+
 /// How a Guest's run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stop {
@@ -89,6 +92,8 @@ pub struct Guest {
     io_pending: bool,
     /// Set while handling a trap exit: where the stub's iret frame is.
     trap_frame: Option<u64>,
+    /// The gdb session, while one is attached.
+    pub(crate) gdb: Option<Box<crate::gdb::Debugger>>,
 }
 
 impl Guest {
@@ -117,6 +122,7 @@ impl Guest {
             async_cursor: 0,
             io_pending: false,
             trap_frame: None,
+            gdb: None,
         })
     }
 
@@ -264,6 +270,9 @@ impl Guest {
         }
         self.trap_frame = Some(iret);
         let vector = vector as u8;
+        if self.gdb.is_some() && self.debug_trap(vector, iret) {
+            return Ok(());
+        }
 
         // `int $0x1f`: through its gate, RIP is past it; as #UD, RIP is on it.
         let hcall_site = match vector {
@@ -362,6 +371,7 @@ impl Guest {
                 // Kicked while a stub runs in ring 0: look again shortly.
                 None => None,
             };
+            let at = self.debug_before_look(at)?;
             let kicks = self.irqs.kicks();
             self.look(at)?;
             // Kicks so far are answered by this look; clear the flag they
@@ -400,6 +410,7 @@ impl Guest {
                 }
             }
         }
+        self.debug_before_entry()?;
         self.trap_frame = None;
         Ok(())
     }
