@@ -910,7 +910,7 @@ impl Debugger {
         let mut buf = [0u8; 4096];
         loop {
             self.pump();
-            match &self.machine {
+            match &mut self.machine {
                 Some(Machine::Idle(_)) => {}
                 Some(Machine::Running(_) | Machine::CtrlCInterrupt(_)) => {
                     let how = self.view.resume.take().unwrap_or(Resume::Continue);
@@ -920,7 +920,12 @@ impl Debugger {
                     return Served::Resume(how);
                 }
                 Some(Machine::Disconnected(m)) if m.get_reason() == DisconnectReason::Kill => {
-                    return Served::Kill
+                    // Outside extended mode gdbstub leaves a kill unanswered,
+                    // but gdb's vKill waits for an OK (then says "killed").
+                    let conn = m.borrow_conn();
+                    conn.out.extend_from_slice(b"$OK#9a");
+                    let _ = conn.flush();
+                    return Served::Kill;
                 }
                 Some(Machine::Disconnected(_)) | None => return Served::Detach,
             }
