@@ -781,6 +781,9 @@ pub struct Step {
     pub pushf: Option<u64>,
     /// TF was set by us (and must go), by the Guest itself, or not yet.
     pub tf: Tf,
+    /// The Guest has been entered since the step began: exits from now on
+    /// are the step's.
+    pub entered: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

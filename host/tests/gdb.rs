@@ -205,7 +205,16 @@ fn gdb(name: &str, elf: &Path, port: Option<u16>, commands: &[&str]) -> Proc {
 /// What gdb printed, all of it, once it has finished by itself.
 fn gdb_output(gdb: &mut Proc, others: &[&Proc]) -> String {
     let status = gdb.finish(others);
-    assert!(status.success(), "gdb failed\n{}", gdb.describe());
+    assert!(
+        status.success(),
+        "gdb failed\n{}\n{}",
+        gdb.describe(),
+        others
+            .iter()
+            .map(|p| p.describe())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     gdb.stdout() + &gdb.stderr()
 }
 
@@ -563,4 +572,179 @@ fn bad_gdb_addresses_and_files_are_set_up_errors() {
         std::fs::read(drivers.path()).unwrap(),
     );
     assert!(b.starts_with(b"\x7fELF") && a != b);
+}
+
+/// A kernel of a few instructions with an `int3` of its own and a #BP gate
+/// that checks the frame the Host built: it powers off with "own int3
+/// handled", or crashes saying what it saw. Before the `int3`, a `pushf`
+/// whose flags it checks for TF. Returns the ELF and the addresses of the
+/// `pushf`, the `int3` and the handler.
+fn int3_kernel() -> (Vec<u8>, u64, u64, u64) {
+    use lguest_abi::{hcall, lguest_data_off, HCALL_RING_SIZE};
+    const BASE: u64 = 0x10_0000;
+    const DATA: u64 = BASE + 0x1000;
+    const TEXT: u64 = BASE + 0x2000;
+    const STACK_TOP: u64 = BASE + 0x4000;
+    let messages: [&[u8]; 4] = [
+        b"own int3 handled\0",
+        b"the int3 came back\0",
+        b"TF in the frame\0",
+        b"pushf saw TF\0",
+    ];
+    let msg = |i: usize| TEXT + 0x40 * i as u64;
+    let mut c: Vec<u8> = Vec::new();
+    let hypercall = |c: &mut Vec<u8>, nr: u64, arg1: u64, arg2: u64| {
+        c.push(0xB8); // mov eax, nr
+        c.extend_from_slice(&(nr as u32).to_le_bytes());
+        c.push(0xBA); // mov edx, arg1
+        c.extend_from_slice(&(arg1 as u32).to_le_bytes());
+        c.extend_from_slice(&[0x48, 0xBB]); // mov rbx, arg2
+        c.extend_from_slice(&arg2.to_le_bytes());
+        c.extend_from_slice(&[0xCD, 0x1F]); // int $0x1f
+    };
+    // mov rsp, STACK_TOP
+    c.extend_from_slice(&[0x48, 0xC7, 0xC4]);
+    c.extend_from_slice(&(STACK_TOP as u32).to_le_bytes());
+    hypercall(&mut c, hcall::LGUEST_INIT, DATA, 0);
+    // LOAD_IDT_ENTRY(3, gate): the gate's offset is patched in below.
+    c.extend_from_slice(&[0x48, 0xB9]); // mov rcx, high half (offset >> 32 = 0)
+    c.extend_from_slice(&0u64.to_le_bytes());
+    // mov rbx's imm64, after `mov eax` and `mov edx` (5 bytes each) and 48 BB.
+    let gate_at = c.len() + 12;
+    hypercall(&mut c, hcall::LOAD_IDT_ENTRY, 3, 0);
+    let pushf = BASE + c.len() as u64;
+    c.extend_from_slice(&[0x9C, 0x58]); // pushf; pop rax
+    c.extend_from_slice(&[0xA9, 0x00, 0x01, 0x00, 0x00]); // test eax, 0x100
+    c.extend_from_slice(&[0x74, 22]); // jz over the crash (a hypercall: 22 bytes)
+    hypercall(&mut c, hcall::SHUTDOWN, msg(3), 3);
+    let int3 = BASE + c.len() as u64;
+    c.push(0xCC);
+    hypercall(&mut c, hcall::SHUTDOWN, msg(1), 3);
+    c.extend_from_slice(&[0xEB, 0xFE]); // jmp .
+    let handler = BASE + c.len() as u64;
+    // test qword [rsp + 16], 0x100: TF in the frame's RFLAGS
+    c.extend_from_slice(&[0x48, 0xF7, 0x44, 0x24, 0x10, 0x00, 0x01, 0x00, 0x00]);
+    c.extend_from_slice(&[0x74, 22]); // jz over the crash
+    hypercall(&mut c, hcall::SHUTDOWN, msg(2), 3);
+    hypercall(&mut c, hcall::SHUTDOWN, msg(0), 1);
+    c.extend_from_slice(&[0xEB, 0xFE]);
+    // A present trap gate (type 0xF) to the handler.
+    let gate = (handler & 0xFFFF) | (0x33 << 16) | (0x8F << 40) | ((handler >> 16) & 0xFFFF) << 48;
+    c[gate_at..gate_at + 8].copy_from_slice(&gate.to_le_bytes());
+    assert!(c.len() < 0x1000);
+
+    let mut image = vec![0u8; 0x3000];
+    image[..c.len()].copy_from_slice(&c);
+    // Every async slot free, as the ABI wants before LGUEST_INIT.
+    let status = 0x1000 + lguest_data_off::HCALL_STATUS;
+    image[status..status + HCALL_RING_SIZE].fill(0xFF);
+    for (i, m) in messages.iter().enumerate() {
+        let at = (msg(i) - BASE) as usize;
+        image[at..at + m.len()].copy_from_slice(m);
+    }
+    let elf = elf64(
+        ET_EXEC,
+        EM_X86_64,
+        BASE,
+        &[Segment {
+            addr: BASE,
+            data: image,
+            memsz: STACK_TOP - BASE,
+        }],
+    );
+    (elf, pushf, int3, handler)
+}
+
+#[test]
+fn the_guests_own_int3_and_pushf_stepped_under_gdb() {
+    require_gdb!();
+    let (image, pushf, int3, handler) = int3_kernel();
+    let kernel = TempFile::new("own-int3.elf", &image);
+    // Without gdb: the kernel's checks pass on their own.
+    let plain = run(lguest().args(["16", kernel.arg()]));
+    plain.assert_code(0);
+    assert_eq!(
+        plain.single_stderr_line("lguest: "),
+        "lguest: guest powered off: own int3 handled"
+    );
+
+    // Stepped by gdb: the pushf and what tests its result, then the int3,
+    // which goes to the Guest's own handler. (No breakpoint of ours goes on
+    // the int3 itself: gdb would take it for a breakpoint compiled into the
+    // program and step over it without running it.)
+    let args = ["16", kernel.arg()];
+    let (mut lguest, port) = start_lguest("own-int3", &args, Stdio::null());
+    let break_pushf = format!("break *{pushf:#x}");
+    let peek = format!("x/1xb {int3:#x}");
+    let mut session = gdb(
+        "own-int3",
+        kernel.path(),
+        Some(port),
+        &[
+            &break_pushf,
+            "continue",
+            "stepi 4",
+            "printf \"before %lx\\n\", $pc",
+            &peek,
+            "stepi",
+            "printf \"handler %lx\\n\", $pc",
+            "printf \"frame %lx %lx\\n\", *(long *)$sp, *(long *)($sp + 16)",
+            "continue",
+        ],
+    );
+    let out = gdb_output(&mut session, &[&lguest]);
+    let status = lguest.finish(&[&session]);
+    assert_eq!(hex_after(&out, "before "), int3, "{out}");
+    assert!(out.contains(&format!("{int3:#x}:\t0xcc")), "{out}");
+    assert_eq!(hex_after(&out, "handler "), handler, "{out}");
+    let frame = out
+        .lines()
+        .find_map(|l| l.strip_prefix("frame "))
+        .unwrap_or_else(|| panic!("{out}"));
+    let words: Vec<u64> = frame
+        .split_whitespace()
+        .map(|w| u64::from_str_radix(w, 16).unwrap())
+        .collect();
+    assert_eq!(words[0], int3 + 1, "#BP's RIP is after the int3\n{out}");
+    assert_eq!(
+        words[1] & 0x100,
+        0,
+        "TF in the frame: {:#x}\n{out}",
+        words[1]
+    );
+    assert!(
+        out.contains("[Inferior 1 (process 1) exited normally]"),
+        "{out}"
+    );
+    assert_eq!(status.code(), Some(0), "{}", lguest.describe());
+    assert_eq!(
+        ending(&lguest),
+        "lguest: guest powered off: own int3 handled"
+    );
+
+    // Running under gdb, not stepped: the int3 reaches the handler, where a
+    // breakpoint of ours waits.
+    let (mut lguest, port) = start_lguest("own-int3-run", &args, Stdio::null());
+    let break_handler = format!("break *{handler:#x}");
+    let mut session = gdb(
+        "own-int3-run",
+        kernel.path(),
+        Some(port),
+        &[&break_handler, "continue", "continue"],
+    );
+    let out = gdb_output(&mut session, &[&lguest]);
+    let status = lguest.finish(&[&session]);
+    assert!(
+        out.contains(&format!("Breakpoint 1, {handler:#018x}")),
+        "{out}"
+    );
+    assert!(
+        out.contains("[Inferior 1 (process 1) exited normally]"),
+        "{out}"
+    );
+    assert_eq!(status.code(), Some(0), "{}", lguest.describe());
+    assert_eq!(
+        ending(&lguest),
+        "lguest: guest powered off: own int3 handled"
+    );
 }

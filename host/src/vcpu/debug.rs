@@ -106,9 +106,16 @@ impl Guest {
             // Just attached: gdb has the Guest before its first instruction.
             None
         } else if let Some(step) = dbg.step {
+            // Whatever exit we are looking at came before the step began.
+            if !step.entered {
+                return Ok(self.irqs_allowed(at));
+            }
             let hypercall_done = step.hypercall && (io || rip != step.from);
             let out_done = step.tf == Tf::Ours && io && w == Where::Registers && rip != step.from;
-            if !hypercall_done && !out_done {
+            // Only a hypercall halts: one made some other way (`out` from
+            // DX) is done too, before an interrupt is built on our TF.
+            let halt_done = step.tf == Tf::Ours && self.halted;
+            if !hypercall_done && !out_done && !halt_done {
                 return Ok(self.irqs_allowed(at));
             }
             Some(StopReason::DoneStep)
@@ -145,19 +152,23 @@ impl Guest {
                 self.debug_stop(w, Some(StopReason::DoneStep))?;
                 continue;
             }
-            if step.hypercall || step.tf != Tf::NotSet {
+            if step.entered {
                 return Ok(());
             }
-            let mut ctx = self.context(w);
-            let tf = if ctx.rflags & TF == 0 {
-                ctx.rflags |= TF;
-                self.set_context(w, ctx);
-                Tf::Ours
+            let tf = if step.hypercall {
+                Tf::NotSet
             } else {
-                Tf::Guests
+                let mut ctx = self.context(w);
+                if ctx.rflags & TF == 0 {
+                    ctx.rflags |= TF;
+                    self.set_context(w, ctx);
+                    Tf::Ours
+                } else {
+                    Tf::Guests
+                }
             };
             if let Some(step) = self.gdb.as_mut().and_then(|d| d.step.as_mut()) {
-                step.tf = tf;
+                (step.entered, step.tf) = (true, tf);
             }
             return Ok(());
         }
@@ -166,10 +177,12 @@ impl Guest {
     /// The Guest stops at `w`: tell gdb why (`None`: it already knows) and
     /// serve it until it lets the Guest go on.
     fn debug_stop(&mut self, w: Where, reason: Option<StopReason>) -> Result<(), Stop> {
+        // TF goes before the I/O is completed: a KVM that finishes an `out`
+        // at the next KVM_RUN (VT-x) would raise its #DB then.
+        self.end_step(w);
         if w == Where::Registers {
             self.complete_io()?;
         }
-        self.end_step(w);
         let cr3 = self
             .vm
             .vcpu
@@ -231,6 +244,7 @@ impl Guest {
             from_halt: self.halted,
             pushf,
             tf: Tf::NotSet,
+            entered: false,
         }
     }
 
