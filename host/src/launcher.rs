@@ -7,6 +7,7 @@
 use crate::boot::{BootError, BootImage, Initrd, Kernel};
 use crate::bus::{self, Bus, Transport};
 use crate::devices::{self, block::Disk, block::DiskError, tap, Backends};
+use crate::gdb::{self, GdbError, GdbServer};
 use crate::host_pages;
 use crate::kick::{self, Irqs};
 use crate::memory::{GuestMemory, Layout};
@@ -39,6 +40,8 @@ pub enum KernelChoice {
     Reference,
     /// The bundled virtio-drivers Guest.
     Drivers,
+    /// The bundled reference Guest with its self-tests and bad= cases.
+    Tests,
     /// A file.
     File(PathBuf),
 }
@@ -93,6 +96,8 @@ pub enum LaunchError {
     Bus(#[from] bus::BusError),
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
+    #[error(transparent)]
+    Gdb(#[from] GdbError),
 }
 
 /// What to boot.
@@ -115,6 +120,8 @@ pub struct Config {
     /// How the seccomp filters treat a call off their lists; None with
     /// `--no-seccomp`.
     pub seccomp: Option<Enforcement>,
+    /// `--gdb` spec, `[ADDR:]PORT`.
+    pub gdb: Option<String>,
 }
 
 /// A checked configuration, ready to boot (again and again on restart).
@@ -128,6 +135,7 @@ pub struct Launch {
     transport: Transport,
     privileges: Privileges,
     filters: Option<Filters>,
+    gdb: Option<GdbServer>,
 }
 
 /*
@@ -287,7 +295,7 @@ impl Launch {
         let privileges = Privileges::prepare(cfg.username.as_deref(), cfg.chroot.as_deref())?;
         let filters = cfg
             .seccomp
-            .map(|mode| Filters::compile(mode, false))
+            .map(|mode| Filters::compile(mode, cfg.gdb.is_some()))
             .transpose()?;
         let kernel = match &cfg.kernel {
             KernelChoice::File(path) => {
@@ -304,6 +312,10 @@ impl Launch {
             KernelChoice::Drivers => {
                 Kernel::from_bytes("bundled drivers Guest", BUNDLED_DRIVERS_GUEST)?
             }
+            KernelChoice::Tests => Kernel::from_bytes(
+                "bundled reference Guest (with its tests)",
+                BUNDLED_TESTS_GUEST,
+            )?,
         };
         tracing::debug!("kernel {}, entry {:#x}", kernel.name, kernel.entry);
         let initrd = match &cfg.initrd {
@@ -418,6 +430,7 @@ impl Launch {
             Transport::LguestBus => 0,
         };
         let layout = layout_for(cfg.mem_mb, bus::device_pages(&devices, cfg.transport), hole);
+        let gdb = cfg.gdb.as_deref().map(GdbServer::bind).transpose()?;
         let launch = Launch {
             kernel,
             initrd,
@@ -428,6 +441,7 @@ impl Launch {
             transport: cfg.transport,
             privileges,
             filters,
+            gdb,
         };
         Ok(launch)
     }
@@ -455,8 +469,9 @@ impl Launch {
             nets: self.backends.nets.clone(),
             rng: self.backends.rng,
         };
+        let mut gdb = gdb::Link::new(self.gdb.as_ref());
         loop {
-            let stop = self.boot_once(&hv, &backends)?;
+            let stop = self.boot_once(&hv, &backends, &mut gdb)?;
             match stop {
                 Stop::Restart(reason) => on_restart(&reason),
                 other => return Ok(other),
@@ -482,7 +497,12 @@ impl Launch {
     }
 
     /// One boot, from fresh memory to the Guest's stop.
-    pub fn boot_once(&self, hv: &Hypervisor, backends: &Backends) -> Result<Stop, LaunchError> {
+    pub fn boot_once(
+        &self,
+        hv: &Hypervisor,
+        backends: &Backends,
+        gdb: &mut gdb::Link,
+    ) -> Result<Stop, LaunchError> {
         let mem = GuestMemory::new(self.layout).map_err(LaunchError::Memory)?;
         let tables = host_pages::build(&mem);
         let entry = self.image().load(&mem)?;
@@ -500,6 +520,13 @@ impl Launch {
         let bus = Bus::new(&mem, backends.devices(), &irqs, self.transport)
             .map_err(LaunchError::Threads)?;
         let mut guest = Guest::new(mem, tables, vm, irqs, bus).map_err(LaunchError::Threads)?;
-        Ok(guest.run())
+        if !gdb.attach(&mut guest)? {
+            return Ok(crate::vcpu::Stop::Killed(
+                "ended by the user (three Ctrl-C)".into(),
+            ));
+        }
+        let stop = guest.run();
+        gdb.detach(&mut guest, &stop);
+        Ok(stop)
     }
 }

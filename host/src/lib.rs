@@ -12,6 +12,7 @@ pub mod boot;
 pub mod bus;
 pub mod devices;
 pub mod dma;
+pub mod gdb;
 pub mod host_pages;
 pub mod hypercalls;
 pub mod interrupts_and_traps;

@@ -8,7 +8,7 @@
 //! `launcher` lays out memory and loads the kernel, `vm` creates the KVM
 //! machine, and `vcpu` runs it (see `lib.rs`).
 
-use lguest::{bench, bus, devices, launcher, sandbox, vcpu};
+use lguest::{bench, bus, devices, gdb, launcher, sandbox, vcpu};
 
 use clap::Parser;
 use launcher::{Config, Launch, MEM_MB_RANGE};
@@ -82,6 +82,14 @@ struct Cli {
     /// Run the benchmarks and print one line per measure.
     #[arg(long)]
     bench: bool,
+    /// Wait for gdb on [ADDR:]PORT (default address 127.0.0.1; port 0
+    /// picks a free one) before the Guest's first instruction.
+    #[arg(long, value_name = "[ADDR:]PORT")]
+    gdb: Option<String>,
+    /// Write the bundled Guest (--guest) as an ELF file with symbols, for
+    /// gdb, and exit.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["mem_mb", "kernel"])]
+    write_guest: Option<PathBuf>,
     /// Guest memory in MiB (2-65536; default 64).
     #[arg(value_name = "MEM_MB")]
     mem_mb: Option<String>,
@@ -101,6 +109,10 @@ struct Cli {
 enum GuestArg {
     Reference,
     Drivers,
+    /// The reference Guest with its self-tests, bad= cases and benchmark
+    /// loops (booted by itself when the command line has a test=, bad= or
+    /// bench= word).
+    Tests,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -231,6 +243,20 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(path) = &cli.write_guest {
+        let elf = match cli.guest {
+            GuestArg::Reference => launcher::BUNDLED_GUEST,
+            GuestArg::Drivers => launcher::BUNDLED_DRIVERS_GUEST,
+            GuestArg::Tests => launcher::BUNDLED_TESTS_GUEST,
+        };
+        return match gdb::write_guest(path, elf) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                error_line(e);
+                ExitCode::from(EXIT_SETUP)
+            }
+        };
+    }
     let mem_mb = match parse_mem(cli.mem_mb.as_deref()) {
         Ok(mb) => mb,
         Err(e) => {
@@ -253,6 +279,7 @@ fn main() -> ExitCode {
             (Some(path), _) => launcher::KernelChoice::File(path.clone()),
             (None, GuestArg::Reference) => launcher::KernelChoice::Reference,
             (None, GuestArg::Drivers) => launcher::KernelChoice::Drivers,
+            (None, GuestArg::Tests) => launcher::KernelChoice::Tests,
         },
         initrd: cli.initrd.clone(),
         cmdline: words.join(" "),
@@ -267,6 +294,7 @@ fn main() -> ExitCode {
         username: cli.username.clone(),
         chroot: cli.chroot.clone(),
         seccomp,
+        gdb: cli.gdb.clone(),
     };
     let launch = match Launch::prepare(config) {
         Ok(l) => l,

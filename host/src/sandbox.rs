@@ -533,6 +533,9 @@ macro_rules! paste_sys {
     (clone3) => {
         libc::SYS_clone3
     };
+    (getsockname) => {
+        libc::SYS_getsockname
+    };
     (accept4) => {
         libc::SYS_accept4
     };
@@ -727,8 +730,18 @@ fn own_groups(kind: ThreadKind) -> Vec<Group> {
             calls: calls![epoll_wait, epoll_pwait, read, timerfd_settime, close],
         }],
         ThreadKind::Gdb => vec![Group {
-            name: "watching the debugger's socket",
-            calls: calls![poll, ppoll, read],
+            name: "watching the debugger's socket (and closing its copy of it)",
+            calls: {
+                let mut c = calls![poll, ppoll, read, close];
+                // std checks a descriptor it closes is valid (F_GETFD).
+                c.push(one_of(
+                    "fcntl",
+                    libc::SYS_fcntl,
+                    1,
+                    &[("F_GETFD", libc::F_GETFD as u64)],
+                ));
+                c
+            },
         }],
     }
 }
@@ -740,7 +753,7 @@ fn gdb_stub_group() -> Group {
     Group {
         name: "the gdb stub, on the vCPU thread (with --gdb)",
         calls: {
-            let mut c = calls![accept4, recvfrom, sendto, setsockopt, shutdown];
+            let mut c = calls![accept4, getsockname, recvfrom, sendto, setsockopt, shutdown];
             c.push(ioctl(&[
                 ("FIONBIO", libc::FIONBIO),
                 ("KVM_SET_GUEST_DEBUG", KVM_SET_GUEST_DEBUG()),
@@ -749,6 +762,13 @@ fn gdb_stub_group() -> Group {
                 ("KVM_GET_FPU", KVM_GET_FPU()),
                 ("KVM_SET_FPU", KVM_SET_FPU()),
             ]));
+            // The connection is shared with the watcher thread (try_clone).
+            c.push(one_of(
+                "fcntl",
+                libc::SYS_fcntl,
+                1,
+                &[("F_DUPFD_CLOEXEC", libc::F_DUPFD_CLOEXEC as u64)],
+            ));
             c
         },
     }

@@ -28,6 +28,9 @@ use lguest_abi::{lguest_data_off as ld, *};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
+// gdb's hooks into the loop below (`lguest --gdb`, see crate::gdb).
+mod debug;
+
 /// How a Guest's run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stop {
@@ -138,6 +141,8 @@ pub struct Guest {
     pub cpu: Cpu,
     pub lguest: Lguest,
     pub mem: GuestMemory,
+    /// The gdb session, while one is attached.
+    pub(crate) gdb: Option<Box<crate::gdb::Debugger>>,
 }
 
 impl Guest {
@@ -167,6 +172,7 @@ impl Guest {
             },
             lguest,
             mem,
+            gdb: None,
         })
     }
 
@@ -345,6 +351,9 @@ impl Guest {
         }
         cpu.trap_frame = Some(iret);
         let vector = vector as u8;
+        if self.gdb.is_some() && self.debug_trap(vector, iret) {
+            return Ok(None);
+        }
 
         // `int $0x1f`: through its gate, RIP is past it; as #UD, RIP is on it.
         let hcall_site = match vector {
@@ -465,6 +474,7 @@ impl Guest {
                 // Kicked while a stub runs in ring 0: look again shortly.
                 None => None,
             };
+            let at = self.debug_before_look(at)?;
             let kicks = self.cpu.irqs.kicks();
             self.look(at)?;
             // Kicks so far are answered by this look; clear the flag they
@@ -485,6 +495,7 @@ impl Guest {
             }
             self.cpu.sleep()?;
         }
+        self.debug_before_entry()?;
         self.cpu.trap_frame = None;
         Ok(())
     }

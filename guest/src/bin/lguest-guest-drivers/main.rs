@@ -39,6 +39,8 @@ use crate::mmio::Devices;
 // The drivers keep their buffers on the heap.
 lguest_guest::entry!(kmain);
 
+// Unmangled, so a debugger finds it by name (`break kmain`).
+#[no_mangle]
 extern "C" fn kmain() -> ! {
     // LGUEST_INIT first, then an IDT to take interrupts (the timer, then the
     // devices'), then the heap, which virtio-drivers needs.

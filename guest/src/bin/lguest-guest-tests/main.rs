@@ -33,6 +33,8 @@ lguest_guest::entry!(kmain);
 #[global_allocator]
 static NO_HEAP: lguest_guest::entry::NoHeap = lguest_guest::entry::NoHeap;
 
+// Unmangled, so a debugger finds it by name (`break kmain`).
+#[no_mangle]
 extern "C" fn kmain() -> ! {
     // The command line is memory the Launcher filled: reading it needs no
     // hypercall, which is as well, since our first must be LGUEST_INIT.
