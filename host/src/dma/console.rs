@@ -26,6 +26,7 @@ const PENDING_MAX: usize = 4096;
 /// How often waiting input looks for a buffer the Guest freed quietly.
 const RETRY: Duration = Duration::from_millis(5);
 const CTRL_C: u8 = 3;
+const KEY: u64 = lguest_abi::LGUEST_CONSOLE_DMA_KEY;
 
 /// Where the console's bytes come from and go to.
 pub struct ConsoleConfig {
@@ -139,6 +140,12 @@ impl Input {
                 let (bound, all_free) = self.console_buffers();
                 if bound && all_free {
                     self.ctx.signals.end_of_input();
+                    // A Guest asleep waiting for input wakes, finds none
+                    // and halts again: where the Launcher hears of it.
+                    let irq = super::lock(&self.ctx.bindings).irq_at(KEY);
+                    if let Some(irq) = irq {
+                        self.ctx.signals.raise(irq);
+                    }
                     told_eof = true;
                 }
                 eof_waits = bound && !all_free;
