@@ -433,6 +433,79 @@ fn a_guest_waiting_for_its_clock_is_not_cut_off_at_end_of_input() {
     assert!(start.elapsed() >= Duration::from_millis(1500));
 }
 
+/// A pseudo-terminal: (master, slave).
+fn pty() -> (std::fs::File, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    // SAFETY: plain libc calls on a descriptor we own at once; ptsname_r
+    // writes at most `name.len()` bytes into `name`.
+    let (master, path) = unsafe {
+        let fd = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        assert!(fd >= 0, "posix_openpt: {}", std::io::Error::last_os_error());
+        let master = std::fs::File::from_raw_fd(fd);
+        assert_eq!(libc::grantpt(fd), 0, "grantpt");
+        assert_eq!(libc::unlockpt(fd), 0, "unlockpt");
+        let mut name = [0 as libc::c_char; 128];
+        assert_eq!(libc::ptsname_r(fd, name.as_mut_ptr(), name.len()), 0);
+        let path = std::ffi::CStr::from_ptr(name.as_ptr())
+            .to_string_lossy()
+            .into_owned();
+        (master, path)
+    };
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(path)
+        .expect("the pty's slave");
+    (master, slave)
+}
+
+#[test]
+fn three_ctrl_c_typed_on_a_terminal_end_the_guest() {
+    require_kvm!();
+    use std::io::Write;
+    let (mut master, slave) = pty();
+    let (_file, mut cmd) = tiny(
+        "dma-tiny-ctrl-c",
+        reading_and_halting(0),
+        &["--transport=dma"],
+    );
+    let mut guest = Session::start_with_stdin(&mut cmd, Stdio::from(slave));
+    guest.expect_stdout("tiny: reading", TIMEOUT);
+    // Raw mode: Ctrl-C is a byte, which the console's thread counts.
+    master.write_all(b"\x03\x03\x03").unwrap();
+    let out = guest.finish(TIMEOUT);
+    out.assert_no_panic().assert_code(1);
+    assert_eq!(
+        out.single_stderr_line("lguest: guest killed: "),
+        "lguest: guest killed: ended by the user (three Ctrl-C)"
+    );
+}
+
+#[test]
+fn three_sigints_end_the_guest_whatever_its_devices_do() {
+    require_kvm!();
+    // Not a terminal: Ctrl-C is SIGINT, which the device threads never
+    // take, so it reaches the vCPU asleep in HALT.
+    let (_file, mut cmd) = tiny(
+        "dma-tiny-sigint",
+        reading_and_halting(0),
+        &["--transport=dma"],
+    );
+    let mut guest = Session::start(&mut cmd);
+    guest.expect_stdout("tiny: reading", TIMEOUT);
+    for _ in 0..3 {
+        ctrl_c(guest.id());
+    }
+    let out = guest.finish(TIMEOUT);
+    out.assert_no_panic().assert_code(1);
+    assert_eq!(
+        out.single_stderr_line("lguest: guest killed: "),
+        "lguest: guest killed: ended by the user (three Ctrl-C)"
+    );
+}
+
 /// The shared net page's entry (entry 1, the only device): the Guest's slot
 /// from its features, into EAX; the page, into EDX; the slot's key into
 /// RDX.
@@ -928,4 +1001,25 @@ fn only_one_launcher_bridges_a_network() {
         )
     );
     assert!(!first.has_ended(), "{}", first.describe_so_far());
+}
+
+/*
+ * P7 in `lguest --bench`: the second process is lguest itself.
+ */
+
+#[test]
+fn lguest_is_its_own_p7_peer() {
+    // A short run, with the lguest binary as the peer: main hands the
+    // process over to P7 before it looks at its command line.
+    let peer = || Command::new(env!("CARGO_BIN_EXE_lguest"));
+    let figures = lguest::dma::bench::p7(&peer, 1, 2000).expect("P7 with lguest as the peer");
+    assert!(figures.line().starts_with("P7-sharenet value="));
+    assert!(figures.value() > 0.0 && figures.floor() > 0.0);
+    // A peer told nonsense says so, as a set-up error.
+    let out = run(lguest().env("LGUEST_DMA_BENCH_PEER", "nonsense"));
+    out.assert_no_panic().assert_code(2);
+    assert_eq!(
+        out.single_stderr_line("lguest: "),
+        "lguest: LGUEST_DMA_BENCH_PEER=nonsense: not a P7 peer"
+    );
 }
