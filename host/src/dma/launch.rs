@@ -19,7 +19,7 @@ use super::sharenet::{SharedNet, SharenetError};
 use super::table::{DeviceTable, TableError};
 use super::{Backends, Dma, DmaError, DmaSetupError, NetBackend, Signals};
 use crate::devices::block::Disk;
-use crate::devices::tap::{MacDisplay, Tap, TapSpec, TunnetError};
+use crate::devices::tap::{Tap, TapSpec, TunnetError};
 use crate::kick::{self, Irqs};
 use crate::memory::GuestMemory;
 use std::os::fd::AsFd;
@@ -215,15 +215,12 @@ impl DmaSetup {
         });
         let ram: Arc<dyn super::GuestRam> = Arc::new(mem.clone());
         let dma = kick::without_sigint(|| Dma::new(ram, &backends, signals.clone()))?;
-        for (i, net) in self.nets.iter().enumerate() {
-            if let NetBackend::Shared(net) = net {
-                tracing::debug!(
-                    "dma: network {i}: slot {}, MAC {} in the page",
-                    net.slot(),
-                    MacDisplay(net.mac(net.slot()))
-                );
-            }
-        }
+        tracing::debug!(
+            "dma: device table at {:#x}: the console, {} disks, {} networks",
+            self.mem,
+            self.disks.len(),
+            self.nets.len()
+        );
         Ok(Hub { dma, signals })
     }
 }
