@@ -87,7 +87,8 @@ pub fn flush_if_idle() -> bool {
     idle
 }
 
-struct ConsoleWriter;
+/// The early console as a `fmt::Write`.
+pub struct ConsoleWriter;
 
 impl Write for ConsoleWriter {
     fn write_str(&mut self, s: &str) -> fmt::Result {

@@ -30,6 +30,9 @@ use crate::lguest_data;
 /// The caller must know that this call leaves the Rust world intact (or that
 /// the Host is meant to end the Guest here).
 #[inline(always)]
+/*G:220 A hypercall: the number in RAX, arguments in RDX, RBX, RCX and
+ * RSI, then `int $0x1f`. The Host will rewrite these two bytes into
+ * `out %al,$0x1f` the first time through. */
 pub unsafe fn hcall(nr: u64, arg1: u64, arg2: u64, arg3: u64, arg4: u64) -> u64 {
     let ret: u64;
     // The instruction only traps to the Host, which preserves every register
@@ -170,6 +173,8 @@ pub unsafe fn queue(nr: u64, arg1: u64, arg2: u64, arg3: u64, arg4: u64) -> bool
 /// # Safety
 ///
 /// As for `hcall`, remembering the call takes effect later.
+/*G:230 The async ring: calls whose answer we don't need wait in
+ * lguest_data until the next real hypercall, which runs them first. */
 pub unsafe fn async_hcall(nr: u64, arg1: u64, arg2: u64, arg3: u64, arg4: u64) -> bool {
     debug_assert!(!matches!(nr, nr::LGUEST_INIT | nr::HALT | nr::SHUTDOWN));
     // An interrupt handler could queue calls too: keep it out while we pick

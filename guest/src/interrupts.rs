@@ -58,8 +58,7 @@ pub struct TrapFrame {
     pub ss: u64,
 }
 
-/*
- * The stubs. `.irp` stamps one out per vector. For the vectors where the CPU
+/*G:240 The stubs. `.irp` stamps one out per vector. For the vectors where the CPU
  * pushes an error code (8, 10-14, 17, 21) the Host pushes one too; for the
  * rest we push a 0 so that every frame has the same shape. A table of their
  * addresses follows, for the IDT.

@@ -118,6 +118,9 @@ pub fn set_hcall_args(i: usize, args: lguest_abi::HcallArgs) {
 
 /// Fill in our half of the page and register it: LGUEST_INIT, which must be
 /// the first hypercall we make.
+/*G:210 LGUEST_INIT: the page we share with the Host, where our virtual
+ * interrupt flag, masked IRQs and async hypercall ring live, and where the
+ * Host tells us its limits. */
 pub fn init() {
     // Every ring slot starts free; zero would mean "queued", and the Host
     // would run 64 FLUSH_ASYNCs at our first hypercall.

@@ -4,7 +4,8 @@
 //! This crate is the kernel a reader studies: it boots on the lguest ABI,
 //! talks to the Host through hypercalls and the shared lguest_data page,
 //! takes interrupts and traps, keeps time, drives its virtio devices on the
-//! lguest bus and offers a prompt on the console. Nothing in it is there
+//! lguest bus (or the 2007 model's, over DMA), answers ARP and ping, and
+//! offers a prompt on the console. Nothing in it is there
 //! only to test the Host.
 //!
 //! Three kernels are built on it, one binary each:
@@ -36,7 +37,10 @@ pub mod lguest_data;
 pub mod report;
 pub mod time;
 
-// The reference Guest's own: its devices and its prompt.
+// The reference Guest's own: its devices (virtio on the lguest bus, or the
+// 2007 DMA model), what it says on a network, and its prompt.
+pub mod dma;
+pub mod inet;
 pub mod shell;
 pub mod virtio;
 

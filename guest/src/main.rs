@@ -27,6 +27,9 @@ lguest_guest::entry!(kmain);
 #[global_allocator]
 static NO_HEAP: lguest_guest::entry::NoHeap = lguest_guest::entry::NoHeap;
 
+/*G:200 The Guest's first instruction is `_start` (lguest_guest::entry):
+ * ring 3, paging on, RSP 0, so it sets up a stack and calls here. A Guest
+ * kernel owns nothing privileged: everything below asks the Host. */
 extern "C" fn kmain() -> ! {
     // Introduce ourselves to the Host: LGUEST_INIT, which must be our first
     // hypercall. Then the IDT, so traps and interrupts have somewhere to go.

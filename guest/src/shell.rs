@@ -12,19 +12,63 @@
 //! We never spin: with nothing to do we HALT, and any interrupt wakes us,
 //! console input or a frame from the network, which we answer while we're
 //! here (ARP and ping, with `ip=`).
+//!
+//! The prompt doesn't care which device model its console and network card
+//! sit on: virtio on the lguest bus, or the 2007 DMA model (`dma`). Each
+//! driver gives it a `Terminal` and a `Nic`.
 
 use core::fmt::Write;
 
-use lguest_abi::SHUTDOWN_POWEROFF;
+use lguest_abi::{DEVICE_MODEL_DMA, SHUTDOWN_POWEROFF};
 
-use crate::virtio::console::{Console, Input};
-use crate::virtio::net::{self, FRAME_MAX};
-use crate::virtio::{describe, idle, Deadline, Devices};
-use crate::{boot, hcall, lguest_data, println};
+use crate::inet::{self, Ip, Nic, ShowIp, ShowMac, FRAME_MAX};
+use crate::virtio::{idle, Deadline};
+use crate::{boot, dma, hcall, lguest_data, println, virtio};
 
 const PROMPT: &str = "lguest> ";
 const LINE_MAX: usize = 256;
-const HELP: &str = "commands: help, echo WORDS, devices, poweroff\n";
+const HELP: &str = "commands: help, echo WORDS, devices, ping A.B.C.D, poweroff\n";
+/// Echo requests `ping` sends.
+const PING_COUNT: u16 = 4;
+
+/// What the console gave us.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// This many bytes.
+    Bytes(usize),
+    /// Nothing yet.
+    Nothing,
+    /// End of input: stdin is closed.
+    Eof,
+}
+
+/// What the prompt needs of a console.
+pub trait Terminal: Write {
+    /// Copy what input has arrived into `out`, without waiting.
+    fn poll(&mut self, out: &mut [u8]) -> Input;
+    /// Whether input is waiting (then don't sleep), having asked for an
+    /// interrupt when more comes. For `idle`.
+    fn arm_rx(&mut self) -> bool;
+    /// Collect `bytes` (any bytes: a character typed may come in pieces),
+    /// sending each line at its newline, or when the buffer fills.
+    fn put(&mut self, bytes: &[u8]);
+    /// Send what `put` and fmt::Write have collected.
+    fn flush_line(&mut self);
+    /// Wait until the Host has written out everything we sent: before a
+    /// power off, which would otherwise race its device thread.
+    fn drain(&mut self, deadline: Option<&Deadline>) -> bool;
+
+    /// Wait for input (until `deadline`, if any): Nothing only if it passed.
+    fn read(&mut self, out: &mut [u8], deadline: Option<&Deadline>) -> Input {
+        loop {
+            match self.poll(out) {
+                Input::Nothing if deadline.is_some_and(|d| d.passed()) => return Input::Nothing,
+                Input::Nothing => idle(deadline, || self.arm_rx()),
+                input => return input,
+            }
+        }
+    }
+}
 
 /// What the reference Guest does once it is up: say hello, bring up its
 /// devices, and run the prompt on the console until poweroff.
@@ -34,13 +78,28 @@ pub fn serve() -> ! {
         boot::mem() >> 20,
         lguest_data::tsc_khz()
     );
-    let mut devices = Devices::scan();
-    devices.probe_all();
-    if devices.console.is_some() {
-        run(&mut devices);
+    if boot::device_model() == DEVICE_MODEL_DMA {
+        let mut devices = dma::Devices::scan();
+        devices.probe_all();
+        let table = devices.table;
+        if let Some(console) = devices.console.as_mut() {
+            let net = devices.net.as_mut().map(|net| net as &mut dyn Nic);
+            run(console, net, &|out| dma::list(out, &table));
+        }
+    } else {
+        let mut devices = virtio::Devices::scan();
+        devices.probe_all();
+        let bus = devices.bus;
+        if let Some(console) = devices.console.as_mut() {
+            let net = devices.net.as_mut().map(|net| net as &mut dyn Nic);
+            run(console, net, &|out| virtio::list(out, &bus));
+        }
     }
     hcall::shutdown(c"reference Guest finished", SHUTDOWN_POWEROFF);
 }
+
+/// Lists the devices for the `devices` command.
+type Lister<'a> = &'a dyn Fn(&mut dyn Write);
 
 /// Where we are in an escape sequence: ESC, then for CSI `[`, parameter
 /// bytes and a final byte in 0x40-0x7E (the arrows are ESC [ A to D); for
@@ -99,7 +158,7 @@ impl Line {
     }
 
     /// Take one byte of input, echoing what should be seen.
-    fn key(&mut self, console: &mut Console, byte: u8) -> Key {
+    fn key(&mut self, console: &mut dyn Terminal, byte: u8) -> Key {
         let was_cr = core::mem::replace(&mut self.after_cr, byte == b'\r');
         match (self.escape, byte) {
             (Escape::Esc, b'[') => self.escape = Escape::Csi,
@@ -116,7 +175,7 @@ impl Line {
         Key::Nothing
     }
 
-    fn plain_key(&mut self, console: &mut Console, byte: u8, was_cr: bool) -> Key {
+    fn plain_key(&mut self, console: &mut dyn Terminal, byte: u8, was_cr: bool) -> Key {
         // A character's continuation bytes go where its first byte went.
         if self.pending.0 > 0 && byte & 0xC0 == 0x80 {
             self.pending.0 -= 1;
@@ -182,7 +241,7 @@ impl Line {
 
     /// The line, if it may run: refused (with a word to the user) if it was
     /// too long or isn't UTF-8.
-    fn text(&self, console: &mut Console) -> Option<&str> {
+    fn text(&self, console: &mut dyn Terminal) -> Option<&str> {
         if self.over > 0 {
             let _ = writeln!(
                 console,
@@ -198,112 +257,133 @@ impl Line {
     }
 }
 
+/// The prompt's devices and what it knows.
+struct Shell<'a> {
+    console: &'a mut dyn Terminal,
+    net: Option<&'a mut dyn Nic>,
+    /// Our address, from `ip=`.
+    ip: Option<Ip>,
+    list: Lister<'a>,
+}
+
 /// Run the prompt until the user (or end of input) powers off.
-fn run(devices: &mut Devices) -> ! {
+fn run<'a>(console: &'a mut dyn Terminal, net: Option<&'a mut dyn Nic>, list: Lister<'a>) -> ! {
     let ip = boot::option("ip").and_then(|text| {
-        let ip = net::parse_ip(text);
+        let ip = inet::parse_ip(text);
         if ip.is_none() {
             println!("lguest-guest: ignoring ip={text}: not an IPv4 address");
         }
         ip
     });
-    let Devices {
-        bus, console, net, ..
-    } = devices;
-    let console = console.as_mut().expect("the shell needs the console");
     if let (Some(net), Some(ip)) = (net.as_ref(), ip) {
         println!(
             "lguest-guest: answering ARP and ping for {} ({})",
-            net::ShowIp(ip),
-            net::ShowMac(net.mac)
+            ShowIp(ip),
+            ShowMac(net.mac())
         );
     }
     let _ = write!(console, "lguest-guest: type help for commands\n{PROMPT}");
     console.flush_line();
+    let mut shell = Shell {
+        console,
+        net,
+        ip,
+        list,
+    };
 
     let mut line = Line::new();
     let mut frame = [0u8; FRAME_MAX];
     loop {
         let mut input = [0u8; 64];
-        let n = match console.poll(&mut input) {
-            Input::Eof => end_of_input(console, bus, &line),
+        let n = match shell.console.poll(&mut input) {
+            Input::Eof => shell.end_of_input(&line),
             Input::Nothing => 0,
             Input::Bytes(n) => n,
         };
         for &byte in &input[..n] {
-            match line.key(console, byte) {
+            match line.key(shell.console, byte) {
                 Key::Nothing => continue,
                 Key::Enter => {
-                    console.put(b"\n");
-                    if let Some(text) = line.text(console) {
-                        command(console, bus, text);
+                    shell.console.put(b"\n");
+                    if let Some(text) = line.text(shell.console) {
+                        shell.command(text);
                     }
                 }
-                Key::Cancel => console.put(b"^C\n"),
-                Key::Eof => end_of_input(console, bus, &line),
+                Key::Cancel => shell.console.put(b"^C\n"),
+                Key::Eof => shell.end_of_input(&line),
             }
             line.clear();
-            let _ = console.write_str(PROMPT);
+            let _ = shell.console.write_str(PROMPT);
         }
         // One buffer of echo per batch of input, not one per key.
-        console.flush_line();
+        shell.console.flush_line();
 
-        if let Some(net) = net.as_mut() {
+        if let Some(net) = shell.net.as_mut() {
             while let Some(len) = net.recv(&mut frame) {
                 if let Some(ip) = ip {
-                    net.answer(&frame[..len], ip);
+                    inet::answer(*net, &frame[..len], ip);
                 }
             }
         }
 
         // Not `||`: both must ask for their interrupt before we sleep.
+        let Shell { console, net, .. } = &mut shell;
         idle(None, || {
             console.arm_rx() | net.as_mut().is_some_and(|net| net.arm_rx())
         });
     }
 }
 
-fn command(console: &mut Console, bus: &crate::virtio::Bus, text: &str) {
-    let text = text.trim();
-    let (word, rest) = text.split_once(' ').unwrap_or((text, ""));
-    match word {
-        "" => {}
-        "help" => {
-            let _ = console.write_str(HELP);
-        }
-        "echo" => {
-            let _ = writeln!(console, "{}", rest.trim_start());
-        }
-        "devices" => {
-            if bus.is_empty() {
-                let _ = console.write_str("no devices\n");
+impl Shell<'_> {
+    fn command(&mut self, text: &str) {
+        let text = text.trim();
+        let (word, rest) = text.split_once(' ').unwrap_or((text, ""));
+        let console = &mut *self.console;
+        match word {
+            "" => {}
+            "help" => {
+                let _ = console.write_str(HELP);
             }
-            for dev in bus.devices() {
-                let _ = describe(console, &dev);
-                let _ = console.write_str("\n");
+            "echo" => {
+                let _ = writeln!(console, "{}", rest.trim_start());
             }
-        }
-        "poweroff" => power_off(console, c"poweroff command"),
-        _ => {
-            let _ = writeln!(console, "unknown command: {word} (try help)");
+            "devices" => (self.list)(console),
+            "ping" => {
+                let peer = rest.trim();
+                let result = match (self.net.as_mut(), self.ip, inet::parse_ip(peer)) {
+                    (None, _, _) => Err(crate::err!("no network card")),
+                    (_, None, _) => Err(crate::err!("we have no address: boot with ip=A.B.C.D")),
+                    (_, _, None) => Err(crate::err!("usage: ping A.B.C.D")),
+                    (Some(net), Some(ip), Some(peer)) => {
+                        inet::ping(*net, ip, peer, PING_COUNT, console)
+                    }
+                };
+                if let Err(e) = result {
+                    let _ = writeln!(console, "ping: {}", e.as_str());
+                }
+            }
+            "poweroff" => self.power_off(c"poweroff command"),
+            _ => {
+                let _ = writeln!(console, "unknown command: {word} (try help)");
+            }
         }
     }
-}
 
-/// End of input: finish the prompt's line, run what was typed on it (a
-/// last line needs no newline), and power off.
-fn end_of_input(console: &mut Console, bus: &crate::virtio::Bus, line: &Line) -> ! {
-    console.put(b"\n");
-    if !line.is_empty() {
-        if let Some(text) = line.text(console) {
-            command(console, bus, text);
+    /// End of input: finish the prompt's line, run what was typed on it (a
+    /// last line needs no newline), and power off.
+    fn end_of_input(&mut self, line: &Line) -> ! {
+        self.console.put(b"\n");
+        if !line.is_empty() {
+            if let Some(text) = line.text(self.console) {
+                self.command(text);
+            }
         }
+        self.power_off(c"end of input")
     }
-    power_off(console, c"end of input")
-}
 
-/// Power off once the Host has written out all we sent.
-fn power_off(console: &mut Console, reason: &core::ffi::CStr) -> ! {
-    console.drain(Some(&Deadline::after_ms(2000)));
-    hcall::shutdown(reason, SHUTDOWN_POWEROFF);
+    /// Power off once the Host has written out all we sent.
+    fn power_off(&mut self, reason: &core::ffi::CStr) -> ! {
+        self.console.drain(Some(&Deadline::after_ms(2000)));
+        hcall::shutdown(reason, SHUTDOWN_POWEROFF);
+    }
 }

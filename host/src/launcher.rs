@@ -11,7 +11,7 @@ use crate::host_pages;
 use crate::kick::{self, Irqs};
 use crate::memory::{GuestMemory, Layout};
 use crate::vcpu::{Guest, Stop};
-use crate::virtio::{Device, Queues};
+use crate::virtio::{Device, DeviceError, Queues};
 use crate::vm::{Hypervisor, Vm, VmError};
 use lguest_abi::{DEVICE_MODEL_DMA, DEVICE_MODEL_VIRTIO, PAGE_SIZE};
 use std::fs::{File, FileType, Metadata};
@@ -88,8 +88,8 @@ pub enum LaunchError {
     Memory(std::io::Error),
     #[error("cannot start the Host's threads: {0}")]
     Threads(std::io::Error),
-    #[error("{0}")]
-    Device(String),
+    #[error(transparent)]
+    Bus(#[from] bus::BusError),
     #[error(transparent)]
     Dma(#[from] crate::dma::launch::DmaLaunchError),
 }
@@ -250,7 +250,7 @@ impl Device for CardShape {
     fn config(&self) -> Vec<u8> {
         vec![0; 8]
     }
-    fn kick(&mut self, _q: usize, _queues: &mut Queues) -> Result<(), String> {
+    fn kick(&mut self, _q: usize, _queues: &mut Queues) -> Result<(), DeviceError> {
         Ok(())
     }
 }
@@ -369,7 +369,7 @@ impl Launch {
                 .map(|_| Box::new(CardShape) as Box<dyn Device>),
         );
         shapes.extend(rng);
-        bus::check_fits(&shapes).map_err(LaunchError::Device)?;
+        bus::check_fits(&shapes)?;
         let mut cmdline = cfg.cmdline;
         if cfg.transport == Transport::Mmio {
             // Announce the windows the way Linux reads them.
@@ -403,7 +403,7 @@ impl Launch {
         }
         let devices = backends.devices();
         // Again with the real cards, should a stand-in ever differ.
-        bus::check_fits(&devices).map_err(LaunchError::Device)?;
+        bus::check_fits(&devices)?;
         let hole = match cfg.transport {
             Transport::Mmio => bus::mmio_hole_pages(devices.len()),
             Transport::LguestBus => 0,

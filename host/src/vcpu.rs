@@ -214,14 +214,18 @@ impl Guest {
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 cpu.io_pending = true;
                 return match cpu.bus.mmio_write(addr, data) {
-                    Some(result) => result.map(|()| None).map_err(Death::Device),
+                    Some(result) => result
+                        .map(|()| None)
+                        .map_err(|e| Death::Device(e.to_string())),
                     None => Err(bad_mmio(&self.mem.layout, addr, "write to")),
                 };
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 cpu.io_pending = true;
                 return match cpu.bus.mmio_read(addr, data) {
-                    Some(result) => result.map(|()| None).map_err(Death::Device),
+                    Some(result) => result
+                        .map(|()| None)
+                        .map_err(|e| Death::Device(e.to_string())),
                     None => Err(bad_mmio(&self.mem.layout, addr, "read from")),
                 };
             }
@@ -615,7 +619,9 @@ impl Cpu {
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
         for (fd, (_, device)) in fds[1..].iter().zip(&backends) {
             if fd.revents != 0 {
-                self.bus.backend_ready(*device).map_err(Death::Device)?;
+                self.bus
+                    .backend_ready(*device)
+                    .map_err(|e| Death::Device(e.to_string()))?;
             }
         }
         Ok(())
@@ -753,7 +759,9 @@ impl Machine for Cpu {
     }
 
     fn notify_device(&mut self, addr: u64) -> Result<bool, HcallError> {
-        self.bus.notify(addr).map_err(HcallError::Machine)
+        self.bus
+            .notify(addr)
+            .map_err(|e| HcallError::Machine(e.to_string()))
     }
 
     fn early_console(&mut self, text: &[u8]) {

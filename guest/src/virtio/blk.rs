@@ -223,7 +223,7 @@ impl Blk {
 }
 
 /// The config, for listings.
-pub fn describe_config(out: &mut impl Write, dev: &Device) -> fmt::Result {
+pub fn describe_config(out: &mut dyn Write, dev: &Device) -> fmt::Result {
     let host = dev.host_features();
     if let Some(capacity) = dev.config(CFG_CAPACITY, 8) {
         write!(

@@ -10,10 +10,11 @@
 use core::fmt;
 
 use super::pool::Queue;
-use super::{bit, idle, Deadline, Device, Error};
+use super::{bit, Deadline, Device, Error};
 use super::{VIRTIO_F_ANY_LAYOUT, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use crate::cell::GuestCell;
 use crate::err;
+use crate::shell::{Input, Terminal};
 
 const RX_SIZE: usize = 128;
 const TX_SIZE: usize = 256;
@@ -21,17 +22,6 @@ const TX_SIZE: usize = 256;
 /// The buffers the Host writes our input into and reads our output from.
 static RX_MEM: GuestCell<[[u8; RX_SIZE]; 16]> = GuestCell::new([[0; RX_SIZE]; 16]);
 static TX_MEM: GuestCell<[[u8; TX_SIZE]; 16]> = GuestCell::new([[0; TX_SIZE]; 16]);
-
-/// What the console gave us.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Input {
-    /// This many bytes.
-    Bytes(usize),
-    /// Nothing yet.
-    Nothing,
-    /// End of input: stdin is closed.
-    Eof,
-}
 
 pub struct Console {
     pub dev: Device,
@@ -78,12 +68,26 @@ impl Console {
         setup().inspect_err(|_| dev.fail())
     }
 
-    /*
-     * Input.
-     */
+    /// Send `bytes` in one buffer (at most 256 of them); returns the chain's
+    /// head.
+    pub fn send_one(&mut self, bytes: &[u8]) -> u16 {
+        let i = self.tx.take();
+        self.tx.write(i, 0, bytes);
+        self.tx.send(i, bytes.len())
+    }
 
-    /// Copy what input has arrived into `out`, without waiting.
-    pub fn poll(&mut self, out: &mut [u8]) -> Input {
+    /// Send `bytes` now (after any collected output).
+    pub fn write(&mut self, bytes: &[u8]) {
+        self.flush_line();
+        for chunk in bytes.chunks(TX_SIZE) {
+            self.send_one(chunk);
+        }
+    }
+}
+
+impl Terminal for Console {
+    /// Input comes a buffer at a time; at end of input, one empty buffer.
+    fn poll(&mut self, out: &mut [u8]) -> Input {
         let mut n = 0;
         while n < out.len() {
             if let Some((i, len, read)) = self.reading {
@@ -115,47 +119,12 @@ impl Console {
         }
     }
 
-    /// Whether input is waiting (then don't sleep), having asked for an
-    /// interrupt when more comes. For `idle`.
-    pub fn arm_rx(&mut self) -> bool {
+    fn arm_rx(&mut self) -> bool {
         let waiting = matches!(self.reading, Some((_, len, read)) if read < len);
         self.rx.vq.enable_cb() || waiting || self.eof
     }
 
-    /// Wait for input (until `deadline`, if any): Nothing only if it passed.
-    pub fn read(&mut self, out: &mut [u8], deadline: Option<&Deadline>) -> Input {
-        loop {
-            match self.poll(out) {
-                Input::Nothing if deadline.is_some_and(|d| d.passed()) => return Input::Nothing,
-                Input::Nothing => idle(deadline, || self.arm_rx()),
-                input => return input,
-            }
-        }
-    }
-
-    /*
-     * Output.
-     */
-
-    /// Send `bytes` in one buffer (at most 256 of them); returns the chain's
-    /// head.
-    pub fn send_one(&mut self, bytes: &[u8]) -> u16 {
-        let i = self.tx.take();
-        self.tx.write(i, 0, bytes);
-        self.tx.send(i, bytes.len())
-    }
-
-    /// Send `bytes` now (after any collected output).
-    pub fn write(&mut self, bytes: &[u8]) {
-        self.flush_line();
-        for chunk in bytes.chunks(TX_SIZE) {
-            self.send_one(chunk);
-        }
-    }
-
-    /// Collect `bytes` (any bytes: a character typed may come in pieces),
-    /// sending each line at its newline, or when the buffer fills.
-    pub fn put(&mut self, bytes: &[u8]) {
+    fn put(&mut self, bytes: &[u8]) {
         for &byte in bytes {
             self.line[self.line_len] = byte;
             self.line_len += 1;
@@ -165,8 +134,7 @@ impl Console {
         }
     }
 
-    /// Send what `put` and fmt::Write have collected.
-    pub fn flush_line(&mut self) {
+    fn flush_line(&mut self) {
         if self.line_len > 0 {
             let line = self.line;
             let len = core::mem::take(&mut self.line_len);
@@ -174,9 +142,9 @@ impl Console {
         }
     }
 
-    /// Wait until the Host has written out everything we sent: before a
-    /// power off, which would otherwise race its device thread.
-    pub fn drain(&mut self, deadline: Option<&Deadline>) -> bool {
+    /// The Host writes our output on its device thread: wait for it to
+    /// hand back every buffer.
+    fn drain(&mut self, deadline: Option<&Deadline>) -> bool {
         self.flush_line();
         self.tx.drain(deadline)
     }

@@ -409,15 +409,16 @@ pub struct Devices {
     pub rng: Option<rng::Rng>,
 }
 
-/// Bring a driver up if its device is there and it isn't up yet.
-fn probe_once<'a, T>(
+/// Bring a driver up if its device is there and it isn't up yet. The 2007
+/// model's drivers use it too.
+pub fn probe_once<'a, T, D>(
     driver: &'a mut Option<T>,
-    dev: Option<Device>,
+    dev: Option<D>,
     what: &str,
-    probe: impl FnOnce(Device) -> Result<T, Error>,
+    probe: impl FnOnce(D) -> Result<T, Error>,
 ) -> Result<&'a mut T, Error> {
     if driver.is_none() {
-        let dev = dev.ok_or_else(|| err!("no virtio {what}"))?;
+        let dev = dev.ok_or_else(|| err!("no {what}"))?;
         *driver = Some(probe(dev)?);
     }
     Ok(driver.as_mut().expect("just probed"))
@@ -440,7 +441,12 @@ impl Devices {
 
     pub fn console(&mut self) -> Result<&mut console::Console, Error> {
         let dev = self.bus.find(VIRTIO_ID_CONSOLE);
-        probe_once(&mut self.console, dev, "console", console::Console::probe)
+        probe_once(
+            &mut self.console,
+            dev,
+            "virtio console",
+            console::Console::probe,
+        )
     }
 
     /// Disk `n` (0 is the first block device on the bus).
@@ -448,17 +454,19 @@ impl Devices {
         let mut disks = self.bus.devices().filter(|d| d.id() == VIRTIO_ID_BLOCK);
         let dev = disks.nth(n).filter(|_| n < blk::MAX_DISKS);
         let slot = self.disks.get_mut(n).ok_or_else(|| err!("no disk {n}"))?;
-        probe_once(slot, dev, "block device", |dev| blk::Blk::probe(dev, n))
+        probe_once(slot, dev, "virtio block device", |dev| {
+            blk::Blk::probe(dev, n)
+        })
     }
 
     pub fn net(&mut self) -> Result<&mut net::Net, Error> {
         let dev = self.bus.find(VIRTIO_ID_NET);
-        probe_once(&mut self.net, dev, "net device", net::Net::probe)
+        probe_once(&mut self.net, dev, "virtio net device", net::Net::probe)
     }
 
     pub fn rng(&mut self) -> Result<&mut rng::Rng, Error> {
         let dev = self.bus.find(VIRTIO_ID_RNG);
-        probe_once(&mut self.rng, dev, "rng device", rng::Rng::probe)
+        probe_once(&mut self.rng, dev, "virtio rng device", rng::Rng::probe)
     }
 
     /// Bring up every device we have a driver for, saying on the early
@@ -489,9 +497,20 @@ impl Devices {
     }
 }
 
+/// What the prompt's `devices` command says: a line per device.
+pub fn list(out: &mut dyn Write, bus: &Bus) {
+    if bus.is_empty() {
+        let _ = out.write_str("no devices\n");
+    }
+    for dev in bus.devices() {
+        let _ = describe(out, &dev);
+        let _ = out.write_str("\n");
+    }
+}
+
 /// One line about `dev`: type, queues, IRQs, features, status and what its
 /// config says.
-pub fn describe(out: &mut impl Write, dev: &Device) -> fmt::Result {
+pub fn describe(out: &mut dyn Write, dev: &Device) -> fmt::Result {
     write!(out, "{} at {:#x}: ", dev.name(), dev.at)?;
     for i in 0..dev.num_vq() {
         let vq = dev.vq(i);

@@ -267,6 +267,9 @@ impl Vring {
     /// Offer `bufs` as one chain: take descriptors from the free list, fill
     /// them, and publish the head in the avail ring. The Host may take it at
     /// once, but need not until `kick`. Returns the head.
+    /*G:510 A driver offers buffers: descriptors chained, the head in the
+     * avail ring, then (unless the Host said it will look anyway) NOTIFY
+     * with the ring's address, which lands in D:500. */
     pub fn add(&mut self, bufs: &[Buf]) -> Result<u16, Full> {
         assert!(!bufs.is_empty(), "an empty chain");
         if bufs.len() > self.num_free as usize {
@@ -349,6 +352,8 @@ impl Vring {
     }
 
     /// Take the next chain the Host handed back, and free its descriptors.
+    /*G:560 And back: the Host put the head in the used ring and raised the
+     * queue's IRQ; the handler takes it from here. */
     pub fn get_used(&mut self) -> Option<Used> {
         if !self.has_used() {
             return None;

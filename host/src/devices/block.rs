@@ -7,7 +7,7 @@
 //! read-only disk, is answered with an error, never a crash.
 
 use crate::virtio::queue::{Buffer, Chain};
-use crate::virtio::{Device, Queues};
+use crate::virtio::{Device, DeviceError, Queues};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -385,7 +385,7 @@ impl Device for Block {
         c
     }
 
-    fn kick(&mut self, q: usize, queues: &mut Queues) -> Result<(), String> {
+    fn kick(&mut self, q: usize, queues: &mut Queues) -> Result<(), DeviceError> {
         while let Some(chain) = queues.pop(q)? {
             let len = self.request(queues, &chain);
             queues.push(q, &chain, len)?;

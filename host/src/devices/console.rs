@@ -22,7 +22,7 @@ mod stdout;
 use crate::kick::{self, Irqs};
 use crate::memory::GuestMemory;
 use crate::virtio::queue::{readable_len, write_to_chain, Chain};
-use crate::virtio::{Device, Queues};
+use crate::virtio::{Device, DeviceError, Queues};
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
@@ -68,7 +68,7 @@ impl Console {
     /// Moves the Guest's output from the transmit ring to stdout, as far as
     /// stdout and the backlog take it without waiting. A chain is finished
     /// (handed back) once all its bytes are written or in the backlog.
-    fn send_output(&mut self, queues: &mut Queues) -> Result<(), String> {
+    fn send_output(&mut self, queues: &mut Queues) -> Result<(), DeviceError> {
         let mut out = stdout::stdout();
         loop {
             if out.room() == 0 {
@@ -99,7 +99,7 @@ impl Console {
     /// hear of new receive buffers only while input waits for one: the rest
     /// of the time we look at the ring when input comes, and the Guest is
     /// spared a kick per buffer.
-    fn deliver(&mut self, queues: &mut Queues) -> Result<(), String> {
+    fn deliver(&mut self, queues: &mut Queues) -> Result<(), DeviceError> {
         let waiting = !self.pending.is_empty() || (self.eof && !self.eof_sent);
         queues.want_kicks(RX, waiting)?;
         while !self.pending.is_empty() {
@@ -159,7 +159,7 @@ impl Device for Console {
         Vec::new()
     }
 
-    fn kick(&mut self, q: usize, queues: &mut Queues) -> Result<(), String> {
+    fn kick(&mut self, q: usize, queues: &mut Queues) -> Result<(), DeviceError> {
         if q == RX {
             return self.deliver(queues);
         }
@@ -177,7 +177,7 @@ impl Device for Console {
         (!out.is_empty() || self.held.is_some()).then(|| out.fd())
     }
 
-    fn output_ready(&mut self, queues: &mut Queues) -> Result<(), String> {
+    fn output_ready(&mut self, queues: &mut Queues) -> Result<(), DeviceError> {
         self.send_output(queues)
     }
 
@@ -219,7 +219,7 @@ impl Device for Console {
         true
     }
 
-    fn backend_ready(&mut self, queues: &mut Queues) -> Result<(), String> {
+    fn backend_ready(&mut self, queues: &mut Queues) -> Result<(), DeviceError> {
         // Two threads may have seen stdin readable (ours and the vCPU's);
         // under the device lock, only read what is there now, so the other
         // never blocks in read().

@@ -4,9 +4,10 @@
 
 use crate::devices::tap::Tap;
 use crate::virtio::queue::{readable_len, write_to_chain, Chain};
-use crate::virtio::{Device, Queues};
+use crate::virtio::{Device, DeviceError, Queues};
 use std::os::fd::RawFd;
 use std::sync::Arc;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
 
 const RX: usize = 0;
@@ -42,7 +43,7 @@ impl Net {
     }
 
     /// Moves frames from the tap into receive buffers while both last.
-    fn receive(&mut self, queues: &mut Queues) -> Result<(), String> {
+    fn receive(&mut self, queues: &mut Queues) -> Result<(), DeviceError> {
         loop {
             let chain = match self.held.take() {
                 Some(chain) => chain,
@@ -92,7 +93,7 @@ impl Device for Net {
         c
     }
 
-    fn kick(&mut self, q: usize, queues: &mut Queues) -> Result<(), String> {
+    fn kick(&mut self, q: usize, queues: &mut Queues) -> Result<(), DeviceError> {
         if q == RX {
             self.rx_buffers = true;
             return self.receive(queues);
@@ -143,7 +144,7 @@ impl Device for Net {
         self.rx_buffers
     }
 
-    fn backend_ready(&mut self, queues: &mut Queues) -> Result<(), String> {
+    fn backend_ready(&mut self, queues: &mut Queues) -> Result<(), DeviceError> {
         self.receive(queues)
     }
 
@@ -161,7 +162,7 @@ impl Device for Net {
     }
 
     fn set_driver_features(&mut self, features: u64) {
-        self.modern = features & 1 << crate::virtio::mmio::VIRTIO_F_VERSION_1 != 0;
+        self.modern = features & 1 << VIRTIO_F_VERSION_1 != 0;
         // The tap adds or skips the header bytes it doesn't fill.
         let _ = self.tap.set_header_size(if self.modern { 12 } else { 10 });
     }

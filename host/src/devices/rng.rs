@@ -1,7 +1,7 @@
 //! The entropy device (virtio ID 4), `--rng`: fills every buffer the Guest
 //! offers from the kernel's random source.
 
-use crate::virtio::{Device, Queues};
+use crate::virtio::{Device, DeviceError, Queues};
 
 pub struct Rng;
 
@@ -22,7 +22,7 @@ impl Device for Rng {
         Vec::new()
     }
 
-    fn kick(&mut self, q: usize, queues: &mut Queues) -> Result<(), String> {
+    fn kick(&mut self, q: usize, queues: &mut Queues) -> Result<(), DeviceError> {
         let mut chunk = [0u8; 4096];
         while let Some(chain) = queues.pop(q)? {
             let mut len = 0u32;

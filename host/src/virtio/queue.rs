@@ -4,7 +4,8 @@
 //! avail index may not run more than `num` ahead of us, every descriptor index
 //! must be in range, a chain may not revisit a descriptor or be longer than
 //! the ring (indirect tables included), and every buffer must lie in Guest
-//! memory. Any breach is an error whose text becomes the Sudden Death reason.
+//! memory. Any breach is a [`QueueError`] naming the rule, whose text becomes
+//! the Sudden Death reason.
 //!
 //! ```text
 //! base:                 descriptors   {u64 addr, u32 len, u16 flags, u16 next} x num
@@ -12,16 +13,60 @@
 //! next 4096 boundary:   used ring     {u16 flags, u16 idx, {u32 id, u32 len}[num], u16 avail_event}
 //! ```
 
-use crate::memory::GuestMemory;
+use crate::memory::{GuestMemory, OutOfBounds};
 use lguest_abi::vring::{
     AVAIL_F_NO_INTERRUPT as VRING_AVAIL_F_NO_INTERRUPT, DESC_F_INDIRECT as VRING_DESC_F_INDIRECT,
     DESC_F_NEXT as VRING_DESC_F_NEXT, DESC_F_WRITE as VRING_DESC_F_WRITE,
+    F_NOTIFY_ON_EMPTY as VIRTIO_F_NOTIFY_ON_EMPTY, RING_F_EVENT_IDX as VIRTIO_RING_F_EVENT_IDX,
+    RING_F_INDIRECT_DESC as VIRTIO_RING_F_INDIRECT_DESC,
     USED_F_NO_NOTIFY as VRING_USED_F_NO_NOTIFY,
 };
 use std::sync::atomic::{fence, Ordering};
+use zerocopy::FromBytes;
 
 pub use lguest_abi::vring::{area_sizes, ring_bytes};
-use lguest_abi::vring::{need_event, used_offset, DESC_SIZE};
+use lguest_abi::vring::{need_event, used_offset, Desc, DESC_SIZE};
+
+/// A ring rule the Guest broke: one variant per rule.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The avail index ran more than the ring holds ahead of what we took.
+    #[error("avail index jumped from {from} to {to} (ring of {num})")]
+    AvailJumped { from: u16, to: u16, num: u16 },
+    /// A descriptor index (a head, or a `next`) past the end of the table.
+    #[error("descriptor index {index} out of range (ring of {num})")]
+    IndexOutOfRange { index: u16, num: u16 },
+    /// A chain that took more steps than the table has descriptors.
+    #[error("descriptor chain from {head} loops")]
+    Loops { head: u16 },
+    /// More buffers in one chain than the ring has entries.
+    #[error("descriptor chain from {head} is longer than the ring ({num})")]
+    TooLong { head: u16, num: u16 },
+    /// A buffer that is not wholly Guest memory.
+    #[error("descriptor {index} buffer: {source}")]
+    Buffer { index: u16, source: OutOfBounds },
+    /// VRING_DESC_F_INDIRECT without having accepted INDIRECT_DESC.
+    #[error("indirect descriptor {index} without INDIRECT_DESC")]
+    IndirectNotAccepted { index: u16 },
+    /// An indirect table of no descriptors, or of part of one.
+    #[error("indirect descriptor {index} has bad length {len}")]
+    IndirectLength { index: u16, len: u32 },
+    /// An indirect table that is not wholly Guest memory.
+    #[error("indirect table of descriptor {index}: {source}")]
+    IndirectOutside { index: u16, source: OutOfBounds },
+    /// An indirect table with more descriptors than the ring has entries.
+    #[error("descriptor chain through indirect table {index} is longer than the ring ({num})")]
+    IndirectTooLong { index: u16, num: u16 },
+    /// A chain inside an indirect table that loops, or points out of it.
+    #[error("indirect table of descriptor {index}: chain loops or leaves it at {at}")]
+    IndirectLoops { index: u16, at: u16 },
+    /// An indirect descriptor inside an indirect table.
+    #[error("indirect table of descriptor {index} nests another")]
+    IndirectNested { index: u16 },
+    /// The ring itself is not Guest memory (a transport let it through).
+    #[error(transparent)]
+    Ring(#[from] OutOfBounds),
+}
 
 /// One buffer of a chain, checked to lie in Guest memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +99,18 @@ pub struct RingFeatures {
     pub event_idx: bool,
     pub indirect: bool,
     pub notify_on_empty: bool,
+}
+
+impl RingFeatures {
+    /// The ring features among negotiated feature bits.
+    pub fn from_bits(features: u64) -> RingFeatures {
+        let bit = |b: u32| features & (1 << b) != 0;
+        RingFeatures {
+            event_idx: bit(VIRTIO_RING_F_EVENT_IDX),
+            indirect: bit(VIRTIO_RING_F_INDIRECT_DESC),
+            notify_on_empty: bit(VIRTIO_F_NOTIFY_ON_EMPTY),
+        }
+    }
 }
 
 pub struct Queue {
@@ -95,29 +152,30 @@ impl Queue {
         }
     }
 
-    fn read_u16(mem: &GuestMemory, addr: u64) -> Result<u16, String> {
+    fn read_u16(mem: &GuestMemory, addr: u64) -> Result<u16, QueueError> {
         let mut b = [0u8; 2];
-        mem.read(addr, &mut b).map_err(|e| e.to_string())?;
+        mem.read(addr, &mut b)?;
         Ok(u16::from_le_bytes(b))
     }
 
-    fn write_u16(mem: &GuestMemory, addr: u64, v: u16) -> Result<(), String> {
-        mem.write(addr, &v.to_le_bytes()).map_err(|e| e.to_string())
+    fn write_u16(mem: &GuestMemory, addr: u64, v: u16) -> Result<(), QueueError> {
+        Ok(mem.write(addr, &v.to_le_bytes())?)
     }
 
-    fn avail_idx(&self, mem: &GuestMemory) -> Result<u16, String> {
+    fn avail_idx(&self, mem: &GuestMemory) -> Result<u16, QueueError> {
         Self::read_u16(mem, self.avail + 2)
     }
 
     /// Takes the next available chain, if any.
-    pub fn pop(&mut self, mem: &GuestMemory) -> Result<Option<Chain>, String> {
+    pub fn pop(&mut self, mem: &GuestMemory) -> Result<Option<Chain>, QueueError> {
         let idx = self.avail_idx(mem)?;
         let waiting = idx.wrapping_sub(self.next_avail);
         if waiting > self.num {
-            return Err(format!(
-                "avail index jumped from {} to {idx} (ring of {})",
-                self.next_avail, self.num
-            ));
+            return Err(QueueError::AvailJumped {
+                from: self.next_avail,
+                to: idx,
+                num: self.num,
+            });
         }
         if waiting == 0 {
             return Ok(None);
@@ -137,7 +195,7 @@ impl Queue {
     /// Asks the Guest to kick us when it adds buffers, or not to: a device
     /// that will look at the ring anyway when it has something to put in it
     /// (console input) saves the Guest an exit per buffer.
-    pub fn want_kicks(&mut self, mem: &GuestMemory, wanted: bool) -> Result<(), String> {
+    pub fn want_kicks(&mut self, mem: &GuestMemory, wanted: bool) -> Result<(), QueueError> {
         if self.kicks_wanted != wanted {
             self.kicks_wanted = wanted;
             self.publish_kick_wish(mem)?;
@@ -150,7 +208,7 @@ impl Queue {
     /// NO_NOTIFY flag says whether to. The full fence orders this store
     /// before our next load of the avail index, or a Guest adding an entry
     /// right now could miss it and not kick, while we miss the entry.
-    fn publish_kick_wish(&self, mem: &GuestMemory) -> Result<(), String> {
+    fn publish_kick_wish(&self, mem: &GuestMemory) -> Result<(), QueueError> {
         if self.features.event_idx {
             let event = if self.kicks_wanted {
                 self.next_avail
@@ -171,7 +229,7 @@ impl Queue {
     }
 
     /// Follows a chain from `head`, through one level of indirect table.
-    fn walk(&self, mem: &GuestMemory, head: u16) -> Result<Chain, String> {
+    fn walk(&self, mem: &GuestMemory, head: u16) -> Result<Chain, QueueError> {
         let mut chain = Chain {
             head,
             buffers: Vec::new(),
@@ -181,20 +239,23 @@ impl Queue {
         let mut steps = 0u32;
         let mut index = head;
         loop {
-            if index >= self.num {
-                return Err(format!(
-                    "descriptor index {index} out of range (ring of {})",
-                    self.num
-                ));
+            let num = self.num;
+            if index >= num {
+                return Err(QueueError::IndexOutOfRange { index, num });
             }
             steps += 1;
-            if steps > self.num as u32 {
-                return Err(format!("descriptor chain from {head} loops"));
+            if steps > num as u32 {
+                return Err(QueueError::Loops { head });
             }
-            let (addr, len, flags, next) = read_desc(mem, self.desc + DESC_SIZE * index as u64)?;
+            let Desc {
+                addr,
+                len,
+                flags,
+                next,
+            } = read_desc(mem, self.desc + DESC_SIZE * index as u64)?;
             if flags & VRING_DESC_F_INDIRECT != 0 {
                 if !self.features.indirect {
-                    return Err(format!("indirect descriptor {index} without INDIRECT_DESC"));
+                    return Err(QueueError::IndirectNotAccepted { index });
                 }
                 self.walk_indirect(mem, index, addr, len, &mut chain)?;
             } else {
@@ -202,11 +263,8 @@ impl Queue {
                     .buffers
                     .push(check_buffer(mem, index, addr, len, flags)?);
             }
-            if chain.buffers.len() > self.num as usize {
-                return Err(format!(
-                    "descriptor chain from {head} is longer than the ring ({})",
-                    self.num
-                ));
+            if chain.buffers.len() > num as usize {
+                return Err(QueueError::TooLong { head, num });
             }
             if flags & VRING_DESC_F_NEXT == 0 {
                 return Ok(chain);
@@ -222,32 +280,33 @@ impl Queue {
         table: u64,
         len: u32,
         chain: &mut Chain,
-    ) -> Result<(), String> {
+    ) -> Result<(), QueueError> {
         if len == 0 || !(len as u64).is_multiple_of(DESC_SIZE) {
-            return Err(format!("indirect descriptor {index} has bad length {len}"));
+            return Err(QueueError::IndirectLength { index, len });
         }
         mem.check(table, len as u64)
-            .map_err(|e| format!("indirect table of descriptor {index}: {e}"))?;
+            .map_err(|source| QueueError::IndirectOutside { index, source })?;
         let count = len as u64 / DESC_SIZE;
         if count > self.num as u64 {
-            return Err(format!(
-                "descriptor chain through indirect table {index} is longer than the ring ({})",
-                self.num
-            ));
+            return Err(QueueError::IndirectTooLong {
+                index,
+                num: self.num,
+            });
         }
         let (mut i, mut steps) = (0u16, 0u64);
         loop {
             steps += 1;
             if i as u64 >= count || steps > count {
-                return Err(format!(
-                    "indirect table of descriptor {index}: chain loops or leaves it at {i}"
-                ));
+                return Err(QueueError::IndirectLoops { index, at: i });
             }
-            let (addr, len, flags, next) = read_desc(mem, table + DESC_SIZE * i as u64)?;
+            let Desc {
+                addr,
+                len,
+                flags,
+                next,
+            } = read_desc(mem, table + DESC_SIZE * i as u64)?;
             if flags & VRING_DESC_F_INDIRECT != 0 {
-                return Err(format!(
-                    "indirect table of descriptor {index} nests another"
-                ));
+                return Err(QueueError::IndirectNested { index });
             }
             chain.buffers.push(check_buffer(mem, i, addr, len, flags)?);
             if flags & VRING_DESC_F_NEXT == 0 {
@@ -259,19 +318,19 @@ impl Queue {
 
     /// Returns a chain to the Guest with `len` bytes written into it.
     /// Returns whether the Guest wants an interrupt for it now.
-    pub fn push(&mut self, mem: &GuestMemory, head: u16, len: u32) -> Result<bool, String> {
+    pub fn push(&mut self, mem: &GuestMemory, head: u16, len: u32) -> Result<bool, QueueError> {
         self.add_used(mem, head, len)?;
         self.needs_interrupt(mem)
     }
 
     /// Returns a chain to the Guest without deciding on an interrupt yet:
     /// a batch of them ends with [`Queue::needs_interrupt`].
-    pub fn add_used(&mut self, mem: &GuestMemory, head: u16, len: u32) -> Result<(), String> {
+    pub fn add_used(&mut self, mem: &GuestMemory, head: u16, len: u32) -> Result<(), QueueError> {
         let slot = self.used + 4 + 8 * (self.next_used % self.num) as u64;
         let mut elem = [0u8; 8];
         elem[..4].copy_from_slice(&(head as u32).to_le_bytes());
         elem[4..].copy_from_slice(&len.to_le_bytes());
-        mem.write(slot, &elem).map_err(|e| e.to_string())?;
+        mem.write(slot, &elem)?;
         // The entry must be visible before the index that publishes it.
         fence(Ordering::Release);
         self.next_used = self.next_used.wrapping_add(1);
@@ -283,7 +342,7 @@ impl Queue {
     /// Interrupt suppression: EVENT_IDX's used_event if negotiated, else the
     /// avail ring's NO_INTERRUPT flag; NOTIFY_ON_EMPTY overrides both when we
     /// have consumed everything.
-    pub fn needs_interrupt(&mut self, mem: &GuestMemory) -> Result<bool, String> {
+    pub fn needs_interrupt(&mut self, mem: &GuestMemory) -> Result<bool, QueueError> {
         let old = self.signalled_used;
         let new = self.next_used;
         if self.features.notify_on_empty && self.avail_idx(mem)? == self.next_avail {
@@ -302,15 +361,12 @@ impl Queue {
     }
 }
 
-fn read_desc(mem: &GuestMemory, at: u64) -> Result<(u64, u32, u16, u16), String> {
+/// One descriptor, as the ABI crate lays it out (little-endian, as is the
+/// Host).
+fn read_desc(mem: &GuestMemory, at: u64) -> Result<Desc, QueueError> {
     let mut d = [0u8; DESC_SIZE as usize];
-    mem.read(at, &mut d).map_err(|e| e.to_string())?;
-    Ok((
-        u64::from_le_bytes(d[0..8].try_into().expect("8 bytes")),
-        u32::from_le_bytes(d[8..12].try_into().expect("4 bytes")),
-        u16::from_le_bytes([d[12], d[13]]),
-        u16::from_le_bytes([d[14], d[15]]),
-    ))
+    mem.read(at, &mut d)?;
+    Ok(Desc::read_from_bytes(&d).expect("a descriptor is DESC_SIZE bytes"))
 }
 
 fn check_buffer(
@@ -319,9 +375,9 @@ fn check_buffer(
     addr: u64,
     len: u32,
     flags: u16,
-) -> Result<Buffer, String> {
+) -> Result<Buffer, QueueError> {
     mem.check(addr, len as u64)
-        .map_err(|e| format!("descriptor {index} buffer: {e}"))?;
+        .map_err(|source| QueueError::Buffer { index, source })?;
     Ok(Buffer {
         addr,
         len,
@@ -472,7 +528,7 @@ mod tests {
             let m2 = mem();
             let mut q = Queue::new(NUM, BASE, RingFeatures::default());
             setup(&m2, &q);
-            let err = q.pop(&m2).unwrap_err();
+            let err = q.pop(&m2).unwrap_err().to_string();
             assert!(err.contains(want), "{err:?} lacks {want:?}");
         }
         drop(m);
@@ -534,6 +590,11 @@ mod tests {
             0,
         );
         offer(&m, &q, 0, 0, 1);
-        assert!(q.pop(&m).unwrap_err().contains("longer than the ring"));
+        let err = q.pop(&m).unwrap_err();
+        assert!(
+            matches!(err, QueueError::IndirectTooLong { index: 0, num: NUM }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("longer than the ring"));
     }
 }

@@ -14,6 +14,7 @@ use lguest_guest::{interrupts, lguest_data, println};
 
 use crate::{pagetable, traps};
 
+mod dma;
 mod virtio;
 
 /// The Host is still letting us run: report it.
@@ -115,6 +116,8 @@ pub fn run(case: &str) -> ! {
         "mmio-width" | "mmio-early-ready" | "mmio-queue-addr" => mmio(case, limit),
         // Broken rings, on the console's transmit queue.
         case if virtio::is_virtio_case(case) => virtio::run(case, case_label(case).as_str()),
+        // Broken DMA (boot with --transport=dma).
+        case if dma::is_dma_case(case) => dma::run(case, case_label(case).as_str()),
         _ => lguest_guest::fail(case_label(case).as_str(), format_args!("unknown bad case")),
     }
     still_alive(case);

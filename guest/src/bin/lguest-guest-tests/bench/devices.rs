@@ -5,9 +5,11 @@
 use lguest_abi::SHUTDOWN_POWEROFF;
 
 use lguest_guest::cell::GuestCell;
+use lguest_guest::inet::{self as net, Ip, Mac, FRAME_MAX};
+use lguest_guest::shell::{Input, Terminal};
 use lguest_guest::virtio::blk::{self, Blk, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN};
-use lguest_guest::virtio::console::{Console, Input};
-use lguest_guest::virtio::net::{self, Ip, Mac, Net, FRAME_MAX, NET_HDR};
+use lguest_guest::virtio::console::Console;
+use lguest_guest::virtio::net::{Net, NET_HDR};
 use lguest_guest::virtio::ring::Buf;
 use lguest_guest::virtio::{idle, Deadline, Devices, Error};
 use lguest_guest::{err, hcall, lguest_data, println, time};
@@ -144,7 +146,7 @@ fn bench_frame(mac: Mac, ip: Ip) -> (u64, usize) {
     let len = NET_HDR + FRAME_MAX;
     out.fill(0);
     let f = &mut out[NET_HDR..len];
-    net::eth_header(f, net::ETH_BROADCAST, mac, net::ETHERTYPE_IPV4);
+    net::eth_header(f, net::BROADCAST, mac, net::ETHERTYPE_IPV4);
     let ip_len = FRAME_MAX - 14;
     {
         let h = &mut f[14..34];

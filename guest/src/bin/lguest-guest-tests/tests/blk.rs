@@ -26,33 +26,33 @@ pub fn test_pattern(i: usize) -> u8 {
 }
 
 /// The bytes the first 64 KiB are left holding, for the Host's test.
-fn disk_pattern(i: usize) -> u8 {
+pub(super) fn disk_pattern(i: usize) -> u8 {
     (i.wrapping_mul(7).wrapping_add(3) & 0xFF) as u8
 }
 
 /// The bulk buffer the requests read into and write from: the Host reads
 /// and writes it behind our back, so we hold it only between transfers.
-const REGION: usize = 256 * 1024;
-const LEFT_BEHIND: usize = 64 * 1024;
+pub(super) const REGION: usize = 256 * 1024;
+pub(super) const LEFT_BEHIND: usize = 64 * 1024;
 /// Requests in flight at once.
 const DEPTH: usize = 8;
-const WRITE_SIZES: [usize; 10] = [
+pub(super) const WRITE_SIZES: [usize; 10] = [
     4096, 512, 65536, 1024, 16384, 3584, 32768, 8192, 1536, 49152,
 ];
-const READ_SIZES: [usize; 7] = [65536, 512, 12288, 2048, 32768, 4096, 7680];
+pub(super) const READ_SIZES: [usize; 7] = [65536, 512, 12288, 2048, 32768, 4096, 7680];
 
 #[repr(C, align(4096))]
 struct Bulk([u8; REGION]);
 
 static BULK: GuestCell<Bulk> = GuestCell::new(Bulk([0; REGION]));
 
-fn bulk_addr() -> u64 {
+pub(super) fn bulk_addr() -> u64 {
     BULK.as_ptr() as u64
 }
 
 /// The bulk buffer as bytes. Only between transfers: while a request is in
 /// flight the Host may be writing it.
-fn bulk() -> &'static mut [u8; REGION] {
+pub(super) fn bulk() -> &'static mut [u8; REGION] {
     // SAFETY: callers hold it only while no request is in flight, and drop
     // it before the next; nothing else uses the bulk buffer meanwhile.
     unsafe { &mut (*BULK.as_ptr()).0 }
@@ -111,7 +111,7 @@ fn request(blk: &mut Blk, what: &str, kind: u32, sector: u64, len: usize) -> Res
 }
 
 /// Check the first `len` bytes of the bulk buffer follow `pattern`.
-fn compare(what: &str, len: usize, pattern: impl Fn(usize) -> u8) -> TestResult {
+pub(super) fn compare(what: &str, len: usize, pattern: impl Fn(usize) -> u8) -> TestResult {
     let data = bulk();
     if let Some(i) = (0..len).find(|&i| data[i] != pattern(i)) {
         fail!(

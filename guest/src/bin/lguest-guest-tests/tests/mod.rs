@@ -9,16 +9,17 @@
 //!
 //! The tests are grouped by the part of the ABI they check: hypercalls.rs,
 //! time.rs, interrupts.rs, pagetable.rs and cpu.rs; the device tests are in
-//! devices.rs and blk.rs. Where a test needs an instruction at a known
+//! devices.rs and blk.rs, and under the 2007 model (device model 1) in
+//! dma.rs. Where a test needs an instruction at a known
 //! address (a hypercall site, a faulting load), it is written in assembly in
 //! its file, with labels the Rust code finds through `extern` statics.
 
 use lguest_abi::VIRTIO_STATUS_DRIVER_OK;
-use lguest_abi::{GUEST_CS, GUEST_DS, LGUEST_IRQS, RED_ZONE, SHUTDOWN_POWEROFF};
+use lguest_abi::{DEVICE_MODEL_DMA, GUEST_CS, GUEST_DS, LGUEST_IRQS, RED_ZONE, SHUTDOWN_POWEROFF};
 use lguest_guest::cell::GuestCell;
 use lguest_guest::console::Msg;
 use lguest_guest::virtio::Devices;
-use lguest_guest::{hcall, lguest_data, println};
+use lguest_guest::{boot, dma, hcall, lguest_data, println};
 
 use crate::traps::TrapRecord;
 
@@ -50,6 +51,7 @@ macro_rules! check {
 mod blk;
 mod cpu;
 mod devices;
+mod dma_devices;
 mod hypercalls;
 mod interrupts;
 mod pagetable;
@@ -73,6 +75,43 @@ const TESTS: [(&str, Test); 12] = [
     ("ts", cpu::test_ts),
 ];
 
+/// A device model's tests: name, test, and the type of device it needs.
+pub type DeviceTests<D, const N: usize> = [(&'static str, fn(&mut D) -> TestResult, u16); N];
+
+/// What the runner needs of a device model's devices.
+pub trait Machine {
+    /// Whether a device of type `kind` is there.
+    fn has(&self, kind: u16) -> bool;
+    /// The IRQs of every device a test has brought up (its status says
+    /// DRIVER_OK), as a blocked_interrupts mask.
+    fn irq_mask(&self) -> u32;
+}
+
+impl Machine for Devices {
+    fn has(&self, kind: u16) -> bool {
+        self.bus.find(kind as u8).is_some()
+    }
+
+    fn irq_mask(&self) -> u32 {
+        let driven = self.bus.devices();
+        let driven = driven.filter(|dev| dev.status() & VIRTIO_STATUS_DRIVER_OK != 0);
+        let irqs = driven.flat_map(|dev| (0..dev.num_vq()).map(move |i| dev.vq(i).irq as u32));
+        irqs.filter(|&irq| irq < LGUEST_IRQS)
+            .fold(0, |mask, irq| mask | 1 << irq)
+    }
+}
+
+impl Machine for dma::Devices {
+    fn has(&self, kind: u16) -> bool {
+        self.count(kind) > 0
+    }
+
+    fn irq_mask(&self) -> u32 {
+        let driven = (0..self.table.len()).filter(|&i| dma::status(i) & dma::S_DRIVER_OK != 0);
+        driven.fold(0, |mask, i| mask | 1 << dma::irq(i))
+    }
+}
+
 /// Run the comma-separated tests in `names` (`all` is every test, and the
 /// device tests for the devices there are) and power off, or crash at the
 /// first failure.
@@ -80,30 +119,42 @@ pub fn run(names: &str) -> ! {
     // If the Host gave no TSC frequency, measure ours now, before any test
     // counts timer interrupts.
     lguest_guest::time::tsc_khz();
-    // Only read the descriptor page: a device is brought up by its test.
-    let mut devs = Devices::scan();
+    // Only read the device page: a device is brought up by its test.
+    if boot::device_model() == DEVICE_MODEL_DMA {
+        run_on(names, &mut dma::Devices::scan(), &dma_devices::DMA_TESTS)
+    } else {
+        run_on(names, &mut Devices::scan(), &devices::DEVICE_TESTS)
+    }
+}
+
+fn run_on<D: Machine, const N: usize>(
+    names: &str,
+    devs: &mut D,
+    device_tests: &DeviceTests<D, N>,
+) -> ! {
     let mut passed = 0;
     for name in names.split(',').filter(|name| !name.is_empty()) {
         if name == "all" {
             for (name, test) in TESTS {
-                run_one(name, test, &devs);
+                run_one(name, test, devs);
                 passed += 1;
             }
-            for (name, test, id) in devices::DEVICE_TESTS {
-                if devs.has(id) {
-                    report(name, test(&mut devs));
+            // ping needs someone to ping.
+            let peer = boot::option("peer").is_some();
+            for (name, test, kind) in device_tests {
+                if devs.has(*kind) && (*name != "ping" || peer) {
+                    report(name, test(devs));
                     passed += 1;
                 }
             }
             continue;
         }
         if let Some(&(name, test)) = TESTS.iter().find(|(known, _)| *known == name) {
-            run_one(name, test, &devs);
-        } else if let Some(&(name, test, _)) = devices::DEVICE_TESTS
-            .iter()
-            .find(|(known, _, _)| *known == name)
+            run_one(name, test, devs);
+        } else if let Some(&(name, test, _)) =
+            device_tests.iter().find(|(known, _, _)| *known == name)
         {
-            report(name, test(&mut devs));
+            report(name, test(devs));
         } else {
             lguest_guest::fail(name, format_args!("unknown test"));
         }
@@ -119,8 +170,8 @@ pub fn run(names: &str) -> ! {
 /// Run one of the ABI tests. They count interrupts and check irq_pending,
 /// so devices an earlier test brought up must keep their IRQs to themselves
 /// meanwhile: a blocked IRQ is neither delivered nor pending.
-fn run_one(name: &str, test: Test, devs: &Devices) {
-    let mask = irq_mask(devs);
+fn run_one(name: &str, test: Test, devs: &impl Machine) {
+    let mask = devs.irq_mask();
     let blocked = lguest_data::blocked_interrupts();
     lguest_data::set_blocked_interrupts(blocked | mask);
     let result = test();
@@ -130,16 +181,6 @@ fn run_one(name: &str, test: Test, devs: &Devices) {
         }
     }
     report(name, result);
-}
-
-/// The IRQs of every queue of every device a test has brought up (its
-/// status says DRIVER_OK), as a blocked_interrupts mask.
-fn irq_mask(devs: &Devices) -> u32 {
-    let driven = devs.bus.devices();
-    let driven = driven.filter(|dev| dev.status() & VIRTIO_STATUS_DRIVER_OK != 0);
-    let irqs = driven.flat_map(|dev| (0..dev.num_vq()).map(move |i| dev.vq(i).irq as u32));
-    irqs.filter(|&irq| irq < LGUEST_IRQS)
-        .fold(0, |mask, irq| mask | 1 << irq)
 }
 
 fn report(name: &str, result: TestResult) {
