@@ -12,17 +12,19 @@
 //!   checked byte by byte, two Guests pinging each other over one FILE, a
 //!   Guest killed with `kill -9` whose slot a third one takes, and a shared
 //!   network bridged to a tap, pinged from the host (root, in a network
-//!   namespace of its own). Until the reference Guest drives the model,
-//!   these print `SKIPPED: ...` and pass.
+//!   namespace of its own, with common/netns.rs).
 
 #[macro_use]
 mod common;
+#[macro_use]
+#[path = "common/netns.rs"]
+mod netns;
 
 use common::*;
 use lguest::dma::sharenet::SharedNet;
+use netns::Netns;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -595,30 +597,6 @@ fn a_restart_binds_the_shared_network_again() {
  * The reference Guest.
  */
 
-/// Whether the bundled reference Guest drives the 2007 model: its console
-/// self-test passes under it.
-fn reference_guest_drives_dma() -> bool {
-    static DRIVES: OnceLock<bool> = OnceLock::new();
-    *DRIVES.get_or_init(|| {
-        let out = run(lguest().args(["--transport=dma", "--append", "test=console"]));
-        out.stdout
-            .lines()
-            .any(|l| l == "lguest-guest: test console ... ok")
-    })
-}
-
-/// Returns from the calling test unless KVM is there and the reference
-/// Guest drives the 2007 model.
-macro_rules! require_dma_guest {
-    () => {
-        require_kvm!();
-        if !reference_guest_drives_dma() {
-            println!("SKIPPED: the reference Guest has no drivers for the 2007 model yet");
-            return;
-        }
-    };
-}
-
 /// What the blk self-test leaves in the first 64 KiB of a writable disk.
 fn disk_pattern(i: usize) -> u8 {
     (i.wrapping_mul(7).wrapping_add(3) & 0xFF) as u8
@@ -626,7 +604,7 @@ fn disk_pattern(i: usize) -> u8 {
 
 #[test]
 fn every_self_test_over_dma_with_the_pattern_on_disk() {
-    require_dma_guest!();
+    require_kvm!();
     let disk = TempFile::new("dma-all-disk", &vec![0u8; 2 << 20]);
     // stdin is /dev/null: the end of input comes at once, and must not cut
     // the tests short (they wait with a clock event set).
@@ -657,7 +635,7 @@ fn every_self_test_over_dma_with_the_pattern_on_disk() {
 
 #[test]
 fn the_prompt_runs_its_input_then_powers_off_at_its_end() {
-    require_dma_guest!();
+    require_kvm!();
     let mut guest = Session::start(lguest().arg("--transport=dma"));
     guest.send("echo one\necho two\n");
     guest.close_stdin();
@@ -730,7 +708,7 @@ fn power_off(mut guest: Session) {
 
 #[test]
 fn two_guests_on_one_file_ping_each_other() {
-    require_dma_guest!();
+    require_kvm!();
     let net = TempFile::new("dma-two-guests", b"");
     let mut first = on_network(&net, "10.0.0.1", &[]);
     let mut second = on_network(&net, "10.0.0.2", &[]);
@@ -754,7 +732,7 @@ fn two_guests_on_one_file_ping_each_other() {
 
 #[test]
 fn the_test_guest_pings_a_peer_on_the_file() {
-    require_dma_guest!();
+    require_kvm!();
     let net = TempFile::new("dma-ping-test", b"");
     let peer = on_network(&net, "10.0.1.1", &[]);
     let out = run(lguest().args([
@@ -770,7 +748,7 @@ fn the_test_guest_pings_a_peer_on_the_file() {
 
 #[test]
 fn a_guest_killed_with_kill_9_frees_its_slot_for_the_next() {
-    require_dma_guest!();
+    require_kvm!();
     let net = TempFile::new("dma-kill-9", b"");
     let victim = on_network(&net, "10.0.2.1", &[]);
     let mut guest = on_network(&net, "10.0.2.2", &[]);
@@ -838,100 +816,14 @@ fn a_guest_killed_with_kill_9_frees_its_slot_for_the_next() {
  * A shared network bridged to a tap: root, a network namespace of our own.
  */
 
-/// Whether this machine can run a tap test with ping; like
-/// `kvm_available`, it panics instead of skipping under
-/// `LGUEST_REQUIRE_KVM=1`.
-fn network_available() -> bool {
-    let runs = |program: &str, arg: &str| {
-        Command::new(program)
-            .arg(arg)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    // SAFETY: geteuid has no preconditions.
-    let missing = if unsafe { libc::geteuid() } != 0 {
-        Some("not root (tap devices and network namespaces need it)")
-    } else if !std::path::Path::new("/dev/net/tun").exists() {
-        Some("/dev/net/tun missing")
-    } else if !runs("ip", "-V") || !runs("ping", "-V") {
-        Some("the `ip` or `ping` command missing")
-    } else {
-        None
-    };
-    match missing {
-        None => true,
-        Some(why) if std::env::var("LGUEST_REQUIRE_KVM").as_deref() == Ok("1") => {
-            panic!("LGUEST_REQUIRE_KVM=1 but the network tests cannot run: {why}")
-        }
-        Some(why) => {
-            println!("SKIPPED: {why}");
-            false
-        }
-    }
-}
-
-/// A network namespace of our own, deleted when dropped (its tap with it).
-struct Netns(String);
-
-impl Netns {
-    fn new() -> Netns {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "lgd{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        );
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        let out = run(Command::new("ip").args(["netns", "add", &name]));
-        assert_eq!(out.code, Some(0), "ip netns add\n{}", out.describe());
-        let ns = Netns(name);
-        let out = run(ns.command("ip").args(["link", "set", "lo", "up"]));
-        assert_eq!(out.code, Some(0), "lo up\n{}", out.describe());
-        ns
-    }
-
-    fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.0, program]);
-        cmd
-    }
-
-    /// The `lguest` binary in the namespace (`ip netns exec` execs it: the
-    /// child's pid is the Launcher's).
-    fn lguest(&self) -> Command {
-        let mut cmd = self.command(env!("CARGO_BIN_EXE_lguest"));
-        cmd.env("LGUEST_KVM_DEVICE", kvm_device())
-            .env_remove("RUST_LOG");
-        cmd
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.0])
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
 #[test]
 fn a_shared_network_bridged_to_a_tap_is_pinged_from_the_host() {
-    require_dma_guest!();
-    if !network_available() {
-        return;
-    }
-    let ns = Netns::new();
+    require_network!(ping);
+    let ns = Netns::new("d");
     let net = TempFile::new("dma-bridge", b"");
     // The bridging Launcher runs in the namespace, where its tap goes; the
     // other Guest needs nothing but the FILE.
-    let mut bridged = Session::start(ns.lguest().args([
+    let mut bridged = Session::start(ns.lguest().env("LGUEST_KVM_DEVICE", kvm_device()).args([
         &format!("--sharenet={}", net.arg()),
         "--tunnet=10.77.31.1",
         "--append",
@@ -941,7 +833,10 @@ fn a_shared_network_bridged_to_a_tap_is_pinged_from_the_host() {
     let mut other = on_network(&net, "10.77.31.3", &[]);
     assert_eq!(slot_of(&other), Some(2), "{}", other.describe_so_far());
     for guest in ["10.77.31.2", "10.77.31.3"] {
-        let out = run(ns.command("ping").args(["-c", "3", "-W", "2", guest]));
+        let out = run_with_timeout(
+            ns.command("ping").args(["-c", "3", "-W", "2", guest]),
+            netns::STEP,
+        );
         assert!(
             out.code == Some(0),
             "the host cannot ping {guest}\n{}\n{}\n{}",
@@ -962,11 +857,8 @@ fn a_shared_network_bridged_to_a_tap_is_pinged_from_the_host() {
 
 #[test]
 fn only_one_launcher_bridges_a_network() {
-    require_kvm!();
-    if !network_available() {
-        return;
-    }
-    let ns = Netns::new();
+    require_network!();
+    let ns = Netns::new("d");
     let net = TempFile::new("dma-two-bridges", b"");
     let sharenet = format!("--sharenet={}", net.arg());
     let mut k = Tiny::new();
@@ -976,7 +868,12 @@ fn only_one_launcher_bridges_a_network() {
     let kernel = TempFile::new("dma-two-bridges-k", &k.elf());
     let bridge = |tap: &str| {
         let mut cmd = ns.lguest();
-        cmd.args([sharenet.as_str(), tap, &MEM_MB.to_string(), kernel.arg()]);
+        cmd.env("LGUEST_KVM_DEVICE", kvm_device()).args([
+            sharenet.as_str(),
+            tap,
+            &MEM_MB.to_string(),
+            kernel.arg(),
+        ]);
         cmd
     };
     let mut first = Session::start(&mut bridge("--tunnet=10.77.32.1"));
