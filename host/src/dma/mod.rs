@@ -305,8 +305,9 @@ impl Dma {
         }
         drop(bindings);
         if count_irq & lguest_abi::BIND_DMA_IRQ_MASK != 0 {
-            // New buffers: console input that was waiting may fit now.
-            self.console.poke();
+            // New buffers: console input that was waiting may fit now, or
+            // the end of input may reach a Guest that reads at last.
+            self.console.wake();
         }
         Ok(result)
     }
