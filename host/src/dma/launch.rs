@@ -119,8 +119,9 @@ impl DmaSetup {
         let mut taps = Vec::new();
         for (_, target, _) in &tunnets {
             let tap = Tap::create(target)?;
-            // 2007 frames are bare Ethernet: the FramePort adds and strips
-            // the tap's 10-byte header, whatever a previous user set.
+            // 2007 frames are bare Ethernet: the tap's FramePort adds and
+            // strips a 10-byte virtio-net header, so say that to the tap
+            // rather than rely on its default.
             tap.set_header_size(10).map_err(DmaLaunchError::Io)?;
             tracing::debug!("dma: tap {} on {target}", tap.name);
             taps.push(Arc::new(tap));
