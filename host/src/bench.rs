@@ -18,6 +18,9 @@
 //!   a disk and rng, the Guest idle at its prompt; against an idle `cat`.
 //! - P6: a byte written to the console until its echo comes back
 //!   (`bench=echo`), against P1's bare exit.
+//! - P7: full-size frames from one Launcher's 2007 hub to another's over a
+//!   `--sharenet` file, against two processes on an AF_UNIX socketpair
+//!   ([`crate::dma::bench`]).
 //! - P8: NEW_PGTABLE between two PML4s the Host has roots for
 //!   (`bench=pgtable`), and SET_PGD of an entry that changes every time
 //!   (`bench=pgd`), against P1's bare exit.
@@ -38,6 +41,8 @@ const FRAME: usize = 10 + 1514;
 const FRAMES: u64 = 20000;
 /// P6's round trips.
 const ECHOES: usize = 200;
+/// P7's full-size frames per run.
+const P7_FRAMES: u64 = 100_000;
 
 /// The floor Guest for P2, at 0x200000: fill the async ring's status bytes
 /// (lguest_data at 0x201000) with 0xFF, LGUEST_INIT, then SHUTDOWN power-off
@@ -387,7 +392,21 @@ fn measure(kvm: &Path) -> Result<(), Halt> {
     for _ in 0..RUNS {
         echo.push(bench.echo()?);
     }
-    report("P6-console-echo", "us", echo, vec![exit_floor; RUNS])
+    report("P6-console-echo", "us", echo, vec![exit_floor; RUNS])?;
+
+    // P7: frames between two Launchers over one --sharenet file, against two
+    // processes on a socketpair. Each side is a Launcher's 2007 hub over a
+    // memory of its own, without KVM (see dma::bench): the second process
+    // is lguest again, which runs its half when told to in the environment.
+    let peer = || {
+        let mut cmd = Command::new(&bench.exe);
+        cmd.stderr(Stdio::inherit());
+        cmd
+    };
+    let p7 = crate::dma::bench::p7(&peer, RUNS, P7_FRAMES)?;
+    crate::launcher::stdout_line(&p7.line())
+        .then_some(())
+        .ok_or(Halt::Unread)
 }
 
 /// Resident MiB of a process idling on a pipe (P5's floor).

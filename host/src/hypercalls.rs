@@ -41,8 +41,11 @@ pub enum HcallError {
     TlsBases(u64, u64),
     #[error("Bad NOTIFY {0:#x}")]
     BadNotify(u64),
-    #[error("{0}: the 2007 DMA device model is not implemented yet")]
+    #[error("{0}: this Guest has virtio devices; the 2007 DMA device model needs --transport=dma")]
     NoDma(Name),
+    /// A rule of the 2007 device model (ABI section 9).
+    #[error(transparent)]
+    Dma(#[from] crate::dma::DmaError),
     #[error(transparent)]
     PageTable(#[from] PgtableError),
     #[error(transparent)]
@@ -95,7 +98,15 @@ pub trait Machine {
     /// Leaves no stale translation.
     fn flush_tlb(&mut self) -> Result<(), HcallError>;
     fn set_clockevent(&mut self, delta_ns: u64);
-    fn halt(&mut self);
+    /// HALT: sleep until an interrupt can be delivered; or stop now, when
+    /// the devices say the Guest's work is over (the 2007 console's end of
+    /// input).
+    fn halt(&mut self) -> Option<Shutdown>;
+    /// BIND_DMA (ABI section 9): the value for RAX.
+    fn bind_dma(&mut self, key: u64, array: u64, count_irq: u64) -> Result<u64, HcallError>;
+    /// SEND_DMA (ABI section 9): the sender's used_len is written before it
+    /// returns.
+    fn send_dma(&mut self, key: u64, dma: u64) -> Result<(), HcallError>;
     /// NOTIFY of a device address: whether a device took it.
     fn notify_device(&mut self, addr: u64) -> Result<bool, HcallError>;
     /// NOTIFY's early console: the Guest's bytes, as they are.
@@ -249,16 +260,20 @@ impl Lguest {
                 m.set_clockevent(a1);
                 done
             }
-            hcall::HALT => {
-                m.halt();
-                done
-            }
+            hcall::HALT => match m.halt() {
+                Some(stop) => Ok(Answer::Shutdown(stop)),
+                None => done,
+            },
             hcall::GET_WALLCLOCK => Ok(Answer::Rax(
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs()),
             )),
-            hcall::BIND_DMA | hcall::SEND_DMA => Err(HcallError::NoDma(Name(nr))),
+            hcall::BIND_DMA => m.bind_dma(a1, a2, a3).map(Answer::Rax),
+            hcall::SEND_DMA => {
+                m.send_dma(a1, a2)?;
+                done
+            }
             hcall::SET_PTE => {
                 check(mem, nr, a1, PAGE_SIZE)?;
                 m.flush_tlb()?;
@@ -329,6 +344,9 @@ pub struct RecordingMachine {
     pub tls: (u64, u64),
     pub clockevent: Option<u64>,
     pub console: Vec<u8>,
+    /// BIND_DMA and SEND_DMA, as `[nr, arg1, arg2, arg3]`: a binding is
+    /// taken (RAX 1), a send moves nothing.
+    pub dma: Vec<[u64; 4]>,
 }
 
 impl Machine for RecordingMachine {
@@ -353,8 +371,17 @@ impl Machine for RecordingMachine {
     fn set_clockevent(&mut self, delta_ns: u64) {
         self.clockevent = Some(delta_ns);
     }
-    fn halt(&mut self) {
+    fn halt(&mut self) -> Option<Shutdown> {
         self.halted = true;
+        None
+    }
+    fn bind_dma(&mut self, key: u64, array: u64, count_irq: u64) -> Result<u64, HcallError> {
+        self.dma.push([hcall::BIND_DMA, key, array, count_irq]);
+        Ok(1)
+    }
+    fn send_dma(&mut self, key: u64, dma: u64) -> Result<(), HcallError> {
+        self.dma.push([hcall::SEND_DMA, key, dma, 0]);
+        Ok(())
     }
     fn notify_device(&mut self, _addr: u64) -> Result<bool, HcallError> {
         Ok(false)
@@ -450,6 +477,27 @@ mod tests {
             Err(HcallError::CannotQueue(Name(hcall::HALT)))
         );
         assert!(!m.halted);
+    }
+
+    #[test]
+    fn dma_calls_reach_the_machine_direct_or_queued() {
+        let (mem, mut lg) = setup();
+        let mut m = RecordingMachine::default();
+        init(&mem, &mut lg, &mut m);
+        let bind = [hcall::BIND_DMA, 0x10_0000, 0x3000, 4 << 8 | 5, 0];
+        assert_eq!(lg.hypercall(&mem, &mut m, bind), Ok(Answer::Rax(1)));
+        queue(&mem, 0, [hcall::SEND_DMA, 0, 0x4000, 0, 0]);
+        assert_eq!(
+            lg.hypercall(&mem, &mut m, [hcall::FLUSH_ASYNC, 0, 0, 0, 0]),
+            Ok(Answer::Rax(0))
+        );
+        assert_eq!(
+            m.dma,
+            vec![
+                [hcall::BIND_DMA, 0x10_0000, 0x3000, 4 << 8 | 5],
+                [hcall::SEND_DMA, 0, 0x4000, 0]
+            ]
+        );
     }
 
     #[test]

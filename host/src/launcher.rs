@@ -15,7 +15,7 @@ use crate::sandbox::{self, Enforcement, Filters, Privileges, SandboxError};
 use crate::vcpu::{Guest, Stop};
 use crate::virtio::{Device, DeviceError, Queues};
 use crate::vm::{Hypervisor, Vm, VmError};
-use lguest_abi::{DEVICE_MODEL_VIRTIO, PAGE_SIZE};
+use lguest_abi::{DEVICE_MODEL_DMA, DEVICE_MODEL_VIRTIO, PAGE_SIZE};
 use std::fs::{File, FileType, Metadata};
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -98,6 +98,8 @@ pub enum LaunchError {
     Sandbox(#[from] SandboxError),
     #[error(transparent)]
     Gdb(#[from] GdbError),
+    #[error(transparent)]
+    Dma(#[from] crate::dma::launch::DmaLaunchError),
 }
 
 /// What to boot.
@@ -122,6 +124,9 @@ pub struct Config {
     pub seccomp: Option<Enforcement>,
     /// `--gdb` spec, `[ADDR:]PORT`.
     pub gdb: Option<String>,
+    /// The 2007 device model instead of virtio (`--transport=dma`,
+    /// `--sharenet`): then `transport` is not looked at.
+    pub dma: Option<crate::dma::launch::DmaOptions>,
 }
 
 /// A checked configuration, ready to boot (again and again on restart).
@@ -136,6 +141,8 @@ pub struct Launch {
     privileges: Privileges,
     filters: Option<Filters>,
     gdb: Option<GdbServer>,
+    /// The 2007 model's devices, instead of `backends` on a bus.
+    dma: Option<crate::dma::launch::DmaSetup>,
 }
 
 /*
@@ -371,6 +378,16 @@ impl Launch {
                 tap::check_bridge(name)?;
             }
         }
+        if let Some(opts) = cfg.dma.clone() {
+            return Launch::prepare_dma(
+                cfg,
+                &opts,
+                (kernel, initrd),
+                disks,
+                tunnets,
+                (privileges, filters),
+            );
+        }
         if cfg.rng {
             tracing::debug!("rng: random numbers from getrandom");
         }
@@ -442,6 +459,7 @@ impl Launch {
             privileges,
             filters,
             gdb,
+            dma: None,
         };
         Ok(launch)
     }
@@ -451,7 +469,10 @@ impl Launch {
             kernel: &self.kernel,
             initrd: self.initrd.as_ref(),
             cmdline: &self.cmdline,
-            device_model: DEVICE_MODEL_VIRTIO,
+            device_model: match self.dma {
+                Some(_) => DEVICE_MODEL_DMA,
+                None => DEVICE_MODEL_VIRTIO,
+            },
         }
     }
 
@@ -504,6 +525,9 @@ impl Launch {
         gdb: &mut gdb::Link,
     ) -> Result<Stop, LaunchError> {
         let mem = GuestMemory::new(self.layout).map_err(LaunchError::Memory)?;
+        if let Some(dma) = &self.dma {
+            dma.map_shared(&mem)?;
+        }
         let tables = host_pages::build(&mem);
         let entry = self.image().load(&mem)?;
         let vm = Vm::new(hv, &mem, &tables, entry)?;
@@ -517,9 +541,16 @@ impl Launch {
             "booting"
         );
         let irqs = Irqs::new().map_err(LaunchError::Threads)?;
-        let bus = Bus::new(&mem, backends.devices(), &irqs, self.transport)
-            .map_err(LaunchError::Threads)?;
+        let devices = match self.dma {
+            Some(_) => Vec::new(),
+            None => backends.devices(),
+        };
+        let bus = Bus::new(&mem, devices, &irqs, self.transport).map_err(LaunchError::Threads)?;
         let mut guest = Guest::new(mem, tables, vm, irqs, bus).map_err(LaunchError::Threads)?;
+        if let Some(dma) = &self.dma {
+            let hub = dma.start(&guest.mem, &guest.cpu.irqs, backends.raw_terminal)?;
+            guest.cpu.dma = Some(hub);
+        }
         if !gdb.attach(&mut guest)? {
             return Ok(crate::vcpu::Stop::Killed(
                 "ended by the user (three Ctrl-C)".into(),
@@ -528,5 +559,57 @@ impl Launch {
         let stop = guest.run();
         gdb.detach(&mut guest, &stop);
         Ok(stop)
+    }
+}
+
+/*
+ * The 2007 device model (`--transport=dma`, ABI section 9): a device table
+ * at `mem` instead of the bus, and BIND_DMA/SEND_DMA instead of rings. The
+ * model's own part of the Launcher is crate::dma::launch.
+ */
+impl Launch {
+    fn prepare_dma(
+        cfg: Config,
+        opts: &crate::dma::launch::DmaOptions,
+        (kernel, initrd): (Kernel, Option<Initrd>),
+        disks: Vec<Arc<Disk>>,
+        tunnets: Vec<(tap::TapSpec, Option<[u8; 6]>)>,
+        (privileges, filters): (Privileges, Option<Filters>),
+    ) -> Result<Launch, LaunchError> {
+        use crate::dma::launch;
+        let mem = cfg.mem_mb << 20;
+        let tunnets: Vec<_> = (cfg.tunnet.iter().cloned().zip(tunnets))
+            .map(|(spec, (target, mac))| (spec, target, mac))
+            .collect();
+        let drivers = cfg.kernel == KernelChoice::Drivers;
+        launch::check(opts, mem, &disks, &tunnets, cfg.rng, drivers)?;
+        BootImage {
+            kernel: &kernel,
+            initrd: initrd.as_ref(),
+            cmdline: &cfg.cmdline,
+            device_model: DEVICE_MODEL_DMA,
+        }
+        .check(mem)?;
+        // Taps and the shared network last: they are seen outside us.
+        let dma = launch::DmaSetup::open(opts, mem, disks, tunnets)?;
+        let gdb = cfg.gdb.as_deref().map(GdbServer::bind).transpose()?;
+        Ok(Launch {
+            kernel,
+            initrd,
+            cmdline: cfg.cmdline,
+            layout: layout_for(cfg.mem_mb, dma.device_pages(), 0),
+            kvm_device: cfg.kvm_device,
+            backends: Backends {
+                raw_terminal: false,
+                disks: Vec::new(),
+                nets: Vec::new(),
+                rng: false,
+            },
+            transport: Transport::LguestBus,
+            dma: Some(dma),
+            privileges,
+            filters,
+            gdb,
+        })
     }
 }

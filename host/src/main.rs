@@ -12,6 +12,7 @@ use lguest::{bench, bus, devices, gdb, launcher, sandbox, vcpu};
 
 use clap::Parser;
 use launcher::{Config, Launch, MEM_MB_RANGE};
+use lguest::dma::launch::DmaOptions;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tracing_subscriber::fmt::format::Writer;
@@ -60,10 +61,16 @@ struct Cli {
     /// virtio-drivers crate (use it with --transport=mmio).
     #[arg(long, value_enum, default_value = "reference")]
     guest: GuestArg,
-    /// How the Guest finds its devices: the lguest bus, or a virtio-mmio
-    /// window per device (announced on the kernel command line).
-    #[arg(long, value_enum, default_value = "lguest-bus")]
-    transport: TransportArg,
+    /// How the Guest finds its devices: the lguest bus (the default), a
+    /// virtio-mmio window per device (announced on the kernel command
+    /// line), or the 2007 device model (a device table, and DMA to keys).
+    #[arg(long, value_enum)]
+    transport: Option<TransportArg>,
+    /// Join the network of every lguest started with FILE (created on first
+    /// use; no root, no daemon): the Guests ping each other. Implies
+    /// --transport=dma; with --tunnet, the tap joins the network too.
+    #[arg(long, value_name = "FILE")]
+    sharenet: Option<PathBuf>,
     /// Once set-up is done, make DIR the Launcher's root directory (needs
     /// root).
     #[arg(long, value_name = "DIR")]
@@ -115,10 +122,34 @@ enum GuestArg {
     Tests,
 }
 
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum TransportArg {
     LguestBus,
     Mmio,
+    Dma,
+}
+
+/// The transport, and the 2007 model's options when it is chosen:
+/// `--sharenet` implies it, and refuses any other transport.
+fn device_model(cli: &Cli) -> Result<(bus::Transport, Option<DmaOptions>), String> {
+    let dma = || DmaOptions {
+        sharenet: cli.sharenet.clone(),
+    };
+    match (cli.transport, &cli.sharenet) {
+        (Some(TransportArg::Dma), _) | (None, Some(_)) => {
+            Ok((bus::Transport::LguestBus, Some(dma())))
+        }
+        (Some(t), Some(_)) => Err(format!(
+            "--sharenet needs the 2007 device model (--transport=dma), not --transport={}",
+            if t == TransportArg::Mmio {
+                "mmio"
+            } else {
+                "lguest-bus"
+            }
+        )),
+        (Some(TransportArg::Mmio), None) => Ok((bus::Transport::Mmio, None)),
+        (Some(TransportArg::LguestBus) | None, None) => Ok((bus::Transport::LguestBus, None)),
+    }
 }
 
 /// How much `--verbose` shows: debug, or the level named by `RUST_LOG`
@@ -199,6 +230,16 @@ fn parse_mem(arg: Option<&str>) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
+    // `lguest --bench` starts lguest again as P7's second process.
+    if let Some(peer) = lguest::dma::bench::peer_from_env() {
+        return match peer {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                error_line(e);
+                ExitCode::from(EXIT_SETUP)
+            }
+        };
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -271,6 +312,13 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_SETUP);
         }
     };
+    let (transport, dma) = match device_model(&cli) {
+        Ok(model) => model,
+        Err(e) => {
+            error_line(e);
+            return ExitCode::from(EXIT_SETUP);
+        }
+    };
     let mut words = cli.kernel_args.clone();
     words.extend(cli.append.iter().cloned());
     let config = Config {
@@ -287,10 +335,8 @@ fn main() -> ExitCode {
         block: cli.block.clone(),
         tunnet: cli.tunnet.clone(),
         rng: cli.rng,
-        transport: match cli.transport {
-            TransportArg::LguestBus => bus::Transport::LguestBus,
-            TransportArg::Mmio => bus::Transport::Mmio,
-        },
+        transport,
+        dma,
         username: cli.username.clone(),
         chroot: cli.chroot.clone(),
         seccomp,

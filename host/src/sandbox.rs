@@ -506,6 +506,9 @@ macro_rules! paste_sys {
     (timerfd_create) => {
         libc::SYS_timerfd_create
     };
+    (timerfd_gettime) => {
+        libc::SYS_timerfd_gettime
+    };
     (timerfd_settime) => {
         libc::SYS_timerfd_settime
     };
@@ -707,6 +710,21 @@ fn own_groups(kind: ThreadKind) -> Vec<Group> {
                     c
                 },
             },
+            Group {
+                name: "the 2007 device model (--transport=dma)",
+                calls: {
+                    // A HALT looks whether a clock event is armed; the
+                    // console's input thread reads a copy of stdin.
+                    let mut c = calls![timerfd_gettime];
+                    c.push(one_of(
+                        "fcntl",
+                        libc::SYS_fcntl,
+                        1,
+                        &[("F_DUPFD_CLOEXEC", libc::F_DUPFD_CLOEXEC as u64)],
+                    ));
+                    c
+                },
+            },
         ],
         ThreadKind::Device => vec![
             Group {
@@ -722,7 +740,17 @@ fn own_groups(kind: ThreadKind) -> Vec<Group> {
             },
             Group {
                 name: "waiting for kicks",
-                calls: calls![epoll_wait, epoll_pwait, epoll_ctl, close],
+                calls: {
+                    let mut c = calls![epoll_wait, epoll_pwait, epoll_ctl, close];
+                    // std checks a descriptor it closes is valid (F_GETFD).
+                    c.push(one_of(
+                        "fcntl",
+                        libc::SYS_fcntl,
+                        1,
+                        &[("F_GETFD", libc::F_GETFD as u64)],
+                    ));
+                    c
+                },
             },
         ],
         ThreadKind::Timer => vec![Group {

@@ -127,6 +127,11 @@ impl ClockEvent {
         self.relook.clone()
     }
 
+    /// Whether a clock event is set and has not fired yet.
+    pub fn armed(&self) -> bool {
+        lock(&self.timer).is_armed().unwrap_or(false)
+    }
+
     /// SET_CLOCKEVENT: fire once after `delta_ns` (0 cancels; tiny deltas
     /// fire at once). Re-arming replaces the previous event.
     /*H:470 SET_CLOCKEVENT: a one-shot timerfd; its thread raises IRQ 0. */

@@ -118,6 +118,9 @@ fn bad_mmio(layout: &crate::memory::Layout, addr: u64, what: &'static str) -> De
 pub struct Cpu {
     // Drop order matters: the device and timer threads stop first, then the
     // VM goes (and only then, in [`Guest`], its memory).
+    /// The 2007 device model's devices, for a Guest booted with them (the
+    /// bus is then empty).
+    pub(crate) dma: Option<crate::dma::launch::Hub>,
     pub(crate) bus: Bus,
     clock: ClockEvent,
     relook: ReLook,
@@ -158,6 +161,7 @@ impl Guest {
         let lguest = Lguest::new(&mem, &tables);
         Ok(Guest {
             cpu: Cpu {
+                dma: None,
                 bus,
                 relook: clock.relook(),
                 clock,
@@ -740,8 +744,29 @@ impl Machine for Cpu {
         self.clock.set(delta_ns, &self.irqs);
     }
 
-    fn halt(&mut self) {
+    fn halt(&mut self) -> Option<Shutdown> {
+        if let Some(dma) = &self.dma {
+            let (clock, irqs) = (&self.clock, &self.irqs);
+            if dma.halt(|| clock.armed() || irqs.pending() & 1 << TIMER_IRQ != 0) {
+                return Some(Shutdown::PowerOff("end of input".into()));
+            }
+        }
         self.halted = true;
+        None
+    }
+
+    fn bind_dma(&mut self, key: u64, array: u64, count_irq: u64) -> Result<u64, HcallError> {
+        match &self.dma {
+            Some(dma) => Ok(dma.bind_dma(key, array, count_irq)?),
+            None => Err(HcallError::NoDma(crate::hypercalls::Name(hcall::BIND_DMA))),
+        }
+    }
+
+    fn send_dma(&mut self, key: u64, addr: u64) -> Result<(), HcallError> {
+        match &self.dma {
+            Some(dma) => Ok(dma.send_dma(key, addr)?),
+            None => Err(HcallError::NoDma(crate::hypercalls::Name(hcall::SEND_DMA))),
+        }
     }
 
     fn notify_device(&mut self, addr: u64) -> Result<bool, HcallError> {

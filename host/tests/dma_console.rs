@@ -124,10 +124,18 @@ fn end_of_input_comes_when_the_guest_has_taken_everything() {
     std::thread::sleep(Duration::from_millis(30));
     assert_eq!(c.signals.seen().end_of_input, 0);
     assert_eq!(c.take(1), b"last line\n");
-    let seen = c.signals.wait(LIMIT, |s| s.end_of_input > 0);
+    let seen = c
+        .signals
+        .wait(LIMIT, |s| s.end_of_input > 0 && s.irqs.len() > 1);
     assert_eq!(seen.end_of_input, 1);
+    assert_eq!(
+        seen.irqs,
+        vec![IRQ as u32, IRQ as u32],
+        "the console's IRQ once more, to wake a Guest asleep waiting for input"
+    );
     std::thread::sleep(Duration::from_millis(30));
     assert_eq!(c.signals.seen().end_of_input, 1, "once");
+    assert_eq!(c.signals.seen().irqs.len(), 2);
 }
 
 #[test]

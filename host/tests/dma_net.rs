@@ -3,7 +3,7 @@
 
 use lguest::dma::console::ConsoleConfig;
 use lguest::dma::harness::{RecordingRam, SignalLog};
-use lguest::dma::net::{pick_slots, slot_key, FramePort, GUEST_SLOT};
+use lguest::dma::net::{pick_slots, slot_key, FramePort, BRIDGE_MAC, GUEST_SLOT};
 use lguest::dma::{Backends, Dma, NetBackend};
 use lguest_abi::LguestDma;
 use std::os::unix::net::UnixDatagram;
@@ -123,7 +123,14 @@ fn tap_net() -> TapNet {
 #[test]
 fn the_tap_network_gives_the_guest_slot_1() {
     let t = tap_net();
-    assert_eq!(t.ram.guest_read(PAGE, 64), vec![0; 64], "a fresh page");
+    let mut fresh = vec![0; 64];
+    fresh[..6].copy_from_slice(&BRIDGE_MAC);
+    assert_eq!(
+        t.ram.guest_read(PAGE, 64),
+        fresh,
+        "a fresh page, with slot 0 promiscuous: the Guest sends it everything"
+    );
+    assert_eq!(BRIDGE_MAC[0] & 1, 1, "promiscuous");
     let entry = t.ram.guest_read(MEM + 12, 12);
     assert_eq!(
         &entry[..4],

@@ -55,7 +55,10 @@ impl BlockDevice {
         };
         let thread = std::thread::Builder::new()
             .name("dma-block".into())
-            .spawn(move || worker.run(rx))?;
+            .spawn(move || {
+                crate::sandbox::enter_thread(crate::sandbox::ThreadKind::Device);
+                worker.run(rx)
+            })?;
         Ok(BlockDevice {
             disk,
             page,

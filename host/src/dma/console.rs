@@ -16,6 +16,7 @@ use super::{DeviceContext, Sent};
 use std::collections::VecDeque;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -26,6 +27,7 @@ const PENDING_MAX: usize = 4096;
 /// How often waiting input looks for a buffer the Guest freed quietly.
 const RETRY: Duration = Duration::from_millis(5);
 const CTRL_C: u8 = 3;
+const KEY: u64 = lguest_abi::LGUEST_CONSOLE_DMA_KEY;
 
 /// Where the console's bytes come from and go to.
 pub struct ConsoleConfig {
@@ -54,6 +56,9 @@ impl ConsoleConfig {
 pub struct Console {
     output: Arc<Mutex<dyn Write + Send>>,
     wake: Arc<EventFd>,
+    /// Whether input (or its end) waits for the Guest to free a buffer:
+    /// only then is a poke worth a wake-up.
+    waiting: Arc<AtomicBool>,
     stop: Arc<EventFd>,
     thread: Option<JoinHandle<()>>,
 }
@@ -61,6 +66,7 @@ pub struct Console {
 impl Console {
     pub(crate) fn start(cfg: &ConsoleConfig, ctx: DeviceContext) -> std::io::Result<Console> {
         let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        let waiting = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let thread = match &cfg.input {
             Some(input) => {
@@ -68,6 +74,7 @@ impl Console {
                     fd: input.clone(),
                     ctx,
                     wake: wake.clone(),
+                    waiting: waiting.clone(),
                     stop: stop.clone(),
                     raw_terminal: cfg.raw_terminal,
                     pending: VecDeque::new(),
@@ -77,7 +84,10 @@ impl Console {
                 Some(
                     std::thread::Builder::new()
                         .name("dma-console".into())
-                        .spawn(move || input.run())?,
+                        .spawn(move || {
+                            crate::sandbox::enter_thread(crate::sandbox::ThreadKind::Device);
+                            input.run()
+                        })?,
                 )
             }
             None => None,
@@ -85,6 +95,7 @@ impl Console {
         Ok(Console {
             output: cfg.output.clone(),
             wake,
+            waiting,
             stop,
             thread,
         })
@@ -100,8 +111,17 @@ impl Console {
         }
     }
 
-    /// Waiting input looks for a free buffer now.
+    /// Waiting input looks for a free buffer now (nothing happens when
+    /// nothing waits: the Guest may halt often).
     pub fn poke(&self) {
+        if self.waiting.load(Ordering::SeqCst) {
+            self.wake();
+        }
+    }
+
+    /// The input thread looks at the bindings again, whatever waits: new
+    /// buffers may be what the end of input was waiting for.
+    pub fn wake(&self) {
         let _ = self.wake.write(1);
     }
 }
@@ -119,6 +139,7 @@ struct Input {
     fd: Arc<OwnedFd>,
     ctx: DeviceContext,
     wake: Arc<EventFd>,
+    waiting: Arc<AtomicBool>,
     stop: Arc<EventFd>,
     raw_terminal: bool,
     pending: VecDeque<u8>,
@@ -139,6 +160,12 @@ impl Input {
                 let (bound, all_free) = self.console_buffers();
                 if bound && all_free {
                     self.ctx.signals.end_of_input();
+                    // A Guest asleep waiting for input wakes, finds none
+                    // and halts again: where the Launcher hears of it.
+                    let irq = super::lock(&self.ctx.bindings).irq_at(KEY);
+                    if let Some(irq) = irq {
+                        self.ctx.signals.raise(irq);
+                    }
                     told_eof = true;
                 }
                 eof_waits = bound && !all_free;
@@ -148,6 +175,7 @@ impl Input {
             // with, looks again soon; otherwise we sleep until told (a
             // BIND_DMA or the caller's poke).
             let waiting = !self.pending.is_empty() || eof_waits;
+            self.waiting.store(waiting, Ordering::SeqCst);
             let mut fds = [
                 pollfd(self.stop.as_raw_fd()),
                 pollfd(self.wake.as_raw_fd()),

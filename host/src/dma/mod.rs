@@ -18,7 +18,8 @@
 //!   the device backends behind it: the [`console`], [`block`] disks (on a
 //!   thread of their own), a network whose slot 0 is a tap ([`net`]) or a
 //!   network shared by several Launchers ([`sharenet`]);
-//! - [`bench`]: the floor for the shared network's benchmark.
+//! - [`bench`]: the floor for the shared network's benchmark;
+//! - [`launch`]: the Launcher's side, `--transport=dma` and `--sharenet`.
 //!
 //! Threads other than the vCPU's reach the Guest through [`Signals`]: they
 //! raise IRQs and report Sudden Death there; the caller decides how.
@@ -28,6 +29,7 @@ pub mod bindings;
 pub mod block;
 pub mod console;
 pub mod harness;
+pub mod launch;
 pub mod net;
 pub mod sharenet;
 pub mod table;
@@ -90,7 +92,9 @@ pub trait Signals: Send + Sync {
     /// pressed Ctrl-C three times. Only the first reason counts.
     fn kill(&self, reason: String);
     /// The console's input ended and the Guest has taken every byte of it:
-    /// time to power off (`guest powered off: end of input`). Called once.
+    /// time to power off (`guest powered off: end of input`) once it has
+    /// finished what it was doing. Called once, just before the console
+    /// raises its IRQ one last time, so a Guest asleep hears too.
     fn end_of_input(&self) {}
 }
 
@@ -185,6 +189,7 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// One network of this Guest's, in table order.
+#[derive(Clone)]
 pub enum NetBackend {
     /// A network of this Guest and the Launcher alone: slot 0 is a bridge to
     /// a tap (or any [`net::FramePort`]), the Guest is slot 1.
@@ -300,8 +305,9 @@ impl Dma {
         }
         drop(bindings);
         if count_irq & lguest_abi::BIND_DMA_IRQ_MASK != 0 {
-            // New buffers: console input that was waiting may fit now.
-            self.console.poke();
+            // New buffers: console input that was waiting may fit now, or
+            // the end of input may reach a Guest that reads at last.
+            self.console.wake();
         }
         Ok(result)
     }

@@ -13,7 +13,7 @@
 //! Guest's driver; for frames from the tap it is us.
 
 use super::bindings::Bindings;
-use super::sharenet::{Receiver, SharedNet};
+use super::sharenet::{Receiver, SharedNet, MAX_SLOTS};
 use super::{DeviceContext, NetBackend};
 use lguest_abi::{LGUEST_NET_KEY_STRIDE, LGUEST_NET_MAC_LEN, LGUEST_NET_PROMISC, PAGE_SIZE};
 use std::io::IoSlice;
@@ -168,6 +168,51 @@ impl NetDevice {
     }
 }
 
+/// What slot 0 writes in its MAC slot when it bridges to a tap: bit 0 of
+/// byte 0, promiscuous, so that every Guest sends it every frame (as the
+/// 2007 Launcher did, to bridge to other machines); bit 1, locally
+/// administered; then "lg". No frame is ever addressed to it.
+pub const BRIDGE_MAC: [u8; 6] = [0x03, 0x6c, 0x67, 0, 0, 0];
+
+/// Makes `fd` non-blocking: a thread that reads it must never block in
+/// recv, or it could not be stopped.
+fn set_nonblocking(fd: RawFd) -> std::io::Result<()> {
+    // SAFETY: F_GETFL and F_SETFL on the port's own descriptor change only
+    // its flags.
+    let r = unsafe {
+        libc::fcntl(
+            fd,
+            libc::F_SETFL,
+            libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Starts a thread running `pump` over `port` until the returned stopper
+/// is written; the thread's SIGINT is the caller's (the Launcher starts
+/// its device threads with it blocked).
+fn start_pump(
+    name: &str,
+    port: Arc<dyn FramePort>,
+    each: impl FnMut(&[u8]) + Send + 'static,
+    idle: impl FnMut() + Send + 'static,
+) -> std::io::Result<(Arc<EventFd>, JoinHandle<()>)> {
+    set_nonblocking(port.fd())?;
+    let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+    let s = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            crate::sandbox::enter_thread(crate::sandbox::ThreadKind::Device);
+            pump(port.as_ref(), &s, each, idle)
+        })?;
+    Ok((stop, thread))
+}
+
 /// Slot 0 of a private network: frames between the tap and the Guest.
 pub(crate) struct TapBridge {
     port: Arc<dyn FramePort>,
@@ -177,29 +222,22 @@ pub(crate) struct TapBridge {
 
 impl TapBridge {
     fn start(port: Arc<dyn FramePort>, page: u64, ctx: DeviceContext) -> std::io::Result<Self> {
-        // A fresh page for every boot: no MACs from before a restart.
-        ctx.mem
-            .write(page, &[0u8; PAGE_SIZE as usize])
-            .map_err(std::io::Error::other)?;
-        // The thread must never block in recv, or it could not be stopped.
-        let fd = port.fd();
-        // SAFETY: F_GETFL and F_SETFL on the port's own descriptor change
-        // only its flags.
-        if unsafe {
-            libc::fcntl(
-                fd,
-                libc::F_SETFL,
-                libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK,
-            )
-        } < 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
-        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
-        let (p, s) = (port.clone(), stop.clone());
-        let thread = std::thread::Builder::new()
-            .name("dma-tap".into())
-            .spawn(move || tap_input(p.as_ref(), &s, page, &ctx))?;
+        // A fresh page for every boot (no MACs from before a restart), with
+        // our own, promiscuous, in slot 0.
+        let mut fresh = [0u8; PAGE_SIZE as usize];
+        fresh[..LGUEST_NET_MAC_LEN].copy_from_slice(&BRIDGE_MAC);
+        ctx.mem.write(page, &fresh).map_err(std::io::Error::other)?;
+        // Frames from the tap go to the slots they are for; one that finds
+        // no free buffer is dropped, as a wire would.
+        let mut macs = [0u8; 2 * LGUEST_NET_MAC_LEN];
+        let each = move |frame: &[u8]| {
+            if ctx.mem.read(page, &mut macs).is_ok() {
+                for slot in pick_slots(&macs, frame, TAP_SLOT, 2) {
+                    ctx.deliver(slot_key(page, slot), frame);
+                }
+            }
+        };
+        let (stop, thread) = start_pump("dma-tap", port.clone(), each, || {})?;
         Ok(TapBridge {
             port,
             stop,
@@ -228,11 +266,80 @@ impl Drop for TapBridge {
     }
 }
 
-/// The tap's frames, to the slots they are for. A frame that finds no
-/// free buffer is dropped, as a wire would.
-fn tap_input(port: &dyn FramePort, stop: &EventFd, page: u64, ctx: &DeviceContext) {
+/// Slot 0 of a shared network, bridged to a tap (`--sharenet` with
+/// `--tunnet`). The tap is one more member of the network, in slot 0 and
+/// promiscuous ([`BRIDGE_MAC`]): every Guest's driver sends it every frame,
+/// which goes out to the tap; a frame from the tap goes to the slots
+/// [`pick_slots`] finds on the shared page, through their rings, as any
+/// sender's frame does. It touches no Guest's memory, so it lives as long
+/// as the Launcher, across restarts of its own Guest.
+pub struct SharedBridge {
+    net: Arc<SharedNet>,
+    stop: Arc<EventFd>,
+    thread: Option<JoinHandle<()>>,
+    _receiver: Receiver,
+}
+
+impl SharedBridge {
+    /// Bridges `net`, which holds slot 0 ([`SharedNet::join_bridge`]), to
+    /// `port`.
+    pub fn start(net: SharedNet, port: Arc<dyn FramePort>) -> std::io::Result<SharedBridge> {
+        let net = Arc::new(net);
+        let slot = net.slot();
+        net.set_mac(slot, BRIDGE_MAC);
+        net.publish_keys(&[slot_key(0, slot)]);
+        let out = port.clone();
+        let receiver = net.receive(move |offset, frame| {
+            if offset == slot_key(0, slot) {
+                // The tap drops what it cannot take now, as a wire would.
+                let _ = out.send(frame);
+            }
+        })?;
+        let (n, m) = (net.clone(), net.clone());
+        let each = move |frame: &[u8]| {
+            let macs = n.macs();
+            for to in pick_slots(&macs, frame, slot, MAX_SLOTS) {
+                n.send(slot_key(0, to), frame);
+            }
+        };
+        // The page is everyone's to write: put our MAC back if a Guest
+        // wrote over it, or the Guests would stop sending us their frames.
+        let idle = move || {
+            if m.mac(slot) != BRIDGE_MAC {
+                m.set_mac(slot, BRIDGE_MAC);
+            }
+        };
+        let (stop, thread) = start_pump("sharenet-tap", port, each, idle)?;
+        Ok(SharedBridge {
+            net,
+            stop,
+            thread: Some(thread),
+            _receiver: receiver,
+        })
+    }
+
+    /// The network it bridges.
+    pub fn net(&self) -> &Arc<SharedNet> {
+        &self.net
+    }
+}
+
+impl Drop for SharedBridge {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// How often a pump with nothing to read does its idle work.
+const PUMP_IDLE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Hands every frame `port` receives to `each` until `stop` is written or
+/// the port goes away, calling `idle` whenever it has been quiet a while.
+fn pump(port: &dyn FramePort, stop: &EventFd, mut each: impl FnMut(&[u8]), mut idle: impl FnMut()) {
     let mut frame = vec![0u8; FRAME_MAX];
-    let mut macs = [0u8; 2 * LGUEST_NET_MAC_LEN];
     loop {
         let mut fds = [
             libc::pollfd {
@@ -247,8 +354,13 @@ fn tap_input(port: &dyn FramePort, stop: &EventFd, page: u64, ctx: &DeviceContex
             },
         ];
         // SAFETY: two pollfds we own; poll writes only their revents.
-        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, PUMP_IDLE.as_millis() as i32) };
+        if n < 0 {
             continue; // EINTR
+        }
+        if n == 0 {
+            idle();
+            continue;
         }
         if fds[0].revents != 0 {
             return;
@@ -265,17 +377,12 @@ fn tap_input(port: &dyn FramePort, stop: &EventFd, page: u64, ctx: &DeviceContex
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     // Gone for good (a tap fails this way only when it is
-                    // taken away): the Guest's wire goes quiet.
+                    // taken away): the wire goes quiet.
                     tracing::warn!("net slot 0 stops receiving: {e}");
                     return;
                 }
             };
-            if ctx.mem.read(page, &mut macs).is_err() {
-                return;
-            }
-            for slot in pick_slots(&macs, &frame[..n], TAP_SLOT, 2) {
-                ctx.deliver(slot_key(page, slot), &frame[..n]);
-            }
+            each(&frame[..n]);
         }
     }
 }

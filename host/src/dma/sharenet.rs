@@ -127,6 +127,8 @@ pub enum SharenetError {
     NotNetworkFile { path: PathBuf, why: &'static str },
     #[error("--sharenet={}: all {} Guest slots are taken", path.display(), MAX_SLOTS - 1)]
     Full { path: PathBuf },
+    #[error("--sharenet={}: slot 0, the bridge to a tap, is taken: another Launcher with --tunnet bridges this network already", path.display())]
+    BridgeTaken { path: PathBuf },
     #[error("--sharenet={}: another process has been setting it up for too long", path.display())]
     Busy { path: PathBuf },
 }
@@ -221,6 +223,16 @@ impl SharedNet {
     /// Joins the network of `path`, creating the FILE if need be, and
     /// claims the lowest free slot (1 and up).
     pub fn join(path: &Path) -> Result<SharedNet, SharenetError> {
+        Self::join_as(path, false)
+    }
+
+    /// Joins the network of `path` in slot 0, the Launcher's side of the
+    /// 2007 model, to bridge it to a tap (see [`super::net::SharedBridge`]).
+    pub fn join_bridge(path: &Path) -> Result<SharedNet, SharenetError> {
+        Self::join_as(path, true)
+    }
+
+    fn join_as(path: &Path, bridge: bool) -> Result<SharedNet, SharenetError> {
         let io = |source| SharenetError::Io {
             path: path.to_path_buf(),
             source,
@@ -258,11 +270,19 @@ impl SharedNet {
             FILE_SIZE as usize,
         )
         .map_err(|e| io(std::io::Error::other(e)))?;
-        let slot = (1..MAX_SLOTS)
-            .find(|&s| try_lock(&file, claim_lock(s)))
-            .ok_or_else(|| SharenetError::Full {
-                path: path.to_path_buf(),
-            })?;
+        let slot = if bridge {
+            Some(0)
+                .filter(|&s| try_lock(&file, claim_lock(s)))
+                .ok_or_else(|| SharenetError::BridgeTaken {
+                    path: path.to_path_buf(),
+                })?
+        } else {
+            (1..MAX_SLOTS)
+                .find(|&s| try_lock(&file, claim_lock(s)))
+                .ok_or_else(|| SharenetError::Full {
+                    path: path.to_path_buf(),
+                })?
+        };
         let net = SharedNet {
             map,
             file,
@@ -384,6 +404,14 @@ impl SharedNet {
         let mut page = vec![0u8; PAGE_SIZE as usize];
         self.read_bytes(0, &mut page);
         page
+    }
+
+    /// The MAC slots of every slot a Launcher can hold, as they are now
+    /// (what [`super::net::pick_slots`] looks at).
+    pub fn macs(&self) -> [u8; MAX_SLOTS * LGUEST_NET_MAC_LEN] {
+        let mut macs = [0u8; MAX_SLOTS * LGUEST_NET_MAC_LEN];
+        self.read_bytes(0, &mut macs);
+        macs
     }
 
     /// The MAC in `slot` (all zero: free).
@@ -685,7 +713,10 @@ impl SharedNet {
         let (net, s) = (self.clone(), stop.clone());
         let thread = std::thread::Builder::new()
             .name("sharenet-rx".into())
-            .spawn(move || net.receive_loop(&s, deliver));
+            .spawn(move || {
+                crate::sandbox::enter_thread(crate::sandbox::ThreadKind::Device);
+                net.receive_loop(&s, deliver)
+            });
         match thread {
             Ok(thread) => Ok(Receiver {
                 net: self.clone(),
