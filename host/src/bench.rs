@@ -204,7 +204,7 @@ fn report_line(
         "{name} value={v:.3} unit={unit} floor={f:.3} ratio={:.3} runs={RUNS}{extra}",
         v / f
     );
-    crate::launcher::stdout_line(&line)
+    crate::output::stdout_line(&line)
         .then_some(())
         .ok_or(Halt::Unread)
 }
@@ -374,7 +374,7 @@ fn measure(kvm: &Path) -> Result<(), Halt> {
                 " higher=better floor_name=host-writes-to-tap",
             )?;
         }
-        Err(e) => crate::launcher::message(format_args!("P4 not measured: {e}")),
+        Err(e) => crate::output::message(format_args!("P4 not measured: {e}")),
     }
 
     // P5: resident memory beyond the Guest's RAM, against a bare process.
@@ -404,7 +404,7 @@ fn measure(kvm: &Path) -> Result<(), Halt> {
         cmd
     };
     let p7 = crate::dma::bench::p7(&peer, RUNS, P7_FRAMES)?;
-    crate::launcher::stdout_line(&p7.line())
+    crate::output::stdout_line(&p7.line())
         .then_some(())
         .ok_or(Halt::Unread)
 }

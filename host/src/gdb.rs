@@ -21,7 +21,6 @@
 use crate::kick::{self, Irqs};
 use crate::memory::GuestMemory;
 use crate::pagewalk::{translate, Access};
-use crate::vcpu::{Guest, Stop};
 use gdbstub::arch::{Arch, Registers};
 use gdbstub::common::Signal;
 use gdbstub::conn::Connection;
@@ -175,30 +174,45 @@ impl<'a> Link<'a> {
     }
 
     /// Before a boot's first instruction: the first time, wait for gdb; then
-    /// hand the session to the Guest. False if the user gave up waiting.
-    pub fn attach(&mut self, guest: &mut Guest) -> Result<bool, GdbError> {
+    /// the session to hand to the Guest (the vCPU loop's `attach_gdb`).
+    pub fn before_boot(&mut self, mem: &GuestMemory, init_pml4: u64) -> Result<Attach, GdbError> {
         if let Some(server) = self.server.take() {
-            match server.wait(&guest.mem, guest.cpu.tables.init_pml4)? {
+            match server.wait(mem, init_pml4)? {
                 Some(debugger) => self.debugger = Some(Box::new(debugger)),
-                None => return Ok(false),
+                None => return Ok(Attach::GaveUp),
             }
         }
-        if let Some(debugger) = self.debugger.take() {
-            guest.attach_gdb(debugger);
-        }
-        Ok(true)
+        Ok(Attach::Session(self.debugger.take()))
     }
 
-    /// After a boot: take the session back. A Guest that stopped for good
-    /// (not a restart) is reported to gdb, which ends the session.
-    pub fn detach(&mut self, guest: &mut Guest, stop: &Stop) {
-        self.debugger = guest.take_gdb();
-        if !matches!(stop, Stop::Restart(_)) {
+    /// After a boot, with the session the Guest gives back. A Guest that
+    /// stopped for good (not a restart) is reported to gdb, which ends the
+    /// session.
+    pub fn after_boot(&mut self, debugger: Option<Box<Debugger>>, end: End) {
+        self.debugger = debugger;
+        if end != End::Restart {
             if let Some(mut debugger) = self.debugger.take() {
-                debugger.report_end(stop);
+                debugger.report_end(end);
             }
         }
     }
+}
+
+/// What [`Link::before_boot`] found.
+pub enum Attach {
+    /// The user gave up waiting for gdb (three Ctrl-C).
+    GaveUp,
+    /// The session for this boot, if gdb is attached.
+    Session(Option<Box<Debugger>>),
+}
+
+/// How a boot ended, as gdb hears of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    PowerOff,
+    Restart,
+    Crash,
+    Killed,
 }
 
 /*
@@ -958,12 +972,12 @@ impl Debugger {
 
     /// The Guest stopped for good: tell gdb how (an exit status for a
     /// power-off, a signal for a death).
-    fn report_end(&mut self, stop: &Stop) {
-        let reason = match stop {
-            Stop::PowerOff(_) => StopReason::Exited(0),
-            Stop::Crash(_) => StopReason::Terminated(Signal::SIGABRT),
-            Stop::Killed(_) => StopReason::Terminated(Signal::SIGKILL),
-            Stop::Restart(_) => return,
+    fn report_end(&mut self, end: End) {
+        let reason = match end {
+            End::PowerOff => StopReason::Exited(0),
+            End::Crash => StopReason::Terminated(Signal::SIGABRT),
+            End::Killed => StopReason::Terminated(Signal::SIGKILL),
+            End::Restart => return,
         };
         self.report(reason);
     }

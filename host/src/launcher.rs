@@ -7,6 +7,7 @@
 use crate::boot::{BootError, BootImage, Initrd, Kernel};
 use crate::bus::{self, Bus, Transport};
 use crate::devices::{self, block::Disk, block::DiskError, tap, Backends};
+use crate::files::{kind_of, open_nonblocking, set_blocking};
 use crate::gdb::{self, GdbError, GdbServer};
 use crate::host_pages;
 use crate::kick::{self, Irqs};
@@ -16,10 +17,8 @@ use crate::vcpu::{Guest, Stop};
 use crate::virtio::{Device, DeviceError, Queues};
 use crate::vm::{Hypervisor, Vm, VmError};
 use lguest_abi::{DEVICE_MODEL_DMA, DEVICE_MODEL_VIRTIO, PAGE_SIZE};
-use std::fs::{File, FileType, Metadata};
-use std::io::Write;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -145,56 +144,6 @@ pub struct Launch {
     dma: Option<crate::dma::launch::DmaSetup>,
 }
 
-/*
- * Opening what the user names. A path may be anything: a FIFO that no one
- * writes (open would wait for a writer forever), a terminal, /dev/zero. So we
- * open without blocking, look at what we got through the descriptor itself
- * (no window for the path to change in between), and only then go back to
- * ordinary blocking I/O.
- */
-
-/// Opens `path` with O_NONBLOCK (and O_CLOEXEC, O_NOCTTY), read-only or
-/// read-write, and returns it with its fstat. `flags` adds open flags.
-pub fn open_nonblocking(path: &Path, write: bool, flags: i32) -> std::io::Result<(File, Metadata)> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(write)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY | flags)
-        .open(path)?;
-    let meta = file.metadata()?;
-    Ok((file, meta))
-}
-
-/// Clears O_NONBLOCK, once `file` is known to be a file or a disk.
-pub fn set_blocking(file: &File) -> std::io::Result<()> {
-    let fd = file.as_raw_fd();
-    // SAFETY: F_GETFL and F_SETFL on a descriptor we own; no memory passes.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
-/// What a file that is not a regular file is, for messages.
-pub fn kind_of(t: FileType) -> &'static str {
-    if t.is_dir() {
-        "a directory"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_socket() {
-        "a socket"
-    } else {
-        "not a regular file"
-    }
-}
-
 /// Opens the kernel or initrd at `path`: a regular file, read-only. Returns
 /// it with its size.
 fn open_regular(what: &'static str, path: &Path) -> Result<(File, u64), LaunchError> {
@@ -214,39 +163,6 @@ fn open_regular(what: &'static str, path: &Path) -> Result<(File, u64), LaunchEr
     }
     set_blocking(&file).map_err(open_err)?;
     Ok((file, meta.len()))
-}
-
-/*
- * The Launcher's own output. Nothing it prints may change how it ends: a
- * full disk or a closed pipe on stderr or stdout is ignored (Rust leaves
- * SIGPIPE ignored, so such a write just fails), and the exit status stays
- * the one ABI section 10 gives.
- */
-
-/// Writes `lguest: <text>` as one line on stderr, whatever becomes of it.
-pub fn message(text: impl std::fmt::Display) {
-    let line = format!("lguest: {text}\n");
-    let _ = std::io::stderr().lock().write_all(line.as_bytes());
-}
-
-/// Writes `line` on stdout; false when stdout takes no more (a closed pipe,
-/// a full disk): whoever wanted the output has gone.
-pub fn stdout_line(line: &str) -> bool {
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
-}
-
-/// A writer for stderr that drops what cannot be written, for `--verbose`.
-pub struct QuietStderr;
-
-impl Write for QuietStderr {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let _ = std::io::stderr().lock().write_all(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 /// A network card as the bus sees it (its queues and config space), before
@@ -551,13 +467,21 @@ impl Launch {
             let hub = dma.start(&guest.mem, &guest.cpu.irqs, backends.raw_terminal)?;
             guest.cpu.dma = Some(hub);
         }
-        if !gdb.attach(&mut guest)? {
-            return Ok(crate::vcpu::Stop::Killed(
-                "ended by the user (three Ctrl-C)".into(),
-            ));
+        match gdb.before_boot(&guest.mem, guest.cpu.tables.init_pml4)? {
+            gdb::Attach::GaveUp => {
+                return Ok(Stop::Killed("ended by the user (three Ctrl-C)".into()));
+            }
+            gdb::Attach::Session(Some(debugger)) => guest.attach_gdb(debugger),
+            gdb::Attach::Session(None) => {}
         }
         let stop = guest.run();
-        gdb.detach(&mut guest, &stop);
+        let end = match &stop {
+            Stop::PowerOff(_) => gdb::End::PowerOff,
+            Stop::Restart(_) => gdb::End::Restart,
+            Stop::Crash(_) => gdb::End::Crash,
+            Stop::Killed(_) => gdb::End::Killed,
+        };
+        gdb.after_boot(guest.take_gdb(), end);
         Ok(stop)
     }
 }

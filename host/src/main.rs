@@ -8,7 +8,7 @@
 //! `launcher` lays out memory and loads the kernel, `vm` creates the KVM
 //! machine, and `vcpu` runs it (see `lib.rs`).
 
-use lguest::{bench, bus, devices, gdb, launcher, sandbox, vcpu};
+use lguest::{bench, bus, devices, gdb, launcher, output, sandbox, vcpu};
 
 use clap::Parser;
 use launcher::{Config, Launch, MEM_MB_RANGE};
@@ -164,7 +164,7 @@ fn verbose_level() -> tracing::Level {
 /// Prints `lguest: <message>` as one line (see `launcher::message`).
 fn error_line(message: impl std::fmt::Display) {
     let text = message.to_string();
-    launcher::message(escape(text.lines().next().unwrap_or("")));
+    output::message(escape(text.lines().next().unwrap_or("")));
 }
 
 /// `--verbose` lines: `lguest: ` and the event's message and fields, one
@@ -268,7 +268,7 @@ fn main() -> ExitCode {
         tracing_subscriber::fmt()
             .log_internal_errors(false)
             .event_format(Prefixed(format))
-            .with_writer(|| launcher::QuietStderr)
+            .with_writer(|| output::QuietStderr)
             .with_max_level(verbose_level())
             .init();
     }
@@ -350,20 +350,20 @@ fn main() -> ExitCode {
         }
     };
     let stop = launch.run(|reason| {
-        launcher::message(format_args!("guest restarting: {}", escape(reason)));
+        output::message(format_args!("guest restarting: {}", escape(reason)));
     });
     devices::terminal::restore();
     match stop {
         Ok(Stop::PowerOff(reason)) => {
-            launcher::message(format_args!("guest powered off: {}", escape(&reason)));
+            output::message(format_args!("guest powered off: {}", escape(&reason)));
             ExitCode::SUCCESS
         }
         Ok(Stop::Crash(reason)) => {
-            launcher::message(format_args!("guest crashed: {}", escape(&reason)));
+            output::message(format_args!("guest crashed: {}", escape(&reason)));
             ExitCode::from(EXIT_GUEST_DIED)
         }
         Ok(Stop::Killed(reason)) => {
-            launcher::message(format_args!("guest killed: {}", escape(&reason)));
+            output::message(format_args!("guest killed: {}", escape(&reason)));
             ExitCode::from(EXIT_GUEST_DIED)
         }
         Ok(Stop::Restart(_)) => unreachable!("the launcher restarts the Guest itself"),

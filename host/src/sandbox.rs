@@ -187,7 +187,7 @@ impl Privileges {
                         kind: if meta.is_file() {
                             "a regular file"
                         } else {
-                            crate::launcher::kind_of(meta.file_type())
+                            crate::files::kind_of(meta.file_type())
                         },
                     });
                 }
@@ -1057,7 +1057,7 @@ pub fn lock_down(filters: Filters) -> Result<(), SandboxError> {
 pub fn enter_thread(kind: ThreadKind) {
     let Some(filters) = ACTIVE.get() else { return };
     if let Err(e) = filters.install(kind) {
-        crate::launcher::message(format_args!("seccomp: {e}"));
+        crate::output::message(format_args!("seccomp: {e}"));
         crate::devices::terminal::restore();
         // SAFETY: _exit ends the process at once; nothing is left half done
         // that the kernel does not clean up (the disks are written through).

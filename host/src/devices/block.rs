@@ -86,7 +86,7 @@ impl Disk {
         // uses it (a mounted filesystem, say); on anything else it does
         // nothing.
         let excl = if read_only { 0 } else { libc::O_EXCL };
-        let (file, meta) = crate::launcher::open_nonblocking(path.as_ref(), !read_only, excl)
+        let (file, meta) = crate::files::open_nonblocking(path.as_ref(), !read_only, excl)
             .map_err(|err| match err.raw_os_error() {
                 Some(libc::EBUSY) => DiskError::InUse {
                     path: path.to_string(),
@@ -113,10 +113,10 @@ impl Disk {
         } else {
             return Err(DiskError::NotADisk {
                 path: path.to_string(),
-                kind: crate::launcher::kind_of(file_type),
+                kind: crate::files::kind_of(file_type),
             });
         };
-        crate::launcher::set_blocking(&file).map_err(open_err)?;
+        crate::files::set_blocking(&file).map_err(open_err)?;
         if size % SECTOR != 0 {
             return Err(DiskError::NotSectors {
                 path: path.to_string(),
