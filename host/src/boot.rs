@@ -207,6 +207,10 @@ impl Kernel {
 
     /// Checks that `source` (`len` bytes) is an ELF64 ET_EXEC x86-64 file
     /// with sane PT_LOADs and an entry point inside one of them.
+    /*L:140 The kernel is an ELF64 executable for x86-64; we read its
+     * headers only, and say what a file looks like when it is something
+     * else (a vmlinux, a bzImage). Its segments are read straight into Guest
+     * memory at each boot. */
     fn parse(name: &str, source: Source, len: u64) -> Result<Kernel, BootError> {
         let n = || name.to_string();
         let read_err = |err: std::io::Error| BootError::Read {
@@ -440,6 +444,9 @@ impl BootImage<'_> {
 
     /// Writes kernel, initrd, command line and zero page into fresh memory.
     /// Returns the entry point.
+    /*L:150 Into fresh memory: the kernel's segments, the initrd at the top
+     * of RAM, the command line, and boot_params, the Linux "zero page",
+     * which tells the Guest it is lguest's and which device model it has. */
     pub fn load(&self, mem: &GuestMemory) -> Result<u64, BootError> {
         let ram = mem.layout.mem;
         self.check(ram)?;

@@ -224,7 +224,7 @@ fn write_tss(mem: &GuestMemory, layout: &Layout) {
     mem.write_host(TSS_PAGE, TSS_SIZE - 1, &[0xFF]);
 }
 
-/*S:140 The stubs: push an error code if the CPU didn't, push the vector,
+/*S:135 The stubs: push an error code if the CPU didn't, push the vector,
  * `out` to port 0x1E (an exit: the Host reads the frame), then `iretq` to
  * wherever the Host left the frame pointing. A few instructions, since
  * ring 0 is emulated on some KVMs. */

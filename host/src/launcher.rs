@@ -211,6 +211,9 @@ pub fn layout_for(mem_mb: u64, device_pages: u64, mmio_hole_pages: u64) -> Layou
 }
 
 impl Launch {
+    /*L:110 Set-up: open what the user named without ever blocking or
+     * reading more than can be loaded (kernel, initrd, disks), lay out the
+     * devices, and only then make taps, which are seen outside us. */
     pub fn prepare(cfg: Config) -> Result<Launch, LaunchError> {
         let mem = cfg.mem_mb << 20;
         // The sandbox's options are checked first: like every other check,
@@ -394,6 +397,9 @@ impl Launch {
 
     /// Boots the Guest until it stops for good. A restart boots the same
     /// kernel again with fresh memory, timers and IRQs.
+    /*L:170 Boot, and boot again for as long as the Guest asks to restart:
+     * fresh memory, VM, timers and devices each time, privileges dropped and
+     * the sandbox on before the first instruction. */
     pub fn run(&self, on_restart: impl Fn(&str)) -> Result<Stop, LaunchError> {
         let hv = Hypervisor::open(&self.kvm_device)?;
         kick::install_kick_handler().map_err(LaunchError::Threads)?;

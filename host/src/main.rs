@@ -229,6 +229,10 @@ fn parse_mem(arg: Option<&str>) -> Result<u64, String> {
     }
 }
 
+/*L:100 The tour starts where a user does: `lguest 64 kernel.elf`. The
+ * command line becomes a Config; everything a user can get wrong is
+ * checked before /dev/kvm is even opened; then the Guest runs until it
+ * stops, and its end becomes one line and an exit status. */
 fn main() -> ExitCode {
     // `lguest --bench` starts lguest again as P7's second process.
     if let Some(peer) = lguest::dma::bench::peer_from_env() {
@@ -349,6 +353,9 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_SETUP);
         }
     };
+    /*L:610 And the end (ABI section 10): one line on stderr, starting
+     * `lguest: `, and an exit status: 0 for a power-off, 1 for a crash or
+     * Sudden Death. */
     let stop = launch.run(|reason| {
         output::message(format_args!("guest restarting: {}", escape(reason)));
     });
