@@ -185,3 +185,15 @@ impl<const N: usize> Write for Msg<N> {
         Ok(())
     }
 }
+
+/// A failure, with its detail: short text in a fixed buffer (small enough
+/// to pass around in a Result).
+pub type Error = Msg<104>;
+
+/// Format an Error.
+#[macro_export]
+macro_rules! err {
+    ($($arg:tt)*) => {
+        $crate::console::Error::from_fmt(format_args!($($arg)*))
+    };
+}

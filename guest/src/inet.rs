@@ -9,8 +9,9 @@
 use core::fmt::Write;
 
 pub use crate::arp::{parse_ip, Arp, ShowIp, ShowMac, ARP_REPLY, ARP_REQUEST, BROADCAST};
-use crate::virtio::{idle, Deadline, Error};
-use crate::{err, time};
+use crate::console::Error;
+use crate::err;
+use crate::time::{self, idle, Deadline};
 
 /// The biggest Ethernet frame, without its FCS.
 pub const FRAME_MAX: usize = 1514;

@@ -13,9 +13,11 @@
 //! out is the delicate part, see `lguest_noirq_start` below.
 
 use core::arch::global_asm;
+use core::sync::atomic::{AtomicU32, Ordering};
 
 use lguest_abi::{
     hcall as nr, FIRST_EXTERNAL_VECTOR, GATE_INTERRUPT, GATE_TRAP, GUEST_CS, IGNORED_VECTORS,
+    LGUEST_IRQS,
 };
 
 use crate::cell::GuestCell;
@@ -223,14 +225,19 @@ pub fn init() {
 /*
  * Handlers. Each vector has at most one, a plain function that gets the
  * frame and may change it. The self-tests install and remove their own.
+ *
+ * Every IRQ is counted, handler or not, and that is all a device's IRQ
+ * needs: its driver looks at its buffers when it wakes from HALT, and any
+ * IRQ wakes it. So no handler touches driver state, and the drivers need
+ * no locks.
  */
 
 pub type Handler = fn(&mut TrapFrame);
 
 static HANDLERS: [GuestCell<Option<Handler>>; VECTORS] = [const { GuestCell::new(None) }; VECTORS];
 
-/// IRQs that came with no handler (a device we don't drive).
-static SPURIOUS: GuestCell<u64> = GuestCell::new(0);
+static IRQ_COUNTS: [AtomicU32; LGUEST_IRQS as usize] =
+    [const { AtomicU32::new(0) }; LGUEST_IRQS as usize];
 
 /// Install `handler` for `vector`; returns the one it replaces.
 pub fn set_handler(vector: u8, handler: Option<Handler>) -> Option<Handler> {
@@ -240,12 +247,23 @@ pub fn set_handler(vector: u8, handler: Option<Handler>) -> Option<Handler> {
     old
 }
 
-/// Called by the stubs (and only by them).
+/// Interrupts IRQ `irq` has had.
+pub fn irq_count(irq: u16) -> u32 {
+    IRQ_COUNTS
+        .get(irq as usize)
+        .map_or(0, |c| c.load(Ordering::Relaxed))
+}
+
+/// Called by the stubs (and only by them), so `vector` is below VECTORS.
 extern "C" fn dispatch(frame: &mut TrapFrame) {
     let vector = frame.vector as usize;
-    match HANDLERS.get(vector).and_then(|slot| slot.read()) {
+    let irq = vector.checked_sub(FIRST_EXTERNAL_VECTOR as usize);
+    if let Some(irq) = irq {
+        IRQ_COUNTS[irq].fetch_add(1, Ordering::Relaxed);
+    }
+    match HANDLERS[vector].read() {
         Some(handler) => handler(frame),
-        None if vector >= FIRST_EXTERNAL_VECTOR as usize => SPURIOUS.write(SPURIOUS.read() + 1),
+        None if irq.is_some() => {}
         None => panic!(
             "unexpected trap {} at {:#x} (error {:#x}, cr2 {:#x})",
             vector,

@@ -22,7 +22,7 @@ use core::fmt::Write;
 use lguest_abi::{DEVICE_MODEL_DMA, SHUTDOWN_POWEROFF};
 
 use crate::inet::{self, Ip, Nic, ShowIp, ShowMac, FRAME_MAX};
-use crate::virtio::{idle, Deadline};
+use crate::time::{idle, Deadline};
 use crate::{boot, dma, hcall, lguest_data, println, virtio};
 
 const PROMPT: &str = "lguest> ";

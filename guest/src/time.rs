@@ -4,9 +4,15 @@
 //! IRQ 0 once, never early. For measuring we read the TSC directly (rdtsc
 //! works in ring 3) and convert with lguest_data.tsc_khz, which the Host sets
 //! if the TSC runs at a constant rate.
+//!
+//! Waiting for a device (`idle`, `Deadline`) is here too: it belongs to
+//! neither device model, and both use it.
 
 use core::arch::asm;
+use core::cell::Cell;
 use core::sync::atomic::{AtomicU64, Ordering};
+
+use lguest_abi::CLOCK_MIN_DELTA_NS;
 
 use crate::cell::GuestCell;
 use crate::hcall;
@@ -114,4 +120,60 @@ pub fn busy_wait_us(us: u64) {
     while rdtsc() - start < cycles {
         core::hint::spin_loop();
     }
+}
+
+/// A moment to give up at, on the TSC. While one is armed, `idle` sets the
+/// clock event for it, so a HALT never outlives it; dropping it cancels the
+/// timer, so no stray tick reaches whoever counts ticks next.
+pub struct Deadline {
+    end: u64,
+    armed: Cell<bool>,
+}
+
+impl Deadline {
+    pub fn after_ms(ms: u64) -> Deadline {
+        Deadline {
+            end: rdtsc() + ms * tsc_khz(),
+            armed: Cell::new(false),
+        }
+    }
+
+    pub fn passed(&self) -> bool {
+        rdtsc() >= self.end
+    }
+
+    fn remaining_ns(&self) -> u64 {
+        let cycles = self.end.saturating_sub(rdtsc());
+        (cycles as u128 * 1_000_000 / tsc_khz() as u128) as u64
+    }
+}
+
+impl Drop for Deadline {
+    fn drop(&mut self) {
+        if self.armed.get() {
+            hcall::set_clockevent(0);
+        }
+    }
+}
+
+/// Sleep until an interrupt arrives (or `deadline` passes), unless `ready`
+/// says there is work already. `ready` runs with interrupts off, and should
+/// ask for the interrupts it wants (Vring::enable_cb) before it looks, so
+/// nothing can slip in between its look and our HALT: an interrupt that comes
+/// meanwhile is held, and HALT returns at once to take it. This is the
+/// "sti; hlt" of wait_for_ticks, with a driver's look in the middle.
+pub fn idle(deadline: Option<&Deadline>, ready: impl FnOnce() -> bool) {
+    let flags = lguest_data::irq_save();
+    if !ready() {
+        match deadline {
+            Some(d) if d.passed() => {}
+            Some(d) => {
+                hcall::set_clockevent(d.remaining_ns().max(CLOCK_MIN_DELTA_NS));
+                d.armed.set(true);
+                hcall::halt();
+            }
+            None => hcall::halt(),
+        }
+    }
+    lguest_data::irq_restore(flags);
 }

@@ -13,10 +13,11 @@ use core::sync::atomic::{compiler_fence, Ordering};
 
 use lguest_abi::{BlockPage, DmaDeviceDesc, DMA_MAX_DEVICES, PAGE_SHIFT};
 
-use super::{bind, irq, set_status, take_irq, Dma, S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK};
+use super::{bind, irq, set_status, Dma, S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK};
 use crate::cell::GuestCell;
+use crate::console::Error;
 use crate::err;
-use crate::virtio::{idle, Deadline, Error};
+use crate::time::{idle, Deadline};
 
 /// The most disks we drive: every entry but the console's.
 pub const MAX_DISKS: usize = DMA_MAX_DEVICES - 1;
@@ -58,7 +59,6 @@ impl Blk {
             page,
             capacity,
         };
-        take_irq(at);
         // SAFETY: not bound yet; from now on reached through raw pointers.
         unsafe { blk.answer().write_volatile(Dma::EMPTY) };
         // SAFETY: as just said.

@@ -12,11 +12,12 @@ use core::sync::atomic::{compiler_fence, Ordering};
 
 use lguest_abi::{LguestDma, LGUEST_CONSOLE_DMA_KEY, LGUEST_MAX_DMA_SECTIONS, PAGE_SIZE};
 
-use super::{bind, irq, set_status, take_irq, Dma, S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK};
+use super::{bind, irq, set_status, Dma, S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK};
 use crate::cell::GuestCell;
+use crate::console::Error;
 use crate::err;
 use crate::shell::{Input, Terminal};
-use crate::virtio::{Deadline, Error};
+use crate::time::Deadline;
 
 const IN_SIZE: usize = 1024;
 const LINE: usize = 256;
@@ -55,7 +56,6 @@ impl Console {
         let data = unsafe { &raw mut (*INPUT.as_ptr()).data } as u64;
         // SAFETY: not bound yet, so the Host doesn't write it.
         unsafe { input_dma().write_volatile(Dma::over(data, IN_SIZE)?.0) };
-        take_irq(at);
         // SAFETY: INPUT is reached only through raw pointers from now on.
         if !unsafe { bind(LGUEST_CONSOLE_DMA_KEY, input_dma(), 1, irq(at)) } {
             return Err(err!("the Host refused our input buffer"));

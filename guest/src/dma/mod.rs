@@ -15,8 +15,8 @@
 //! `pfn << 12` for each disk and network. We choose the IRQs: entry i's is
 //! i + 1, as lguest_bus.c did. This is lguest_bus.c without the driver
 //! model; the drivers are hvc_lguest.c, lguest_blk.c and lguest_net.c,
-//! rewritten. Waiting (`idle`, `Deadline`, the IRQ counts) is shared with
-//! the virtio drivers: nothing in it belongs to either model.
+//! rewritten. Waiting (`time::idle`) and the IRQ counts (`interrupts`) are
+//! shared with the virtio drivers: nothing in them belongs to either model.
 
 pub mod blk;
 pub mod console;
@@ -25,12 +25,13 @@ pub mod net;
 use core::fmt::{self, Write};
 
 use lguest_abi::{hcall as nr, DmaDeviceDesc, LguestDma};
-use lguest_abi::{DEVICE_MODEL_DMA, DMA_MAX_DEVICES, FIRST_EXTERNAL_VECTOR, PAGE_SIZE};
+use lguest_abi::{DEVICE_MODEL_DMA, DMA_MAX_DEVICES, PAGE_SIZE};
 
-use crate::console::Msg;
+use crate::console::{Error, Msg};
 use crate::hcall::hcall;
-use crate::virtio::{irq_count, irq_handler, probe_once, Error};
-use crate::{boot, err, interrupts, println};
+use crate::interrupts::irq_count;
+use crate::virtio::probe_once;
+use crate::{boot, err, println};
 
 /// Device types.
 pub const T_CONSOLE: u16 = 1;
@@ -83,12 +84,6 @@ pub fn set_status(i: usize, status: u16) {
 /// Entry `i`'s IRQ, ours to choose.
 pub fn irq(i: usize) -> u8 {
     i as u8 + 1
-}
-
-/// Count entry `i`'s IRQs: the drivers look at their buffers when any IRQ
-/// wakes them, so that is all a handler does.
-fn take_irq(i: usize) {
-    interrupts::set_handler(FIRST_EXTERNAL_VECTOR + irq(i), Some(irq_handler));
 }
 
 /// One `struct lguest_dma`, aligned so that it never crosses a page: the

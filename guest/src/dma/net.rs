@@ -14,11 +14,11 @@ use core::sync::atomic::{compiler_fence, Ordering};
 
 use lguest_abi::{DmaDeviceDesc, LguestDma, PAGE_SHIFT, PAGE_SIZE};
 
-use super::{bind, irq, set_status, take_irq, Dma, S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK};
+use super::{bind, irq, set_status, Dma, S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK};
 use crate::cell::GuestCell;
+use crate::console::Error;
 use crate::err;
 use crate::inet::{Mac, Nic, FRAME_MAX, FRAME_MIN};
-use crate::virtio::Error;
 
 /// A slot's bits in the features.
 const SLOT_MASK: u16 = 0x0FFF;
@@ -79,7 +79,6 @@ impl Net {
             // SAFETY: not bound yet, so the Host doesn't write them.
             unsafe { rx_dma(i).write_volatile(dma.0) };
         }
-        take_irq(at);
         let key = page + 4 * me as u64;
         // SAFETY: RX_DMAS and RX_MEM are reached only through raw pointers.
         if !unsafe { bind(key, rx_dma(0), RX_COUNT, irq(at)) } {

@@ -9,10 +9,12 @@
 use core::fmt::{self, Write};
 
 use super::ring::{Buf, Vring};
-use super::{bit, idle, Deadline, Device, Error};
+use super::{bit, Device};
 use super::{VIRTIO_F_ANY_LAYOUT, VIRTIO_RING_F_EVENT_IDX};
 use crate::cell::GuestCell;
+use crate::console::Error;
 use crate::err;
+use crate::time::{idle, Deadline};
 
 /// Block feature bits (virtio 0.9.5).
 pub const VIRTIO_BLK_F_SEG_MAX: u32 = 2;

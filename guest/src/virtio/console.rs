@@ -10,11 +10,13 @@
 use core::fmt;
 
 use super::pool::Queue;
-use super::{bit, Deadline, Device, Error};
+use super::{bit, Device};
 use super::{VIRTIO_F_ANY_LAYOUT, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use crate::cell::GuestCell;
+use crate::console::Error;
 use crate::err;
 use crate::shell::{Input, Terminal};
+use crate::time::Deadline;
 
 const RX_SIZE: usize = 128;
 const TX_SIZE: usize = 256;

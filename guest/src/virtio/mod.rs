@@ -26,21 +26,18 @@ pub mod pool;
 pub mod ring;
 pub mod rng;
 
-use core::cell::Cell;
 use core::fmt::{self, Write};
-use core::sync::atomic::{AtomicU32, Ordering};
 
 use lguest_abi::{
-    hcall as nr, DeviceDesc, VqConfig, CLOCK_MIN_DELTA_NS, DEVICE_MODEL_VIRTIO,
-    FIRST_EXTERNAL_VECTOR, LGUEST_IRQS, PAGE_SIZE, VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE,
-    VIRTIO_ID_NET, VIRTIO_ID_RNG, VIRTIO_STATUS_ACKNOWLEDGE, VIRTIO_STATUS_DRIVER,
-    VIRTIO_STATUS_DRIVER_OK, VIRTIO_STATUS_FAILED,
+    hcall as nr, DeviceDesc, VqConfig, DEVICE_MODEL_VIRTIO, PAGE_SIZE, VIRTIO_ID_BLOCK,
+    VIRTIO_ID_CONSOLE, VIRTIO_ID_NET, VIRTIO_ID_RNG, VIRTIO_STATUS_ACKNOWLEDGE,
+    VIRTIO_STATUS_DRIVER, VIRTIO_STATUS_DRIVER_OK, VIRTIO_STATUS_FAILED,
 };
 
-use crate::console::Msg;
-use crate::hcall::{self, hcall};
-use crate::interrupts::TrapFrame;
-use crate::{boot, lguest_data, println, time};
+use crate::console::{Error, Msg};
+use crate::hcall::hcall;
+use crate::interrupts::irq_count;
+use crate::{boot, err, println};
 
 /*
  * Feature bits every device may offer (virtio 0.9.5). The block and net ones
@@ -60,18 +57,6 @@ pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
 /// Bit `n` as a feature mask.
 pub const fn bit(n: u32) -> u32 {
     1 << n
-}
-
-/// A failure, with its detail: short text in a fixed buffer (small enough
-/// to pass around in a Result).
-pub type Error = Msg<104>;
-
-/// Format an Error.
-#[macro_export]
-macro_rules! err {
-    ($($arg:tt)*) => {
-        $crate::virtio::Error::from_fmt(format_args!($($arg)*))
-    };
 }
 
 /// The most devices we keep track of.
@@ -315,84 +300,6 @@ impl Bus {
     pub fn is_empty(&self) -> bool {
         self.count == 0
     }
-}
-
-/*
- * Interrupts. Every queue's IRQ comes here, and all we do is count: the
- * drivers look at their used rings when they wake from HALT, and any IRQ
- * wakes them. So a handler never touches driver state, and the drivers need
- * no locks.
- */
-
-static IRQ_COUNTS: [AtomicU32; LGUEST_IRQS as usize] =
-    [const { AtomicU32::new(0) }; LGUEST_IRQS as usize];
-
-pub fn irq_handler(frame: &mut TrapFrame) {
-    let irq = frame.vector as usize - FIRST_EXTERNAL_VECTOR as usize;
-    IRQ_COUNTS[irq].fetch_add(1, Ordering::Relaxed);
-}
-
-/// Interrupts IRQ `irq` has had.
-pub fn irq_count(irq: u16) -> u32 {
-    IRQ_COUNTS
-        .get(irq as usize)
-        .map_or(0, |c| c.load(Ordering::Relaxed))
-}
-
-/// A moment to give up at, on the TSC. While one is armed, `idle` sets the
-/// clock event for it, so a HALT never outlives it; dropping it cancels the
-/// timer, so no stray tick reaches whoever counts ticks next.
-pub struct Deadline {
-    end: u64,
-    armed: Cell<bool>,
-}
-
-impl Deadline {
-    pub fn after_ms(ms: u64) -> Deadline {
-        Deadline {
-            end: time::rdtsc() + ms * time::tsc_khz(),
-            armed: Cell::new(false),
-        }
-    }
-
-    pub fn passed(&self) -> bool {
-        time::rdtsc() >= self.end
-    }
-
-    fn remaining_ns(&self) -> u64 {
-        let cycles = self.end.saturating_sub(time::rdtsc());
-        (cycles as u128 * 1_000_000 / time::tsc_khz() as u128) as u64
-    }
-}
-
-impl Drop for Deadline {
-    fn drop(&mut self) {
-        if self.armed.get() {
-            hcall::set_clockevent(0);
-        }
-    }
-}
-
-/// Sleep until an interrupt arrives (or `deadline` passes), unless `ready`
-/// says there is work already. `ready` runs with interrupts off, and should
-/// ask for the interrupts it wants (Vring::enable_cb) before it looks, so
-/// nothing can slip in between its look and our HALT: an interrupt that comes
-/// meanwhile is held, and HALT returns at once to take it. This is the
-/// "sti; hlt" of wait_for_ticks, with a driver's look in the middle.
-pub fn idle(deadline: Option<&Deadline>, ready: impl FnOnce() -> bool) {
-    let flags = lguest_data::irq_save();
-    if !ready() {
-        match deadline {
-            Some(d) if d.passed() => {}
-            Some(d) => {
-                hcall::set_clockevent(d.remaining_ns().max(CLOCK_MIN_DELTA_NS));
-                d.armed.set(true);
-                hcall::halt();
-            }
-            None => hcall::halt(),
-        }
-    }
-    lguest_data::irq_restore(flags);
 }
 
 /*

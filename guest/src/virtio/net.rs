@@ -10,10 +10,11 @@
 use core::fmt::{self, Write};
 
 use super::pool::Queue;
-use super::{bit, Device, Error};
+use super::{bit, Device};
 use super::{VIRTIO_F_ANY_LAYOUT, VIRTIO_RING_F_EVENT_IDX};
 use crate::arp::ShowMac;
 use crate::cell::GuestCell;
+use crate::console::Error;
 use crate::err;
 use crate::inet::{Mac, Nic, FRAME_MAX, FRAME_MIN};
 

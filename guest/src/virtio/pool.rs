@@ -12,8 +12,9 @@
 //! it for the Host to read, and frees it when the Host hands it back.
 
 use super::ring::{Buf, Used, Vring};
-use super::{idle, Deadline, Error};
 use crate::cell::GuestCell;
+use crate::console::Error;
+use crate::time::{idle, Deadline};
 use lguest_abi::VqConfig;
 
 pub struct Queue {

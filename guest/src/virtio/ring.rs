@@ -24,11 +24,10 @@
 
 use core::sync::atomic::{compiler_fence, fence, Ordering};
 
-use lguest_abi::{hcall as nr, VqConfig, FIRST_EXTERNAL_VECTOR, LGUEST_IRQS, PAGE_SHIFT};
+use lguest_abi::{hcall as nr, VqConfig, LGUEST_IRQS, PAGE_SHIFT};
 
+use crate::console::Error;
 use crate::hcall::hcall;
-use crate::interrupts;
-use crate::virtio::{irq_handler, Error};
 use crate::{err, lguest_data};
 
 // The layout, flags and need_event are the ABI's (shared with the Host).
@@ -122,8 +121,8 @@ pub struct Vring {
 impl Vring {
     /// Take over the ring the Host described in `cfg`: check it lies where
     /// device pages may (from `mem` to pfn_limit), zero it (after a reset the
-    /// Host leaves it as it was), chain every descriptor into the free list,
-    /// and take its interrupt. `event_idx`: whether EVENT_IDX was accepted.
+    /// Host leaves it as it was), and chain every descriptor into the free
+    /// list. `event_idx`: whether EVENT_IDX was accepted.
     pub fn new(cfg: VqConfig, event_idx: bool) -> Result<Vring, Error> {
         let (num, irq, pfn) = (cfg.num, cfg.irq, cfg.pfn);
         if num == 0 || !num.is_power_of_two() || num as usize > MAX_NUM {
@@ -169,7 +168,6 @@ impl Vring {
         // Until a driver asks, we want no interrupts: it looks at the used
         // ring when it is ready to.
         ring.disable_cb();
-        interrupts::set_handler(FIRST_EXTERNAL_VECTOR + irq as u8, Some(irq_handler));
         Ok(ring)
     }
 

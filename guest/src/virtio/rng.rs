@@ -2,10 +2,12 @@
 //! the Host hands it back full of random bytes.
 
 use super::pool::Queue;
-use super::{bit, idle, Deadline, Device, Error};
+use super::{bit, Device};
 use super::{VIRTIO_F_ANY_LAYOUT, VIRTIO_RING_F_EVENT_IDX};
 use crate::cell::GuestCell;
+use crate::console::Error;
 use crate::err;
+use crate::time::{idle, Deadline};
 
 /// Where the Host writes.
 static BUFFER: GuestCell<[[u8; 64]; 1]> = GuestCell::new([[0; 64]; 1]);

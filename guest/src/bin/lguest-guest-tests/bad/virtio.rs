@@ -7,10 +7,11 @@ use lguest_abi::PAGE_SHIFT;
 
 use lguest_guest::cell::GuestCell;
 use lguest_guest::lguest_data;
+use lguest_guest::time::{idle, Deadline};
 use lguest_guest::virtio::ring::{
     Desc, Vring, DESC_SIZE, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
 };
-use lguest_guest::virtio::{bit, idle, Deadline, Devices, VIRTIO_RING_F_INDIRECT_DESC};
+use lguest_guest::virtio::{bit, Devices, VIRTIO_RING_F_INDIRECT_DESC};
 
 /// What the descriptors point at: harmless bytes of ours.
 static PAYLOAD: GuestCell<[u8; 16]> = GuestCell::new(*b"lguest bad case\n");

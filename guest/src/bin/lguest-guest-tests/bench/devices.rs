@@ -5,13 +5,15 @@
 use lguest_abi::SHUTDOWN_POWEROFF;
 
 use lguest_guest::cell::GuestCell;
+use lguest_guest::console::Error;
 use lguest_guest::inet::{self as net, Ip, Mac, FRAME_MAX};
 use lguest_guest::shell::{Input, Terminal};
+use lguest_guest::time::{idle, Deadline};
 use lguest_guest::virtio::blk::{self, Blk, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN};
 use lguest_guest::virtio::console::Console;
 use lguest_guest::virtio::net::{Net, NET_HDR};
 use lguest_guest::virtio::ring::Buf;
-use lguest_guest::virtio::{idle, Deadline, Devices, Error};
+use lguest_guest::virtio::Devices;
 use lguest_guest::{err, hcall, lguest_data, println, time};
 
 const DEFAULT_NET_FRAMES: u64 = 20_000;

@@ -10,11 +10,12 @@
 use lguest_guest::cell::GuestCell;
 use lguest_guest::console::Msg;
 use lguest_guest::println;
+use lguest_guest::time::Deadline;
 use lguest_guest::virtio::blk::{self, Blk};
 use lguest_guest::virtio::blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use lguest_guest::virtio::blk::{VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID};
 use lguest_guest::virtio::blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
-use lguest_guest::virtio::{Deadline, Devices};
+use lguest_guest::virtio::Devices;
 
 use super::devices::need;
 use super::{Failed, TestResult};

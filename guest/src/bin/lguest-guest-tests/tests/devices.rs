@@ -8,14 +8,16 @@
 use lguest_abi::VIRTIO_STATUS_DRIVER_OK;
 use lguest_abi::{VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET, VIRTIO_ID_RNG};
 use lguest_guest::boot;
+use lguest_guest::console::Error;
 use lguest_guest::console::{ConsoleWriter, Msg};
 use lguest_guest::inet::{self, Arp, Nic, ShowIp, ShowMac, ARP_REPLY, FRAME_MAX};
 use lguest_guest::println;
 use lguest_guest::shell::{Input, Terminal};
+use lguest_guest::time::{idle, Deadline};
 use lguest_guest::virtio::console::Console;
 use lguest_guest::virtio::ring::Used;
 use lguest_guest::virtio::rng::Rng;
-use lguest_guest::virtio::{idle, Deadline, Device, Devices, Error};
+use lguest_guest::virtio::{Device, Devices};
 
 use super::blk::test_blk;
 use super::{DeviceTests, Failed, TestResult, FAILURE};

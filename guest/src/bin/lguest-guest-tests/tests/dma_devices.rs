@@ -8,7 +8,7 @@ use lguest_abi::PAGE_SIZE;
 use lguest_guest::dma::blk::{Blk, DONE, ERROR, MAX_DISKS};
 use lguest_guest::dma::{Devices, Dma, T_BLOCK, T_CONSOLE, T_NET};
 use lguest_guest::println;
-use lguest_guest::virtio::Deadline;
+use lguest_guest::time::Deadline;
 
 use super::blk::{bulk, bulk_addr, compare, disk_pattern, test_pattern};
 use super::blk::{LEFT_BEHIND, READ_SIZES, REGION, WRITE_SIZES};
