@@ -26,7 +26,6 @@
 #![no_std]
 
 // How a Guest boots and talks to the Host.
-pub mod arp;
 pub mod boot;
 pub mod cell;
 pub mod console;

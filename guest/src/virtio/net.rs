@@ -12,11 +12,10 @@ use core::fmt::{self, Write};
 use super::pool::Queue;
 use super::{bit, Device};
 use super::{VIRTIO_F_ANY_LAYOUT, VIRTIO_RING_F_EVENT_IDX};
-use crate::arp::ShowMac;
 use crate::cell::GuestCell;
 use crate::console::Error;
 use crate::err;
-use crate::inet::{Mac, Nic, FRAME_MAX, FRAME_MIN};
+use crate::inet::{Mac, Nic, ShowMac, FRAME_MAX, FRAME_MIN};
 
 /// The net feature we take: the config holds our MAC address.
 pub const VIRTIO_NET_F_MAC: u32 = 5;

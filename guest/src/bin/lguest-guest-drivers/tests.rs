@@ -29,7 +29,7 @@ use virtio_drivers::Error;
 use crate::hal::LguestHal;
 use crate::mmio::{irq_count, kind_name, Devices, Window};
 use crate::wait::{self, Deadline};
-use lguest_guest::arp::{self, Arp, ShowIp, ShowMac, ARP_REPLY, ARP_REQUEST, BROADCAST};
+use lguest_guest::inet::{self, Arp, ShowIp, ShowMac, ARP_REPLY, ARP_REQUEST, BROADCAST};
 
 /// A failed check, with what went wrong (boxed: results stay small).
 type Failure = Box<Msg<200>>;
@@ -441,9 +441,9 @@ fn transmit(net: &mut Net<'_>, frame: &[u8]) -> TestResult {
 }
 
 fn test_net(devices: &mut Devices) -> TestResult {
-    let (ip, host_ip) = match arp::test_addresses(boot::option("ip"), boot::option("hostip")) {
+    let (ip, host_ip) = match inet::test_addresses(boot::option("ip"), boot::option("hostip")) {
         Ok(addresses) => addresses,
-        Err(e) => bail!("{e}"),
+        Err(e) => bail!("{}", e.as_str()),
     };
     let (transport, _) = take(devices, DeviceType::Network)?;
     // The buffers outlive the driver (declared first, dropped last): it

@@ -155,7 +155,7 @@ fn bench_frame(mac: Mac, ip: Ip) -> (u64, usize) {
         h[0] = 0x45;
         net::put16(h, 2, ip_len as u16);
         h[8] = 64;
-        h[9] = net::IPPROTO_UDP;
+        h[9] = 17; // UDP
         h[12..16].copy_from_slice(&ip);
         h[16..20].copy_from_slice(&[255; 4]);
         let sum = net::checksum(h);

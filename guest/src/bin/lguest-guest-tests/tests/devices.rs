@@ -10,7 +10,7 @@ use lguest_abi::{VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET, VIRTIO_ID_RN
 use lguest_guest::boot;
 use lguest_guest::console::Error;
 use lguest_guest::console::{ConsoleWriter, Msg};
-use lguest_guest::inet::{self, Arp, Nic, ShowIp, ShowMac, ARP_REPLY, FRAME_MAX};
+use lguest_guest::inet::{self, Nic, ShowIp, ShowMac};
 use lguest_guest::println;
 use lguest_guest::shell::{Input, Terminal};
 use lguest_guest::time::{idle, Deadline};
@@ -137,47 +137,27 @@ pub fn test_net(devs: &mut Devices) -> TestResult {
 }
 
 pub fn arp_host(net: &mut dyn Nic) -> TestResult {
-    let (ip, host_ip) =
-        match lguest_guest::arp::test_addresses(boot::option("ip"), boot::option("hostip")) {
-            Ok(addresses) => addresses,
-            Err(e) => fail!("{e}"),
-        };
-    let mut request = [0u8; FRAME_MAX];
-    let ask = Arp::request(net.mac(), ip, host_ip);
-    let len = ask.write(lguest_guest::arp::BROADCAST, &mut request);
-    let mut frame = [0u8; FRAME_MAX];
+    let addresses = inet::test_addresses(boot::option("ip"), boot::option("hostip"));
+    let (ip, host_ip) = match addresses {
+        Ok(addresses) => addresses,
+        Err(e) => fail!("{}", e.as_str()),
+    };
     // Ask once a second: the first may go out before the tap is up.
-    for _ in 0..5 {
-        net.send(&request[..len]);
-        let deadline = Deadline::after_ms(1000);
-        loop {
-            while let Some(got) = net.recv(&mut frame) {
-                let frame = &frame[..got];
-                if let Some(arp) = Arp::parse(frame) {
-                    if arp.op == ARP_REPLY && arp.spa == host_ip && arp.tpa == ip {
-                        println!(
-                            "lguest-guest: net: we are {} ({}), the Host's {} is at {}",
-                            ShowIp(ip),
-                            ShowMac(net.mac()),
-                            ShowIp(host_ip),
-                            ShowMac(arp.sha)
-                        );
-                        return Ok(());
-                    }
-                }
-                inet::answer(net, frame, ip);
-            }
-            if deadline.passed() {
-                break;
-            }
-            idle(Some(&deadline), || net.arm_rx());
-        }
-    }
-    fail!(
-        "no ARP reply from {} to {} within 5 s (is the tap up, with that address?)",
+    let Some(mac) = inet::resolve(net, ip, host_ip, 5) else {
+        fail!(
+            "no ARP reply from {} to {} within 5 s (is the tap up, with that address?)",
+            ShowIp(host_ip),
+            ShowIp(ip)
+        );
+    };
+    println!(
+        "lguest-guest: net: we are {} ({}), the Host's {} is at {}",
+        ShowIp(ip),
+        ShowMac(net.mac()),
         ShowIp(host_ip),
-        ShowIp(ip)
+        ShowMac(mac)
     );
+    Ok(())
 }
 
 /*
