@@ -12,8 +12,9 @@ use core::fmt::{self, Write};
 use core::sync::atomic::{compiler_fence, Ordering};
 
 use lguest_abi::{BlockPage, DmaDeviceDesc, DMA_MAX_DEVICES, PAGE_SHIFT};
+use lguest_abi::{LGUEST_BLOCK_DONE, LGUEST_BLOCK_PENDING, LGUEST_BLOCK_READ, LGUEST_BLOCK_WRITE};
 
-use super::{bind, irq, set_status, Dma, S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK};
+use super::{bind, irq, Dma};
 use crate::cell::GuestCell;
 use crate::console::Error;
 use crate::err;
@@ -21,16 +22,22 @@ use crate::time::{idle, Deadline};
 
 /// The most disks we drive: every entry but the console's.
 pub const MAX_DISKS: usize = DMA_MAX_DEVICES - 1;
-/// The page's results.
-pub const DONE: u32 = 1;
-pub const ERROR: u32 = 2;
 
 /// Each disk's answer buffer.
 static ANSWERS: GuestCell<[Dma; MAX_DISKS]> = GuestCell::new([Dma::EMPTY; MAX_DISKS]);
 
 /// The device page of a block entry.
-pub fn page(e: &DmaDeviceDesc) -> *mut BlockPage {
+fn page(e: &DmaDeviceDesc) -> *mut BlockPage {
     core::ptr::with_exposed_provenance_mut(((e.pfn as u64) << PAGE_SHIFT) as usize)
+}
+
+/// A block entry's size in sectors, as its page says (None: it has no page).
+fn sectors(e: &DmaDeviceDesc) -> Option<u64> {
+    if e.pfn == 0 || e.num_pages == 0 {
+        return None;
+    }
+    // SAFETY: the device page, below pfn_limit and identity-mapped.
+    Some(unsafe { (&raw const (*page(e)).num_sectors).read_volatile() } as u64)
 }
 
 pub struct Blk {
@@ -46,13 +53,8 @@ pub struct Blk {
 impl Blk {
     /// Bring up entry `at`, `e`, as our disk number `disk`.
     pub fn probe(at: usize, e: &DmaDeviceDesc, disk: usize) -> Result<Blk, Error> {
-        set_status(at, S_ACKNOWLEDGE | S_DRIVER);
-        if e.pfn == 0 || e.num_pages == 0 {
-            return Err(err!("block entry {at} has no page"));
-        }
+        let capacity = sectors(e).ok_or_else(|| err!("block entry {at} has no page"))?;
         let page = page(e);
-        // SAFETY: the device page, below pfn_limit and identity-mapped.
-        let capacity = unsafe { (&raw const (*page).num_sectors).read_volatile() } as u64;
         let blk = Blk {
             at,
             disk,
@@ -62,10 +64,7 @@ impl Blk {
         // SAFETY: not bound yet; from now on reached through raw pointers.
         unsafe { blk.answer().write_volatile(Dma::EMPTY) };
         // SAFETY: as just said.
-        if !unsafe { bind(page as u64, &raw mut (*blk.answer()).0, 1, irq(at)) } {
-            return Err(err!("the Host refused our answer buffer"));
-        }
-        set_status(at, S_ACKNOWLEDGE | S_DRIVER | S_DRIVER_OK);
+        unsafe { bind(page as u64, &raw mut (*blk.answer()).0, 1, irq(at))? };
         Ok(blk)
     }
 
@@ -81,7 +80,8 @@ impl Blk {
     }
 
     /// Read (or `write`) `len` bytes at `addr` of our RAM from `sector`, at
-    /// most 16 pages' worth: the page's result, DONE or ERROR.
+    /// most 16 pages' worth: the page's result, LGUEST_BLOCK_DONE or
+    /// LGUEST_BLOCK_ERROR.
     pub fn request(
         &mut self,
         write: bool,
@@ -92,10 +92,11 @@ impl Blk {
     ) -> Result<u32, Error> {
         let data = Dma::over(addr, len)?;
         let sector = u32::try_from(sector).map_err(|_| err!("sector {sector} is past 2 TiB"))?;
-        let mut send = Dma::EMPTY;
-        if write {
-            send = data;
-        } else {
+        let (kind, mut send) = match write {
+            true => (LGUEST_BLOCK_WRITE, data),
+            false => (LGUEST_BLOCK_READ, Dma::EMPTY),
+        };
+        if !write {
             // SAFETY: no request is in flight, so the Host isn't writing
             // the answer buffer (its used_len is 0).
             unsafe { self.answer().write_volatile(data) };
@@ -103,17 +104,19 @@ impl Blk {
         let page = self.page;
         // SAFETY: the device page; the Host looks at it only when we send.
         unsafe {
-            (&raw mut (*page).type_).write_volatile(write as u32);
+            (&raw mut (*page).type_).write_volatile(kind);
             (&raw mut (*page).sector).write_volatile(sector);
             (&raw mut (*page).bytes).write_volatile(len as u32);
-            (&raw mut (*page).result).write_volatile(0);
+            (&raw mut (*page).result).write_volatile(LGUEST_BLOCK_PENDING);
         }
         compiler_fence(Ordering::SeqCst);
-        send.send(self.page as u64);
+        send.send(page as u64);
         let result = loop {
             match self.result() {
-                0 if deadline.passed() => return Err(err!("no answer to a request")),
-                0 => idle(Some(deadline), || self.result() != 0),
+                LGUEST_BLOCK_PENDING if deadline.passed() => {
+                    return Err(err!("no answer to a request"))
+                }
+                LGUEST_BLOCK_PENDING => idle(Some(deadline), || self.result() != 0),
                 result => break result,
             }
         };
@@ -123,7 +126,7 @@ impl Blk {
         let answered = unsafe { used_len.read_volatile() };
         // SAFETY: as just said.
         unsafe { used_len.write_volatile(0) };
-        if result == DONE && !write && answered as usize != len {
+        if result == LGUEST_BLOCK_DONE && !write && answered as usize != len {
             return Err(err!("a read of {len} bytes answered with {answered}"));
         }
         Ok(result)
@@ -132,10 +135,8 @@ impl Blk {
 
 /// The disk's size, for listings.
 pub fn describe_page(out: &mut dyn Write, e: &DmaDeviceDesc) -> fmt::Result {
-    if e.pfn == 0 {
-        return Ok(());
+    match sectors(e) {
+        Some(sectors) => write!(out, "; {sectors} sectors ({} KiB)", sectors / 2),
+        None => Ok(()),
     }
-    // SAFETY: a block entry's page (see probe).
-    let sectors = unsafe { (&raw const (*page(e)).num_sectors).read_volatile() } as u64;
-    write!(out, "; {sectors} sectors ({} KiB)", sectors / 2)
 }

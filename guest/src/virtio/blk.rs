@@ -9,12 +9,12 @@
 use core::fmt::{self, Write};
 
 use super::ring::{Buf, Vring};
-use super::{bit, Device};
-use super::{VIRTIO_F_ANY_LAYOUT, VIRTIO_RING_F_EVENT_IDX};
+use super::Device;
 use crate::cell::GuestCell;
 use crate::console::Error;
 use crate::err;
-use crate::time::{idle, Deadline};
+use crate::time::Deadline;
+use lguest_abi::vring::{F_ANY_LAYOUT, RING_F_EVENT_IDX};
 
 /// Block feature bits (virtio 0.9.5).
 pub const VIRTIO_BLK_F_SEG_MAX: u32 = 2;
@@ -98,12 +98,12 @@ impl Blk {
     pub fn probe(dev: Device, disk: usize) -> Result<Blk, Error> {
         assert!(disk < MAX_DISKS);
         let accepted = dev.negotiate(
-            bit(VIRTIO_BLK_F_SEG_MAX)
-                | bit(VIRTIO_BLK_F_RO)
-                | bit(VIRTIO_BLK_F_BLK_SIZE)
-                | bit(VIRTIO_BLK_F_FLUSH)
-                | bit(VIRTIO_F_ANY_LAYOUT)
-                | bit(VIRTIO_RING_F_EVENT_IDX),
+            1 << VIRTIO_BLK_F_SEG_MAX
+                | 1 << VIRTIO_BLK_F_RO
+                | 1 << VIRTIO_BLK_F_BLK_SIZE
+                | 1 << VIRTIO_BLK_F_FLUSH
+                | 1 << F_ANY_LAYOUT
+                | 1 << RING_F_EVENT_IDX,
         );
         let setup = || -> Result<Blk, Error> {
             if dev.num_vq() < 1 {
@@ -112,13 +112,13 @@ impl Blk {
             let capacity = dev
                 .config(CFG_CAPACITY, 8)
                 .ok_or_else(|| err!("block config of {} bytes", dev.header.config_len))?;
-            let has = |f: u32| accepted & bit(f) != 0;
+            let has = |f: u32| accepted & 1 << f != 0;
             // SEG_MAX and BLK_SIZE we accept but need not heed: a request
             // has one data buffer, and we address the disk in sectors.
             let blk = Blk {
                 dev,
                 disk,
-                vq: Vring::new(dev.vq(0), has(VIRTIO_RING_F_EVENT_IDX))?,
+                vq: Vring::new(dev.vq(0), has(RING_F_EVENT_IDX))?,
                 capacity,
                 read_only: has(VIRTIO_BLK_F_RO),
                 can_flush: has(VIRTIO_BLK_F_FLUSH),
@@ -218,8 +218,7 @@ impl Blk {
                     self.in_flight()
                 ));
             }
-            idle(Some(deadline), || self.vq.enable_cb());
-            self.vq.disable_cb();
+            self.vq.sleep(Some(deadline));
         }
     }
 }
@@ -234,20 +233,20 @@ pub fn describe_config(out: &mut dyn Write, dev: &Device) -> fmt::Result {
             capacity * SECTOR / 1024
         )?;
     }
-    if host & bit(VIRTIO_BLK_F_BLK_SIZE) != 0 {
+    if host & 1 << VIRTIO_BLK_F_BLK_SIZE != 0 {
         if let Some(size) = dev.config(CFG_BLK_SIZE, 4) {
             write!(out, ", blk_size {size}")?;
         }
     }
-    if host & bit(VIRTIO_BLK_F_SEG_MAX) != 0 {
+    if host & 1 << VIRTIO_BLK_F_SEG_MAX != 0 {
         if let Some(segs) = dev.config(CFG_SEG_MAX, 4) {
             write!(out, ", seg_max {segs}")?;
         }
     }
-    if host & bit(VIRTIO_BLK_F_FLUSH) != 0 {
+    if host & 1 << VIRTIO_BLK_F_FLUSH != 0 {
         write!(out, ", flush")?;
     }
-    if host & bit(VIRTIO_BLK_F_RO) != 0 {
+    if host & 1 << VIRTIO_BLK_F_RO != 0 {
         write!(out, ", read-only")?;
     }
     Ok(())

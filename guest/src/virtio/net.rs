@@ -10,12 +10,12 @@
 use core::fmt::{self, Write};
 
 use super::pool::Queue;
-use super::{bit, Device};
-use super::{VIRTIO_F_ANY_LAYOUT, VIRTIO_RING_F_EVENT_IDX};
+use super::Device;
 use crate::cell::GuestCell;
 use crate::console::Error;
 use crate::err;
 use crate::inet::{Mac, Nic, ShowMac, FRAME_MAX, FRAME_MIN};
+use lguest_abi::vring::{F_ANY_LAYOUT, RING_F_EVENT_IDX};
 
 /// The net feature we take: the config holds our MAC address.
 pub const VIRTIO_NET_F_MAC: u32 = 5;
@@ -41,19 +41,18 @@ pub struct Net {
 
 impl Net {
     pub fn probe(dev: Device) -> Result<Net, Error> {
-        let accepted = dev.negotiate(
-            bit(VIRTIO_NET_F_MAC) | bit(VIRTIO_F_ANY_LAYOUT) | bit(VIRTIO_RING_F_EVENT_IDX),
-        );
+        let accepted =
+            dev.negotiate(1 << VIRTIO_NET_F_MAC | 1 << F_ANY_LAYOUT | 1 << RING_F_EVENT_IDX);
         let setup = || -> Result<Net, Error> {
             if dev.num_vq() < 2 {
                 return Err(err!("net device with {} queues, not 2", dev.num_vq()));
             }
-            if accepted & bit(VIRTIO_F_ANY_LAYOUT) == 0 {
+            if accepted & 1 << F_ANY_LAYOUT == 0 {
                 // Then the header would need a descriptor of its own.
                 return Err(err!("the Host doesn't offer ANY_LAYOUT"));
             }
             let mut mac = DEFAULT_MAC;
-            if accepted & bit(VIRTIO_NET_F_MAC) != 0 {
+            if accepted & 1 << VIRTIO_NET_F_MAC != 0 {
                 for (i, byte) in mac.iter_mut().enumerate() {
                     *byte = dev
                         .config(i, 1)
@@ -61,7 +60,7 @@ impl Net {
                         as u8;
                 }
             }
-            let event_idx = accepted & bit(VIRTIO_RING_F_EVENT_IDX) != 0;
+            let event_idx = accepted & 1 << RING_F_EVENT_IDX != 0;
             let mut net = Net {
                 rx: Queue::new(dev.vq(0), event_idx, &RX_MEM)?,
                 tx: Queue::new(dev.vq(1), event_idx, &TX_MEM)?,
@@ -115,7 +114,7 @@ impl Nic for Net {
 
 /// The config, for listings.
 pub fn describe_config(out: &mut dyn Write, dev: &Device) -> fmt::Result {
-    if dev.host_features() & bit(VIRTIO_NET_F_MAC) != 0 {
+    if dev.host_features() & 1 << VIRTIO_NET_F_MAC != 0 {
         let mut mac = [0u8; 6];
         for (i, byte) in mac.iter_mut().enumerate() {
             *byte = dev.config(i, 1).unwrap_or(0) as u8;

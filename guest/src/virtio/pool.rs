@@ -14,7 +14,7 @@
 use super::ring::{Buf, Used, Vring};
 use crate::cell::GuestCell;
 use crate::console::Error;
-use crate::time::{idle, Deadline};
+use crate::time::Deadline;
 use lguest_abi::VqConfig;
 
 pub struct Queue {
@@ -144,8 +144,7 @@ impl Queue {
                 self.free &= !(1 << i);
                 return i;
             }
-            idle(None, || self.vq.enable_cb());
-            self.vq.disable_cb();
+            self.vq.sleep(None);
         }
     }
 
@@ -172,8 +171,7 @@ impl Queue {
             if deadline.is_some_and(|d| d.passed()) {
                 return false;
             }
-            idle(deadline, || self.vq.enable_cb());
-            self.vq.disable_cb();
+            self.vq.sleep(deadline);
         }
     }
 }

@@ -2,12 +2,12 @@
 //! the Host hands it back full of random bytes.
 
 use super::pool::Queue;
-use super::{bit, Device};
-use super::{VIRTIO_F_ANY_LAYOUT, VIRTIO_RING_F_EVENT_IDX};
+use super::Device;
 use crate::cell::GuestCell;
 use crate::console::Error;
 use crate::err;
-use crate::time::{idle, Deadline};
+use crate::time::Deadline;
+use lguest_abi::vring::{F_ANY_LAYOUT, RING_F_EVENT_IDX};
 
 /// Where the Host writes.
 static BUFFER: GuestCell<[[u8; 64]; 1]> = GuestCell::new([[0; 64]; 1]);
@@ -21,12 +21,12 @@ pub struct Rng {
 
 impl Rng {
     pub fn probe(dev: Device) -> Result<Rng, Error> {
-        let accepted = dev.negotiate(bit(VIRTIO_F_ANY_LAYOUT) | bit(VIRTIO_RING_F_EVENT_IDX));
+        let accepted = dev.negotiate(1 << F_ANY_LAYOUT | 1 << RING_F_EVENT_IDX);
         let setup = || -> Result<Rng, Error> {
             if dev.num_vq() < 1 {
                 return Err(err!("rng device with no queue"));
             }
-            let event_idx = accepted & bit(VIRTIO_RING_F_EVENT_IDX) != 0;
+            let event_idx = accepted & 1 << RING_F_EVENT_IDX != 0;
             let queue = Queue::new(dev.vq(0), event_idx, &BUFFER)?;
             dev.driver_ok();
             Ok(Rng {
@@ -54,8 +54,7 @@ impl Rng {
             if deadline.passed() {
                 return Err(err!("no random bytes within 5 s"));
             }
-            idle(Some(&deadline), || self.queue.vq.enable_cb());
-            self.queue.vq.disable_cb();
+            self.queue.vq.sleep(Some(&deadline));
         };
         self.offered = false;
         let len = len.min(out.len());

@@ -121,7 +121,7 @@ fn echo(console: &mut Console) -> (u64, u64) {
         let mut buf = [0u8; 128];
         match console.poll(&mut buf) {
             Input::Bytes(n) => {
-                console.write(&buf[..n]);
+                console.send(&buf[..n]);
                 bytes += n as u64;
             }
             Input::Eof => break,

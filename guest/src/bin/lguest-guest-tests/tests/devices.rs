@@ -13,7 +13,7 @@ use lguest_guest::console::{ConsoleWriter, Msg};
 use lguest_guest::inet::{self, Nic, ShowIp, ShowMac};
 use lguest_guest::println;
 use lguest_guest::shell::{Input, Terminal};
-use lguest_guest::time::{idle, Deadline};
+use lguest_guest::time::Deadline;
 use lguest_guest::virtio::console::Console;
 use lguest_guest::virtio::ring::Used;
 use lguest_guest::virtio::rng::Rng;
@@ -66,8 +66,7 @@ fn write_and_wait(console: &mut Console, bytes: &[u8], deadline: &Deadline) -> R
                 "the Host never handed back the buffer (head {head})"
             ));
         }
-        idle(Some(deadline), || console.tx.vq.enable_cb());
-        console.tx.vq.disable_cb();
+        console.tx.vq.sleep(Some(deadline));
     }
 }
 

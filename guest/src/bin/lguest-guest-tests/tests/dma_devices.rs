@@ -4,9 +4,11 @@
 //! every disk through its page, `net` and `ping` are the bus's tests on
 //! the shared-page network.
 
-use lguest_abi::PAGE_SIZE;
-use lguest_guest::dma::blk::{Blk, DONE, ERROR, MAX_DISKS};
-use lguest_guest::dma::{Devices, Dma, T_BLOCK, T_CONSOLE, T_NET};
+use lguest_abi::LGUEST_DEVICE_T_NET as T_NET;
+use lguest_abi::{LGUEST_BLOCK_DONE as DONE, LGUEST_BLOCK_ERROR as ERROR, PAGE_SIZE};
+use lguest_abi::{LGUEST_DEVICE_T_BLOCK as T_BLOCK, LGUEST_DEVICE_T_CONSOLE as T_CONSOLE};
+use lguest_guest::dma::blk::{Blk, MAX_DISKS};
+use lguest_guest::dma::{self, Devices, Dma};
 use lguest_guest::println;
 use lguest_guest::time::Deadline;
 
@@ -26,7 +28,7 @@ const CONSOLE_LINE: &[u8] = b"lguest-guest: console: this line came through SEND
 
 fn test_console(devs: &mut Devices) -> TestResult {
     let console = need("bringing up the console", devs.console())?;
-    let taken = console.write(CONSOLE_LINE);
+    let taken = dma::console::send(CONSOLE_LINE);
     check!(
         taken == CONSOLE_LINE.len(),
         "SEND_DMA to key 0: the Launcher took {taken} of {} bytes",

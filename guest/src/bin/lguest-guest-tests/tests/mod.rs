@@ -14,8 +14,8 @@
 //! address (a hypercall site, a faulting load), it is written in assembly in
 //! its file, with labels the Rust code finds through `extern` statics.
 
-use lguest_abi::VIRTIO_STATUS_DRIVER_OK;
 use lguest_abi::{DEVICE_MODEL_DMA, GUEST_CS, GUEST_DS, LGUEST_IRQS, RED_ZONE, SHUTDOWN_POWEROFF};
+use lguest_abi::{LGUEST_DEVICE_S_DRIVER_OK, VIRTIO_STATUS_DRIVER_OK};
 use lguest_guest::cell::GuestCell;
 use lguest_guest::console::Msg;
 use lguest_guest::virtio::Devices;
@@ -107,7 +107,8 @@ impl Machine for dma::Devices {
     }
 
     fn irq_mask(&self) -> u32 {
-        let driven = (0..self.table.len()).filter(|&i| dma::status(i) & dma::S_DRIVER_OK != 0);
+        let driven =
+            (0..self.table.len()).filter(|&i| dma::status(i) & LGUEST_DEVICE_S_DRIVER_OK != 0);
         driven.fold(0, |mask, i| mask | 1 << dma::irq(i))
     }
 }
