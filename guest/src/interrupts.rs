@@ -98,41 +98,17 @@ lguest_vector_\vec:
 
     .balign 16
 lguest_trap_common:
-    push r15
-    push r14
-    push r13
-    push r12
-    push r11
-    push r10
-    push r9
-    push r8
-    push rbp
-    push rdi
-    push rsi
-    push rdx
-    push rcx
-    push rbx
-    push rax
+    .irp reg, r15,r14,r13,r12,r11,r10,r9,r8,rbp,rdi,rsi,rdx,rcx,rbx,rax
+    push \reg
+    .endr
     mov rdi, rsp
     mov rbx, rsp
     and rsp, -16
     call {dispatch}
     mov rsp, rbx
-    pop rax
-    pop rbx
-    pop rcx
-    pop rdx
-    pop rsi
-    pop rdi
-    pop rbp
-    pop r8
-    pop r9
-    pop r10
-    pop r11
-    pop r12
-    pop r13
-    pop r14
-    pop r15
+    .irp reg, rax,rbx,rcx,rdx,rsi,rdi,rbp,r8,r9,r10,r11,r12,r13,r14,r15
+    pop \reg
+    .endr
     add rsp, 16
     push rax
     mov rax, [rsp + 24]
