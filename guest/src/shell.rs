@@ -26,6 +26,7 @@ use crate::time::{idle, Deadline};
 use crate::{boot, dma, err, hcall, lguest_data, println, virtio};
 
 const PROMPT: &str = "lguest> ";
+const ESC: u8 = 0x1B;
 const LINE_MAX: usize = 256;
 const HELP: &str = "commands: help, echo WORDS, devices, ping A.B.C.D, poweroff\n";
 /// Echo requests `ping` sends.
@@ -129,17 +130,6 @@ pub fn serve() -> ! {
     hcall::shutdown(c"reference Guest finished", SHUTDOWN_POWEROFF);
 }
 
-/// Where we are in an escape sequence: ESC, then for CSI `[`, parameter
-/// bytes and a final byte in 0x40-0x7E (the arrows are ESC [ A to D); for
-/// SS3 `O` and one byte (ESC O A on some terminals).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Escape {
-    None,
-    Esc,
-    Csi,
-    Ss3,
-}
-
 /// What a key asks of the prompt.
 enum Key {
     Nothing,
@@ -157,7 +147,11 @@ struct Line {
     /// Bytes still to come of the character being typed, and whether it
     /// is going into the line.
     pending: (usize, bool),
-    escape: Escape,
+    /// Where we are in an escape sequence, by the byte that started the
+    /// part we are in: ESC; then for CSI `[`, parameter bytes and a final
+    /// byte in 0x40-0x7E (the arrows are ESC [ A to D); for SS3 `O` and one
+    /// byte (ESC O A on some terminals). 0 outside one.
+    escape: u8,
     /// A "\r\n" from a terminal that isn't raw is one Enter, not two.
     after_cr: bool,
 }
@@ -169,7 +163,7 @@ impl Line {
             len: 0,
             over: 0,
             pending: (0, false),
-            escape: Escape::None,
+            escape: 0,
             after_cr,
         }
     }
@@ -182,13 +176,12 @@ impl Line {
     fn key(&mut self, out: &mut Out, byte: u8) -> Key {
         let was_cr = core::mem::replace(&mut self.after_cr, byte == b'\r');
         match (self.escape, byte) {
-            (Escape::Esc, b'[') => self.escape = Escape::Csi,
-            (Escape::Esc, b'O') => self.escape = Escape::Ss3,
-            (Escape::Esc, 0x1B) | (Escape::Csi, 0x20..=0x3F) => {}
-            (Escape::Esc | Escape::Csi | Escape::Ss3, 0x20..=0x7E) => self.escape = Escape::None,
+            (ESC, b'[' | b'O') => self.escape = byte,
+            (ESC, ESC) | (b'[', 0x20..=0x3F) => {}
+            (ESC | b'[' | b'O', 0x20..=0x7E) => self.escape = 0,
             // Anything else ends the sequence (if any) and is a key of its own.
             _ => {
-                self.escape = Escape::None;
+                self.escape = 0;
                 return self.plain_key(out, byte, was_cr);
             }
         }
@@ -211,7 +204,7 @@ impl Line {
             b'\r' | b'\n' => return Key::Enter,
             0x03 => return Key::Cancel,
             0x04 if self.is_empty() => return Key::Eof,
-            0x1B => self.escape = Escape::Esc,
+            ESC => self.escape = ESC,
             0x7F | 0x08 if self.over > 0 => {
                 self.over -= 1;
                 out.put(b"\x08 \x08");

@@ -94,28 +94,23 @@ pub struct Blk {
 }
 
 impl Blk {
-    /// Bring up `dev` as our disk number `disk` (below MAX_DISKS).
+    /// Bring up `dev` as our disk number `disk` (below MAX_DISKS). SEG_MAX
+    /// and BLK_SIZE we accept but need not heed: a request has one data
+    /// buffer, and we address the disk in sectors.
     pub fn probe(dev: Device, disk: usize) -> Result<Blk, Error> {
         assert!(disk < MAX_DISKS);
-        let accepted = dev.negotiate(
-            1 << VIRTIO_BLK_F_SEG_MAX
-                | 1 << VIRTIO_BLK_F_RO
-                | 1 << VIRTIO_BLK_F_BLK_SIZE
-                | 1 << VIRTIO_BLK_F_FLUSH
-                | 1 << F_ANY_LAYOUT
-                | 1 << RING_F_EVENT_IDX,
-        );
-        let setup = || -> Result<Blk, Error> {
-            if dev.num_vq() < 1 {
-                return Err(err!("block device with no queue"));
-            }
-            let capacity = dev
-                .config(CFG_CAPACITY, 8)
-                .ok_or_else(|| err!("block config of {} bytes", dev.header.config_len))?;
+        let support = 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_RO
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_FLUSH
+            | 1 << F_ANY_LAYOUT
+            | 1 << RING_F_EVENT_IDX;
+        dev.bring_up(support, 1, |accepted| {
+            let capacity = dev.config(CFG_CAPACITY, 8);
+            let capacity =
+                capacity.ok_or_else(|| err!("block config of {} bytes", dev.header.config_len))?;
             let has = |f: u32| accepted & 1 << f != 0;
-            // SEG_MAX and BLK_SIZE we accept but need not heed: a request
-            // has one data buffer, and we address the disk in sectors.
-            let blk = Blk {
+            Ok(Blk {
                 dev,
                 disk,
                 vq: Vring::new(dev.vq(0), has(RING_F_EVENT_IDX))?,
@@ -123,11 +118,8 @@ impl Blk {
                 read_only: has(VIRTIO_BLK_F_RO),
                 can_flush: has(VIRTIO_BLK_F_FLUSH),
                 busy: 0,
-            };
-            dev.driver_ok();
-            Ok(blk)
-        };
-        setup().inspect_err(|_| dev.fail())
+            })
+        })
     }
 
     fn slot_ptr(&self, i: usize) -> *mut Slot {
@@ -161,25 +153,16 @@ impl Blk {
         };
         let header = Buf::readable(p as u64, HEADER_BYTES);
         let status = Buf::writable(p as u64 + HEADER_BYTES as u64, 1);
-        let host_writes = matches!(kind, VIRTIO_BLK_T_IN | VIRTIO_BLK_T_GET_ID);
+        let writable = matches!(kind, VIRTIO_BLK_T_IN | VIRTIO_BLK_T_GET_ID);
         let added = match data {
-            Some((addr, len)) => {
-                let data = Buf {
-                    addr,
-                    len: len as u32,
-                    writable: host_writes,
-                };
-                self.vq.add(&[header, data, status])
-            }
+            Some((addr, len)) => self
+                .vq
+                .add(&[header, Buf::new(addr, len, writable), status]),
             None => self.vq.add(&[header, status]),
         };
         added.ok()?;
         self.busy |= 1 << slot;
         Some(slot)
-    }
-
-    pub fn kick(&mut self) {
-        self.vq.kick();
     }
 
     /// A finished request, if there is one.
@@ -225,29 +208,26 @@ impl Blk {
 
 /// The config, for listings.
 pub fn describe_config(out: &mut dyn Write, dev: &Device) -> fmt::Result {
-    let host = dev.host_features();
     if let Some(capacity) = dev.config(CFG_CAPACITY, 8) {
-        write!(
-            out,
-            "; {capacity} sectors ({} KiB)",
-            capacity * SECTOR / 1024
-        )?;
+        let kib = capacity * SECTOR / 1024;
+        write!(out, "; {capacity} sectors ({kib} KiB)")?;
     }
-    if host & 1 << VIRTIO_BLK_F_BLK_SIZE != 0 {
-        if let Some(size) = dev.config(CFG_BLK_SIZE, 4) {
-            write!(out, ", blk_size {size}")?;
+    let offered = |f: u32| dev.host_features() & 1 << f != 0;
+    for (f, name, at) in [
+        (VIRTIO_BLK_F_BLK_SIZE, "blk_size", CFG_BLK_SIZE),
+        (VIRTIO_BLK_F_SEG_MAX, "seg_max", CFG_SEG_MAX),
+    ] {
+        if let Some(value) = dev.config(at, 4).filter(|_| offered(f)) {
+            write!(out, ", {name} {value}")?;
         }
     }
-    if host & 1 << VIRTIO_BLK_F_SEG_MAX != 0 {
-        if let Some(segs) = dev.config(CFG_SEG_MAX, 4) {
-            write!(out, ", seg_max {segs}")?;
+    for (f, name) in [
+        (VIRTIO_BLK_F_FLUSH, "flush"),
+        (VIRTIO_BLK_F_RO, "read-only"),
+    ] {
+        if offered(f) {
+            write!(out, ", {name}")?;
         }
-    }
-    if host & 1 << VIRTIO_BLK_F_FLUSH != 0 {
-        write!(out, ", flush")?;
-    }
-    if host & 1 << VIRTIO_BLK_F_RO != 0 {
-        write!(out, ", read-only")?;
     }
     Ok(())
 }

@@ -11,7 +11,6 @@ use super::pool::Queue;
 use super::Device;
 use crate::cell::GuestCell;
 use crate::console::Error;
-use crate::err;
 use crate::shell::{Input, Terminal};
 use crate::time::Deadline;
 use lguest_abi::vring::{F_ANY_LAYOUT, RING_F_EVENT_IDX, RING_F_INDIRECT_DESC};
@@ -38,12 +37,8 @@ impl Console {
     pub fn probe(dev: Device) -> Result<Console, Error> {
         // INDIRECT_DESC we never use but in bad=virtio-long, which needs the
         // Host to accept indirect tables on this device.
-        let accepted =
-            dev.negotiate(1 << F_ANY_LAYOUT | 1 << RING_F_INDIRECT_DESC | 1 << RING_F_EVENT_IDX);
-        let setup = || -> Result<Console, Error> {
-            if dev.num_vq() < 2 {
-                return Err(err!("console with {} queues, not 2", dev.num_vq()));
-            }
+        let support = 1 << F_ANY_LAYOUT | 1 << RING_F_INDIRECT_DESC | 1 << RING_F_EVENT_IDX;
+        let mut console = dev.bring_up(support, 2, |accepted| {
             let event_idx = accepted & 1 << RING_F_EVENT_IDX != 0;
             let mut console = Console {
                 dev,
@@ -53,11 +48,10 @@ impl Console {
                 eof: false,
             };
             console.rx.offer_all();
-            dev.driver_ok();
-            console.rx.vq.kick();
             Ok(console)
-        };
-        setup().inspect_err(|_| dev.fail())
+        })?;
+        console.rx.vq.kick();
+        Ok(console)
     }
 
     /// Send `bytes` in one buffer (at most 256 of them); returns the chain's

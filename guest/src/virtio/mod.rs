@@ -174,13 +174,19 @@ impl Device {
         self.notify_status(self.status() | VIRTIO_STATUS_FAILED);
     }
 
-    /// The first half of bringing a device up, as virtio 0.9.5 orders it:
-    /// reset it (a driver before us may have left it in any state), say we
-    /// saw it (ACKNOWLEDGE) and can drive it (DRIVER), accept the features
-    /// we `support` of those offered, and NOTIFY to finalize them. Returns
-    /// what we accepted. The driver then sets up its rings and calls
-    /// `driver_ok`.
-    pub fn negotiate(&self, support: u32) -> u32 {
+    /// Bring the device up as virtio 0.9.5 orders it: reset it (a driver
+    /// before us may have left it in any state), say we saw it (ACKNOWLEDGE)
+    /// and can drive it (DRIVER), accept the features we `support` of those
+    /// offered, and NOTIFY to finalize them. Then, if it has the `vqs`
+    /// queues we drive, `setup` takes its rings, knowing what we accepted,
+    /// and the device is live (DRIVER_OK): its queues are served from their
+    /// first kick. If anything went wrong, we give up on it (FAILED).
+    pub fn bring_up<T>(
+        &self,
+        support: u32,
+        vqs: usize,
+        setup: impl FnOnce(u32) -> Result<T, Error>,
+    ) -> Result<T, Error> {
         self.reset();
         self.set_status(VIRTIO_STATUS_ACKNOWLEDGE);
         self.set_status(VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER);
@@ -188,12 +194,15 @@ impl Device {
         let accepted = self.host_features() & support & !(1 << F_NOTIFY_ON_EMPTY);
         self.set_guest_features(accepted);
         self.notify_status(self.status());
-        accepted
-    }
-
-    /// The device is live: its queues are served from their first kick.
-    pub fn driver_ok(&self) {
-        self.set_status(self.status() | VIRTIO_STATUS_DRIVER_OK);
+        let driver = match self.num_vq() {
+            n if n < vqs => Err(err!("{} device with {n} queues, not {vqs}", self.name())),
+            _ => setup(accepted),
+        };
+        match driver {
+            Ok(_) => self.set_status(self.status() | VIRTIO_STATUS_DRIVER_OK),
+            Err(_) => self.fail(),
+        }
+        driver
     }
 }
 

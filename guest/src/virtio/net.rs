@@ -41,25 +41,16 @@ pub struct Net {
 
 impl Net {
     pub fn probe(dev: Device) -> Result<Net, Error> {
-        let accepted =
-            dev.negotiate(1 << VIRTIO_NET_F_MAC | 1 << F_ANY_LAYOUT | 1 << RING_F_EVENT_IDX);
-        let setup = || -> Result<Net, Error> {
-            if dev.num_vq() < 2 {
-                return Err(err!("net device with {} queues, not 2", dev.num_vq()));
-            }
+        let support = 1 << VIRTIO_NET_F_MAC | 1 << F_ANY_LAYOUT | 1 << RING_F_EVENT_IDX;
+        let mut net = dev.bring_up(support, 2, |accepted| {
             if accepted & 1 << F_ANY_LAYOUT == 0 {
                 // Then the header would need a descriptor of its own.
                 return Err(err!("the Host doesn't offer ANY_LAYOUT"));
             }
-            let mut mac = DEFAULT_MAC;
-            if accepted & 1 << VIRTIO_NET_F_MAC != 0 {
-                for (i, byte) in mac.iter_mut().enumerate() {
-                    *byte = dev
-                        .config(i, 1)
-                        .ok_or_else(|| err!("no MAC in the config"))?
-                        as u8;
-                }
-            }
+            let mac = match accepted & 1 << VIRTIO_NET_F_MAC {
+                0 => DEFAULT_MAC,
+                _ => config_mac(&dev).ok_or_else(|| err!("no MAC in the config"))?,
+            };
             let event_idx = accepted & 1 << RING_F_EVENT_IDX != 0;
             let mut net = Net {
                 rx: Queue::new(dev.vq(0), event_idx, &RX_MEM)?,
@@ -67,12 +58,16 @@ impl Net {
                 mac,
             };
             net.rx.offer_all();
-            dev.driver_ok();
-            net.rx.vq.kick();
             Ok(net)
-        };
-        setup().inspect_err(|_| dev.fail())
+        })?;
+        net.rx.vq.kick();
+        Ok(net)
     }
+}
+
+/// The MAC in the config, if it is that long.
+fn config_mac(dev: &Device) -> Option<Mac> {
+    dev.config(0, 6)?.to_le_bytes()[..6].try_into().ok()
 }
 
 impl Nic for Net {
@@ -114,12 +109,8 @@ impl Nic for Net {
 
 /// The config, for listings.
 pub fn describe_config(out: &mut dyn Write, dev: &Device) -> fmt::Result {
-    if dev.host_features() & 1 << VIRTIO_NET_F_MAC != 0 {
-        let mut mac = [0u8; 6];
-        for (i, byte) in mac.iter_mut().enumerate() {
-            *byte = dev.config(i, 1).unwrap_or(0) as u8;
-        }
-        write!(out, "; mac {}", ShowMac(mac))?;
+    match dev.host_features() & 1 << VIRTIO_NET_F_MAC {
+        0 => Ok(()),
+        _ => write!(out, "; mac {}", ShowMac(config_mac(dev).unwrap_or([0; 6]))),
     }
-    Ok(())
 }

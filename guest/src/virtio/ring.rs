@@ -47,21 +47,23 @@ pub struct Buf {
 }
 
 impl Buf {
-    /// A buffer the Host reads.
-    pub fn readable(addr: u64, len: usize) -> Buf {
+    pub fn new(addr: u64, len: usize, writable: bool) -> Buf {
+        let len = len as u32;
         Buf {
             addr,
-            len: len as u32,
-            writable: false,
+            len,
+            writable,
         }
+    }
+
+    /// A buffer the Host reads.
+    pub fn readable(addr: u64, len: usize) -> Buf {
+        Buf::new(addr, len, false)
     }
 
     /// A buffer the Host fills.
     pub fn writable(addr: u64, len: usize) -> Buf {
-        Buf {
-            writable: true,
-            ..Buf::readable(addr, len)
-        }
+        Buf::new(addr, len, true)
     }
 }
 

@@ -21,21 +21,16 @@ pub struct Rng {
 
 impl Rng {
     pub fn probe(dev: Device) -> Result<Rng, Error> {
-        let accepted = dev.negotiate(1 << F_ANY_LAYOUT | 1 << RING_F_EVENT_IDX);
-        let setup = || -> Result<Rng, Error> {
-            if dev.num_vq() < 1 {
-                return Err(err!("rng device with no queue"));
-            }
+        dev.bring_up(1 << F_ANY_LAYOUT | 1 << RING_F_EVENT_IDX, 1, |accepted| {
             let event_idx = accepted & 1 << RING_F_EVENT_IDX != 0;
             let queue = Queue::new(dev.vq(0), event_idx, &BUFFER)?;
-            dev.driver_ok();
+            let offered = false;
             Ok(Rng {
                 dev,
                 queue,
-                offered: false,
+                offered,
             })
-        };
-        setup().inspect_err(|_| dev.fail())
+        })
     }
 
     /// Fill `out` (up to 64 bytes of it) with what the Host gives, within

@@ -96,7 +96,7 @@ fn read_disk(blk: &mut Blk) -> Result<(u64, u64), Error> {
             part_of_slot[slot] = part;
             offset += len as u64;
         }
-        blk.kick();
+        blk.vq.kick();
         // Take every finished request before refilling: one kick for all.
         let mut done = Some(blk.wait(&deadline)?);
         while let Some(d) = done {

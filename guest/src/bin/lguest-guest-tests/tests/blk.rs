@@ -87,7 +87,7 @@ fn transfer(
             requests += 1;
         }
         depth = depth.max(blk.in_flight());
-        blk.kick();
+        blk.vq.kick();
         let done = need(what, blk.wait(&deadline))?;
         check!(
             done.status == VIRTIO_BLK_S_OK,
@@ -107,7 +107,7 @@ fn request(blk: &mut Blk, what: &str, kind: u32, sector: u64, len: usize) -> Res
         blk.start(kind, sector, data).is_some(),
         "{what}: no room for a request in an idle queue"
     );
-    blk.kick();
+    blk.vq.kick();
     Ok(need(what, blk.wait(&Deadline::after_ms(10_000)))?.status)
 }
 
