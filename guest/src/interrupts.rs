@@ -34,21 +34,8 @@ pub const VECTORS: usize = 64;
 #[repr(C)]
 #[derive(Debug)]
 pub struct TrapFrame {
-    pub rax: u64,
-    pub rbx: u64,
-    pub rcx: u64,
-    pub rdx: u64,
-    pub rsi: u64,
-    pub rdi: u64,
-    pub rbp: u64,
-    pub r8: u64,
-    pub r9: u64,
-    pub r10: u64,
-    pub r11: u64,
-    pub r12: u64,
-    pub r13: u64,
-    pub r14: u64,
-    pub r15: u64,
+    /// RAX, RBX, RCX, RDX, RSI, RDI, RBP and R8 to R15, in that order.
+    pub regs: [u64; 15],
     pub vector: u64,
     /// The CPU's error code, or 0 for vectors that have none.
     pub error: u64,
