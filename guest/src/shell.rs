@@ -55,17 +55,6 @@ pub trait Terminal {
     /// Wait until the Host has written out everything we sent: before a
     /// power off, which would otherwise race its device thread.
     fn drain(&mut self, deadline: Option<&Deadline>) -> bool;
-
-    /// Wait for input (until `deadline`, if any): Nothing only if it passed.
-    fn read(&mut self, out: &mut [u8], deadline: Option<&Deadline>) -> Input {
-        loop {
-            match self.poll(out) {
-                Input::Nothing if deadline.is_some_and(|d| d.passed()) => return Input::Nothing,
-                Input::Nothing => idle(deadline, || self.arm_rx()),
-                input => return input,
-            }
-        }
-    }
 }
 
 /// What the prompt says, collected and sent a line at a time (or when the

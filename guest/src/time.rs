@@ -14,7 +14,6 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use lguest_abi::CLOCK_MIN_DELTA_NS;
 
-use crate::cell::GuestCell;
 use crate::hcall;
 use crate::interrupts::TrapFrame;
 use crate::lguest_data;
@@ -22,22 +21,8 @@ use crate::lguest_data;
 /// Timer interrupts taken so far.
 static TICKS: AtomicU64 = AtomicU64::new(0);
 
-/// What the last timer interrupt looked like, for the tests.
-#[derive(Clone, Copy, Debug)]
-pub struct Tick {
-    /// The TSC when the handler ran.
-    pub tsc: u64,
-    /// irq_enabled inside the handler: an interrupt gate must have cleared it.
-    pub irq_enabled: u32,
-    /// The RFLAGS the Host pushed: its IF is irq_enabled as it was before.
-    pub rflags: u64,
-}
-
-static LAST_TICK: GuestCell<Tick> = GuestCell::new(Tick {
-    tsc: 0,
-    irq_enabled: 0,
-    rflags: 0,
-});
+/// The TSC when the last timer interrupt came.
+static LAST_TICK: AtomicU64 = AtomicU64::new(0);
 
 /// The TSC frequency we measured ourselves, if the Host gave none.
 static CALIBRATED_KHZ: AtomicU64 = AtomicU64::new(0);
@@ -53,12 +38,8 @@ pub fn rdtsc() -> u64 {
 }
 
 /// The IRQ 0 handler, installed by interrupts::init.
-pub fn timer_irq(frame: &mut TrapFrame) {
-    LAST_TICK.write(Tick {
-        tsc: rdtsc(),
-        irq_enabled: lguest_data::irq_enabled(),
-        rflags: frame.rflags,
-    });
+pub fn timer_irq(_frame: &mut TrapFrame) {
+    LAST_TICK.store(rdtsc(), Ordering::SeqCst);
     TICKS.fetch_add(1, Ordering::SeqCst);
 }
 
@@ -66,8 +47,9 @@ pub fn ticks() -> u64 {
     TICKS.load(Ordering::SeqCst)
 }
 
-pub fn last_tick() -> Tick {
-    LAST_TICK.read()
+/// The TSC when the last timer interrupt came.
+pub fn last_tick() -> u64 {
+    LAST_TICK.load(Ordering::SeqCst)
 }
 
 /// Sleep until `ticks()` reaches `target` (an armed timer must get it
@@ -107,19 +89,10 @@ pub fn tsc_khz() -> u64 {
     let start = rdtsc();
     hcall::set_clockevent(CALIBRATE_MS * 1_000_000);
     wait_for_ticks(target);
-    let khz = (last_tick().tsc - start) / CALIBRATE_MS;
+    let khz = (last_tick() - start) / CALIBRATE_MS;
     let khz = khz.max(1);
     CALIBRATED_KHZ.store(khz, Ordering::SeqCst);
     khz
-}
-
-/// Spin for at least `us` microseconds, interrupts as they are.
-pub fn busy_wait_us(us: u64) {
-    let cycles = us * tsc_khz() / 1000;
-    let start = rdtsc();
-    while rdtsc() - start < cycles {
-        core::hint::spin_loop();
-    }
 }
 
 /// A moment to give up at, on the TSC. While one is armed, `idle` sets the

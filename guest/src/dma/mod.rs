@@ -181,10 +181,6 @@ impl Devices {
             .nth(n)
     }
 
-    pub fn count(&self, kind: u16) -> usize {
-        self.table.iter().filter(|e| e.type_ == kind).count()
-    }
-
     pub fn console(&mut self) -> Result<&mut console::Console, Error> {
         let at = self.find(LGUEST_DEVICE_T_CONSOLE, 0);
         probe_once(&mut self.console, at, "console", |at| {

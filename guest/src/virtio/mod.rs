@@ -254,11 +254,6 @@ impl Bus {
     pub fn find(&self, id: u8) -> Option<Device> {
         self.devices().find(|d| d.id() == id)
     }
-
-    /// How many devices of type `id` there are.
-    pub fn count(&self, id: u8) -> usize {
-        self.devices().filter(|d| d.id() == id).count()
-    }
 }
 
 /*
@@ -317,10 +312,6 @@ impl Devices {
             net: None,
             rng: None,
         }
-    }
-
-    pub fn has(&self, id: u8) -> bool {
-        self.bus.find(id).is_some()
     }
 
     pub fn console(&mut self) -> Result<&mut console::Console, Error> {

@@ -19,6 +19,7 @@
 
 mod bad;
 mod bench;
+mod extras;
 mod pagetable;
 mod tests;
 mod traps;

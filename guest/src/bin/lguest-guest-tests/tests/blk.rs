@@ -7,6 +7,7 @@
 //! and the disk still holds what it held. Both kinds: GET_ID, and reads past
 //! the end fail.
 
+use lguest_abi::VIRTIO_ID_BLOCK;
 use lguest_guest::cell::GuestCell;
 use lguest_guest::console::Msg;
 use lguest_guest::println;
@@ -126,7 +127,11 @@ pub(super) fn compare(what: &str, len: usize, pattern: impl Fn(usize) -> u8) -> 
 }
 
 pub fn test_blk(devs: &mut Devices) -> TestResult {
-    let disks = devs.bus.count(lguest_abi::VIRTIO_ID_BLOCK);
+    let disks = devs
+        .bus
+        .devices()
+        .filter(|d| d.id() == VIRTIO_ID_BLOCK)
+        .count();
     check!(disks > 0, "no virtio block device");
     for n in 0..disks.min(blk::MAX_DISKS) {
         let what = Msg::<32>::from_fmt(format_args!("bringing up disk {n}"));

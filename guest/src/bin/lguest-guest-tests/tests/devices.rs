@@ -103,7 +103,7 @@ pub fn expect_input_line(console: &mut dyn Terminal) -> TestResult {
     let mut len = 0;
     loop {
         let mut buf = [0u8; 64];
-        let n = match console.read(&mut buf, Some(&deadline)) {
+        let n = match crate::extras::read(console, &mut buf, Some(&deadline)) {
             Input::Bytes(n) => n,
             Input::Eof => fail!(
                 "end of input before the line {:?} (console-input=1 needs stdin to send it)",
@@ -240,7 +240,7 @@ pub fn test_rng(devs: &mut Devices) -> TestResult {
  */
 
 pub fn test_reset(devs: &mut Devices) -> TestResult {
-    if devs.has(VIRTIO_ID_RNG) {
+    if devs.bus.find(VIRTIO_ID_RNG).is_some() {
         let rng = need("bringing up the rng", devs.rng())?;
         let mut bytes = [0u8; 64];
         random_bytes(rng, &mut bytes)?;

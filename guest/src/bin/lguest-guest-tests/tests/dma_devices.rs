@@ -58,7 +58,7 @@ fn test_ping(devs: &mut Devices) -> TestResult {
  */
 
 fn test_blk(devs: &mut Devices) -> TestResult {
-    let disks = devs.count(T_BLOCK);
+    let disks = devs.table.iter().filter(|e| e.type_ == T_BLOCK).count();
     check!(disks > 0, "no block device in the device table");
     for n in 0..disks.min(MAX_DISKS) {
         test_disk(need("bringing up a disk", devs.disk(n))?, n)?;
