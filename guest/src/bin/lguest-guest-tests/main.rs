@@ -20,6 +20,7 @@
 mod bad;
 mod bench;
 mod extras;
+mod io;
 mod pagetable;
 mod tests;
 mod traps;

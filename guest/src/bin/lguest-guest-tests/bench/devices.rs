@@ -9,12 +9,14 @@ use lguest_guest::console::Error;
 use lguest_guest::inet::{self as net, Ip, Mac, FRAME_MAX};
 use lguest_guest::shell::{Input, Terminal};
 use lguest_guest::time::{idle, Deadline};
-use lguest_guest::virtio::blk::{self, Blk, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN};
+use lguest_guest::virtio::blk::{self, Blk};
 use lguest_guest::virtio::console::Console;
 use lguest_guest::virtio::net::{Net, NET_HDR};
 use lguest_guest::virtio::ring::Buf;
 use lguest_guest::virtio::Devices;
 use lguest_guest::{err, hcall, lguest_data, println, time};
+
+use crate::io::{Requests, SLOTS, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN};
 
 const DEFAULT_NET_FRAMES: u64 = 20_000;
 /// bench=blk reads with requests this big, this many at once.
@@ -78,7 +80,7 @@ fn read_disk(blk: &mut Blk) -> Result<(u64, u64), Error> {
     }
     let total = blk.capacity * blk::SECTOR;
     // Which part of the bulk buffer each slot's request reads into.
-    let mut part_of_slot = [usize::MAX; blk::SLOTS];
+    let mut part_of_slot = [usize::MAX; SLOTS];
     let mut free_parts: u32 = (1 << BLK_DEPTH) - 1;
     let mut offset = 0;
     let deadline = Deadline::after_ms(600_000);

@@ -13,9 +13,9 @@ use lguest_guest::console::Msg;
 use lguest_guest::println;
 use lguest_guest::time::Deadline;
 use lguest_guest::virtio::blk::{self, Blk};
-use lguest_guest::virtio::blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
-use lguest_guest::virtio::blk::{VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID};
-use lguest_guest::virtio::blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+
+use crate::io::{Requests, ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use crate::io::{VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use lguest_guest::virtio::Devices;
 
 use super::devices::need;
@@ -145,14 +145,14 @@ pub fn test_disk(blk: &mut Blk) -> TestResult {
     check!(capacity > 0, "the disk has 0 sectors");
 
     // GET_ID: the Host's name for the disk, which names it in what follows.
-    bulk()[..blk::ID_BYTES].fill(0);
-    let status = request(blk, "GET_ID", VIRTIO_BLK_T_GET_ID, 0, blk::ID_BYTES)?;
+    bulk()[..ID_BYTES].fill(0);
+    let status = request(blk, "GET_ID", VIRTIO_BLK_T_GET_ID, 0, ID_BYTES)?;
     check!(
         status == VIRTIO_BLK_S_OK,
         "GET_ID failed with status {status}"
     );
-    let id = &bulk()[..blk::ID_BYTES];
-    let id_len = id.iter().position(|&b| b == 0).unwrap_or(blk::ID_BYTES);
+    let id = &bulk()[..ID_BYTES];
+    let id_len = id.iter().position(|&b| b == 0).unwrap_or(ID_BYTES);
     check!(id_len > 0, "GET_ID returned an empty id");
     let id = Msg::<32>::from_fmt(format_args!(
         "{}",

@@ -16,6 +16,7 @@ use super::blk::{bulk, bulk_addr, compare, disk_pattern, test_pattern};
 use super::blk::{LEFT_BEHIND, READ_SIZES, REGION, WRITE_SIZES};
 use super::devices::{arp_host, expect_input_line, need, ping_peer};
 use super::{DeviceTests, Failed, TestResult};
+use crate::io::dma_request;
 
 pub const DMA_TESTS: DeviceTests<Devices, 4> = [
     ("console", test_console, T_CONSOLE),
@@ -71,7 +72,7 @@ fn request(blk: &mut Blk, what: &str, write: bool, sector: u64, len: usize) -> R
     let deadline = Deadline::after_ms(10_000);
     need(
         what,
-        blk.request(write, sector, bulk_addr(), len, &deadline),
+        dma_request(blk, write, sector, bulk_addr(), len, &deadline),
     )
 }
 
@@ -162,7 +163,7 @@ fn transfer(blk: &mut Blk, write: bool, sizes: &[usize]) -> Result<usize, Failed
         let deadline = Deadline::after_ms(10_000);
         let addr = bulk_addr() + offset as u64;
         let sector = (offset / 512) as u64;
-        let result = need(what, blk.request(write, sector, addr, size, &deadline))?;
+        let result = need(what, dma_request(blk, write, sector, addr, size, &deadline))?;
         check!(
             result == DONE,
             "a {what} of {size} bytes at sector {sector}: result {result}"
