@@ -151,19 +151,13 @@ impl<const N: usize> Default for Msg<N> {
 
 impl<const N: usize> Write for Msg<N> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        for c in s.chars() {
-            let mut utf8 = [0; 4];
-            let bytes = c.encode_utf8(&mut utf8).as_bytes();
-            // Drop NULs; keep the last byte for the terminating one.
-            if c == '\0' || self.full {
-                continue;
+        // Drop NULs, and keep the last byte for the terminating one.
+        for c in s.chars().filter(|&c| c != '\0') {
+            self.full |= self.len + c.len_utf8() > N - 1;
+            if self.full {
+                break;
             }
-            if self.len + bytes.len() > N - 1 {
-                self.full = true;
-                continue;
-            }
-            self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
-            self.len += bytes.len();
+            self.len += c.encode_utf8(&mut self.buf[self.len..]).len();
         }
         self.buf[self.len] = 0;
         Ok(())

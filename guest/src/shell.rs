@@ -94,27 +94,20 @@ impl Write for Out<'_> {
 /// What the reference Guest does once it is up: say hello, bring up its
 /// devices, and run the prompt on the console until poweroff.
 pub fn serve() -> ! {
-    println!(
-        "lguest-guest: Hello from the reference Guest: {} MiB of RAM, tsc {} kHz",
-        boot::mem() >> 20,
-        lguest_data::tsc_khz()
-    );
+    let (mib, khz) = (boot::mem() >> 20, lguest_data::tsc_khz());
+    println!("lguest-guest: Hello from the reference Guest: {mib} MiB of RAM, tsc {khz} kHz");
     if boot::device_model() == DEVICE_MODEL_DMA {
-        let mut devices = dma::Devices::scan();
-        devices.probe_all();
-        let (console, net, table) = (
-            devices.console.as_mut(),
-            devices.net.as_mut(),
-            devices.table,
-        );
+        let mut devs = dma::Devices::scan();
+        devs.probe_all();
+        let table = devs.table;
         let list = |out: &mut dyn Write| dma::list(out, &table);
-        run(console.map(|c| c as _), net.map(|n| n as _), &list);
+        run(devs.console.as_mut(), devs.net.as_mut(), &list);
     } else {
-        let mut devices = virtio::Devices::scan();
-        devices.probe_all();
-        let (console, net, bus) = (devices.console.as_mut(), devices.net.as_mut(), devices.bus);
+        let mut devs = virtio::Devices::scan();
+        devs.probe_all();
+        let bus = devs.bus;
         let list = |out: &mut dyn Write| virtio::list(out, &bus);
-        run(console.map(|c| c as _), net.map(|n| n as _), &list);
+        run(devs.console.as_mut(), devs.net.as_mut(), &list);
     }
     hcall::shutdown(c"reference Guest finished", SHUTDOWN_POWEROFF);
 }
@@ -253,25 +246,23 @@ struct Shell<'a> {
     /// Our address, from `ip=`.
     ip: Option<Ip>,
     /// Lists the devices, for the `devices` command.
-    list: &'a dyn Fn(&mut dyn Write),
+    list: &'a dyn Fn(&mut dyn Write) -> fmt::Result,
 }
 
 /// Run the prompt on `console` until the user (or end of input) powers off.
 fn run<'a>(
-    console: Option<&'a mut dyn Terminal>,
-    net: Option<&'a mut dyn Nic>,
-    list: &'a dyn Fn(&mut dyn Write),
+    console: Option<&'a mut impl Terminal>,
+    net: Option<&'a mut impl Nic>,
+    list: &'a dyn Fn(&mut dyn Write) -> fmt::Result,
 ) {
-    let Some(console) = console else {
+    let (Some(console), net) = (console, net.map(|net| net as &mut dyn Nic)) else {
         return;
     };
-    let ip = boot::option("ip").and_then(|text| {
-        let ip = inet::parse_ip(text);
-        if ip.is_none() {
-            println!("lguest-guest: ignoring ip={text}: not an IPv4 address");
-        }
-        ip
-    });
+    let text = boot::option("ip");
+    let ip = text.and_then(inet::parse_ip);
+    if let (Some(text), None) = (text, ip) {
+        println!("lguest-guest: ignoring ip={text}: not an IPv4 address");
+    }
     if let (Some(net), Some(ip)) = (net.as_ref(), ip) {
         let (ip, mac) = (ShowIp(ip), ShowMac(net.mac()));
         println!("lguest-guest: answering ARP and ping for {ip} ({mac})");
@@ -300,7 +291,7 @@ fn run<'a>(
                 Key::Enter => {
                     shell.out.put(b"\n");
                     if let Some(text) = line.text(&mut shell.out) {
-                        shell.command(text);
+                        let _ = shell.command(text);
                     }
                 }
                 Key::Cancel => shell.out.put(b"^C\n"),
@@ -329,18 +320,14 @@ fn run<'a>(
 }
 
 impl Shell<'_> {
-    fn command(&mut self, text: &str) {
+    fn command(&mut self, text: &str) -> fmt::Result {
         let text = text.trim();
         let (word, rest) = text.split_once(' ').unwrap_or((text, ""));
         let out = &mut self.out;
         match word {
-            "" => {}
-            "help" => {
-                let _ = out.write_str(HELP);
-            }
-            "echo" => {
-                let _ = writeln!(out, "{}", rest.trim_start());
-            }
+            "" => Ok(()),
+            "help" => out.write_str(HELP),
+            "echo" => writeln!(out, "{}", rest.trim_start()),
             "devices" => (self.list)(out),
             "ping" => {
                 let peer = rest.trim();
@@ -352,14 +339,13 @@ impl Shell<'_> {
                         inet::ping(*net, ip, peer, PING_COUNT, out)
                     }
                 };
-                if let Err(e) = result {
-                    let _ = writeln!(out, "ping: {}", e.as_str());
+                match result {
+                    Err(e) => writeln!(out, "ping: {}", e.as_str()),
+                    Ok(_) => Ok(()),
                 }
             }
             "poweroff" => self.power_off(c"poweroff command"),
-            _ => {
-                let _ = writeln!(out, "unknown command: {word} (try help)");
-            }
+            _ => writeln!(out, "unknown command: {word} (try help)"),
         }
     }
 
@@ -369,7 +355,7 @@ impl Shell<'_> {
         self.out.put(b"\n");
         if !line.is_empty() {
             if let Some(text) = line.text(&mut self.out) {
-                self.command(text);
+                let _ = self.command(text);
             }
         }
         self.power_off(c"end of input")

@@ -37,8 +37,6 @@ fn sectors(e: &DmaDeviceDesc) -> Option<u64> {
 }
 
 pub struct Blk {
-    /// Our table entry.
-    pub at: usize,
     /// Which of our disks: its answer buffer is ANSWERS[disk].
     pub disk: usize,
     /// The disk's page, where a request is described.
@@ -53,7 +51,6 @@ impl Blk {
         let capacity = sectors(e).ok_or_else(|| err!("block entry {at} has no page"))?;
         let page = page(e);
         let blk = Blk {
-            at,
             disk,
             page,
             capacity,

@@ -37,8 +37,6 @@ fn input_dma() -> *mut LguestDma {
 }
 
 pub struct Console {
-    /// Our table entry.
-    pub at: usize,
     /// How much of the input buffer we have read.
     read: usize,
 }
@@ -51,7 +49,7 @@ impl Console {
         unsafe { input_dma().write_volatile(Dma::over(data, IN_SIZE)?.0) };
         // SAFETY: INPUT is reached only through raw pointers from now on.
         unsafe { bind(LGUEST_CONSOLE_DMA_KEY, input_dma(), 1, irq(at))? };
-        Ok(Console { at, read: 0 })
+        Ok(Console { read: 0 })
     }
 
     /// Bytes the Host has put in the input buffer (0: it's free).

@@ -156,6 +156,7 @@ pub unsafe fn bind(key: u64, dmas: *mut LguestDma, count: usize, irq: u8) -> Res
 }
 
 /// The devices we drive, brought up when first wanted, as on the bus.
+#[derive(Default)]
 pub struct Devices {
     pub table: Table,
     pub console: Option<console::Console>,
@@ -166,11 +167,10 @@ pub struct Devices {
 
 impl Devices {
     pub fn scan() -> Devices {
+        let table = table();
         Devices {
-            table: table(),
-            console: None,
-            disks: [const { None }; blk::MAX_DISKS],
-            net: None,
+            table,
+            ..Default::default()
         }
     }
 
@@ -227,11 +227,12 @@ impl Devices {
 }
 
 /// What the prompt's `devices` command says: a line per entry.
-pub fn list(out: &mut dyn Write, table: &Table) {
+pub fn list(out: &mut dyn Write, table: &Table) -> fmt::Result {
     for (i, e) in table.iter().enumerate().filter(|(_, e)| e.type_ != 0) {
-        let _ = describe(out, i, e);
-        let _ = out.write_str("\n");
+        describe(out, i, e)?;
+        out.write_str("\n")?;
     }
+    Ok(())
 }
 
 /// One line about entry `i`: type, IRQ, features, status, and its page.

@@ -32,7 +32,6 @@ const CFG_BLK_SIZE: usize = 20;
 pub const MAX_DISKS: usize = super::MAX_DEVICES - 1;
 
 pub struct Blk {
-    pub dev: Device,
     /// Which of our disks: its slots are SLOT_MEM[disk].
     pub disk: usize,
     pub vq: Vring,
@@ -60,9 +59,8 @@ impl Blk {
                 capacity.ok_or_else(|| err!("block config of {} bytes", dev.header.config_len))?;
             let has = |f: u32| accepted & 1 << f != 0;
             Ok(Blk {
-                dev,
                 disk,
-                vq: Vring::new(dev.vq(0), has(RING_F_EVENT_IDX))?,
+                vq: Vring::new(dev.vq(0), accepted)?,
                 capacity,
                 read_only: has(VIRTIO_BLK_F_RO),
                 can_flush: has(VIRTIO_BLK_F_FLUSH),

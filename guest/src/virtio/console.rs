@@ -39,11 +39,10 @@ impl Console {
         // Host to accept indirect tables on this device.
         let support = 1 << F_ANY_LAYOUT | 1 << RING_F_INDIRECT_DESC | 1 << RING_F_EVENT_IDX;
         let mut console = dev.bring_up(support, 2, |accepted| {
-            let event_idx = accepted & 1 << RING_F_EVENT_IDX != 0;
             let mut console = Console {
                 dev,
-                rx: Queue::new(dev.vq(0), event_idx, &RX_MEM)?,
-                tx: Queue::new(dev.vq(1), event_idx, &TX_MEM)?,
+                rx: Queue::new(dev.vq(0), accepted, &RX_MEM)?,
+                tx: Queue::new(dev.vq(1), accepted, &TX_MEM)?,
                 reading: None,
                 eof: false,
             };

@@ -207,7 +207,7 @@ impl Device {
 }
 
 /// What the descriptor page holds.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 pub struct Bus {
     devices: [Option<Device>; MAX_DEVICES],
 }
@@ -261,6 +261,7 @@ impl Bus {
  * touch a device when its test runs, so the other tests see no device IRQs.
  */
 
+#[derive(Default)]
 pub struct Devices {
     pub bus: Bus,
     pub console: Option<console::Console>,
@@ -305,12 +306,10 @@ pub fn report(
 
 impl Devices {
     pub fn scan() -> Devices {
+        let bus = Bus::scan();
         Devices {
-            bus: Bus::scan(),
-            console: None,
-            disks: [const { None }; blk::MAX_DISKS],
-            net: None,
-            rng: None,
+            bus,
+            ..Default::default()
         }
     }
 
@@ -366,14 +365,15 @@ impl Devices {
 }
 
 /// What the prompt's `devices` command says: a line per device.
-pub fn list(out: &mut dyn Write, bus: &Bus) {
+pub fn list(out: &mut dyn Write, bus: &Bus) -> fmt::Result {
     if bus.devices().next().is_none() {
-        let _ = out.write_str("no devices\n");
+        out.write_str("no devices\n")?;
     }
     for dev in bus.devices() {
-        let _ = describe(out, &dev);
-        let _ = out.write_str("\n");
+        describe(out, &dev)?;
+        out.write_str("\n")?;
     }
+    Ok(())
 }
 
 /// One line about `dev`: type, queues, IRQs, features, status and what its

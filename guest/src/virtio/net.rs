@@ -51,10 +51,9 @@ impl Net {
                 0 => DEFAULT_MAC,
                 _ => config_mac(&dev).ok_or_else(|| err!("no MAC in the config"))?,
             };
-            let event_idx = accepted & 1 << RING_F_EVENT_IDX != 0;
             let mut net = Net {
-                rx: Queue::new(dev.vq(0), event_idx, &RX_MEM)?,
-                tx: Queue::new(dev.vq(1), event_idx, &TX_MEM)?,
+                rx: Queue::new(dev.vq(0), accepted, &RX_MEM)?,
+                tx: Queue::new(dev.vq(1), accepted, &TX_MEM)?,
                 mac,
             };
             net.rx.offer_all();

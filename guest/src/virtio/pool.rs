@@ -34,11 +34,11 @@ impl Queue {
     /// it is brought up, and the old driver is gone by then.
     pub fn new<const SIZE: usize, const COUNT: usize>(
         cfg: VqConfig,
-        event_idx: bool,
+        features: u32,
         mem: &'static GuestCell<[[u8; SIZE]; COUNT]>,
     ) -> Result<Queue, Error> {
         const { assert!(COUNT <= 32, "the free mask is a u32") };
-        let vq = Vring::new(cfg, event_idx)?;
+        let vq = Vring::new(cfg, features)?;
         let count = COUNT.min(vq.num() as usize);
         Ok(Queue {
             vq,

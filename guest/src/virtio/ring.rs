@@ -25,7 +25,7 @@
 use core::sync::atomic::{compiler_fence, fence, Ordering};
 
 // The layout, flags and need_event are the ABI's (shared with the Host).
-use lguest_abi::vring::{need_event, ring_end, used_offset, Desc, DESC_SIZE};
+use lguest_abi::vring::{need_event, ring_end, used_offset, Desc, DESC_SIZE, RING_F_EVENT_IDX};
 use lguest_abi::vring::{AVAIL_F_NO_INTERRUPT, DESC_F_NEXT, DESC_F_WRITE, USED_F_NO_NOTIFY};
 use lguest_abi::{hcall as nr, VqConfig, LGUEST_IRQS, PAGE_SHIFT};
 
@@ -113,8 +113,9 @@ impl Vring {
     /// Take over the ring the Host described in `cfg`: check it lies where
     /// device pages may (from `mem` to pfn_limit), zero it (after a reset the
     /// Host leaves it as it was), and chain every descriptor into the free
-    /// list. `event_idx`: whether EVENT_IDX was accepted.
-    pub fn new(cfg: VqConfig, event_idx: bool) -> Result<Vring, Error> {
+    /// list. `features`: those we accepted, which say whether the ring
+    /// has EVENT_IDX.
+    pub fn new(cfg: VqConfig, features: u32) -> Result<Vring, Error> {
         let (num, irq, pfn) = (cfg.num, cfg.irq, cfg.pfn);
         if num == 0 || !num.is_power_of_two() || num as usize > MAX_NUM {
             return Err(err!(
@@ -136,7 +137,7 @@ impl Vring {
             desc: base,
             avail: base + DESC_SIZE * num as u64,
             used: base + used_offset(num),
-            event_idx,
+            event_idx: features & 1 << RING_F_EVENT_IDX != 0,
             free_head: 0,
             num_free: num,
             avail_idx: 0,

@@ -19,8 +19,7 @@ pub struct Rng {
 impl Rng {
     pub fn probe(dev: Device) -> Result<Rng, Error> {
         dev.bring_up(1 << F_ANY_LAYOUT | 1 << RING_F_EVENT_IDX, 1, |accepted| {
-            let event_idx = accepted & 1 << RING_F_EVENT_IDX != 0;
-            let queue = Queue::new(dev.vq(0), event_idx, &BUFFER)?;
+            let queue = Queue::new(dev.vq(0), accepted, &BUFFER)?;
             Ok(Rng { dev, queue })
         })
     }
