@@ -56,9 +56,7 @@ impl Console {
     /// Send `bytes` in one buffer (at most 256 of them); returns the chain's
     /// head.
     pub fn send_one(&mut self, bytes: &[u8]) -> u16 {
-        let i = self.tx.take();
-        self.tx.write(i, 0, bytes);
-        self.tx.send(i, bytes.len())
+        self.tx.send(bytes)
     }
 }
 

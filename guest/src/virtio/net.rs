@@ -88,21 +88,14 @@ impl Nic for Net {
         self.rx.vq.enable_cb()
     }
 
-    /// Waits for a free buffer if the Host still holds them all.
+    /// Waits for a free buffer if the Host still holds them all. Ethernet
+    /// pads short frames; the tap would take them as they are, but the
+    /// Host's kernel expects at least the minimum.
     fn send(&mut self, frame: &[u8]) {
         assert!(frame.len() <= FRAME_MAX);
-        let i = self.tx.take();
-        self.tx.write(i, 0, &[0; NET_HDR]);
-        self.tx.write(i, NET_HDR, frame);
-        // Ethernet pads short frames; the tap would take them as they are,
-        // but the Host's kernel expects at least the minimum.
-        let len = frame.len().max(FRAME_MIN);
-        self.tx.write(
-            i,
-            NET_HDR + frame.len(),
-            &[0; FRAME_MIN][..len - frame.len()],
-        );
-        self.tx.send(i, NET_HDR + len);
+        let mut buf = [0; NET_HDR + FRAME_MAX];
+        buf[NET_HDR..][..frame.len()].copy_from_slice(frame);
+        self.tx.send(&buf[..NET_HDR + frame.len().max(FRAME_MIN)]);
     }
 }
 
