@@ -311,21 +311,6 @@ pub fn parse_ip(text: &str) -> Option<Ip> {
     parts.next().is_none().then_some(ip)
 }
 
-/// Our address and the Host's for a net test, from the command line's `ip=`
-/// and `hostip=` (by default `ip=`'s network with last byte 1).
-pub fn test_addresses(ip: Option<&str>, hostip: Option<&str>) -> Result<(Ip, Ip), Error> {
-    let ip = ip.and_then(parse_ip);
-    let ip = ip.ok_or_else(|| err!("needs our address: ip=A.B.C.D on the command line"))?;
-    let host_ip = match hostip {
-        Some(text) => parse_ip(text).ok_or_else(|| err!("hostip={text} is not an IPv4 address"))?,
-        None => [ip[0], ip[1], ip[2], 1],
-    };
-    if host_ip == ip {
-        return Err(err!("our address and the Host's are both {}", ShowIp(ip)));
-    }
-    Ok((ip, host_ip))
-}
-
 pub struct ShowIp(pub Ip);
 
 impl fmt::Display for ShowIp {

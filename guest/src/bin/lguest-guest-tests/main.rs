@@ -17,6 +17,7 @@
 #![no_std]
 #![no_main]
 
+mod addresses;
 mod bad;
 mod bench;
 mod extras;

@@ -137,7 +137,7 @@ pub fn test_net(devs: &mut Devices) -> TestResult {
 }
 
 pub fn arp_host(net: &mut dyn Nic) -> TestResult {
-    let addresses = inet::test_addresses(boot::option("ip"), boot::option("hostip"));
+    let addresses = crate::addresses::test_addresses();
     let (ip, host_ip) = match addresses {
         Ok(addresses) => addresses,
         Err(e) => fail!("{}", e.as_str()),
