@@ -77,7 +77,8 @@ impl Write for ConsoleWriter {
 /// are a panic inside it).
 pub fn flush_if_idle() {
     let flags = lguest_data::irq_save();
-    // SAFETY: as in write_str; if `busy` is set, we don't touch the buffer.
+    // SAFETY: as in ConsoleWriter::write_str; if `busy` is set, we leave
+    // the buffer alone.
     let console = unsafe { &mut *CONSOLE.as_ptr() };
     if !console.busy && console.len != 0 {
         console.flush();

@@ -73,8 +73,9 @@ pub fn wait_for_ticks(target: u64) {
 
 /// The TSC frequency: the Host's figure if it gave one, else our own,
 /// measured once against the timer. The timer never fires early, so that
-/// figure is, if anything, too high, which makes `busy_wait_us` wait longer,
-/// never shorter. Needs interrupts (interrupts::init) when the Host gives 0.
+/// figure is, if anything, too high, which makes a wait measured with it (a
+/// Deadline) longer, never shorter. Needs interrupts (interrupts::init) when
+/// the Host gives 0.
 pub fn tsc_khz() -> u64 {
     let khz = lguest_data::tsc_khz() as u64;
     if khz != 0 {

@@ -15,10 +15,11 @@
 //!
 //! The drivers (console, block, net, rng) live in the submodules, over the
 //! vring code of `ring`; the feature bits every device offers are the ABI
-//! crate's (`lguest_abi::vring`). The console, net and rng drivers drive the first
-//! device of their type (further ones are listed but left alone); the block
-//! driver drives every disk. The Guest has no allocator, so buffers are
-//! statics (`pool`): the rings themselves are the Host's pages, above our RAM.
+//! crate's (`lguest_abi::vring`). The console, net and rng drivers bring up
+//! the first device of their type (further ones are listed but left alone);
+//! the block driver brings up every disk. The Guest has no allocator, so
+//! buffers are statics (`pool`): the rings themselves are the Host's pages,
+//! above our RAM.
 
 pub mod blk;
 pub mod console;
