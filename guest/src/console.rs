@@ -53,70 +53,55 @@ impl Console {
     }
 }
 
-/// Append `s` to the console, sending each completed line to the Host.
-pub fn write_str(s: &str) {
-    // Keep interrupt handlers out while we own the buffer.
-    let flags = lguest_data::irq_save();
-    // SAFETY: virtual interrupts are off, and no trap handler prints through
-    // this buffer (the panic handler checks `busy` and uses its own), so this
-    // is the only reference to CONSOLE while it lives.
-    let console = unsafe { &mut *CONSOLE.as_ptr() };
-    console.busy = true;
-    for &byte in s.as_bytes() {
-        console.push(byte);
-    }
-    console.busy = false;
-    lguest_data::irq_restore(flags);
-}
-
-/// Send a partial line, unless the console is in the middle of a write (we
-/// are a panic inside it). Returns whether the console was free.
-pub fn flush_if_idle() -> bool {
-    let flags = lguest_data::irq_save();
-    // SAFETY: as in write_str; if `busy` is set, we don't touch the buffer.
-    let console = unsafe { &mut *CONSOLE.as_ptr() };
-    let idle = !console.busy;
-    if idle {
-        let partial = console.len != 0;
-        console.flush();
-        if partial {
-            hcall::notify_str(c"\n");
-        }
-    }
-    lguest_data::irq_restore(flags);
-    idle
-}
-
-/// The early console as a `fmt::Write`.
+/// The early console as a `fmt::Write`: append to the line, sending each
+/// completed one to the Host.
 pub struct ConsoleWriter;
 
 impl Write for ConsoleWriter {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        write_str(s);
+        // Keep interrupt handlers out while we own the buffer.
+        let flags = lguest_data::irq_save();
+        // SAFETY: virtual interrupts are off, and no trap handler prints
+        // through this buffer (the panic handler checks `busy` and uses its
+        // own), so this is the only reference to CONSOLE while it lives.
+        let console = unsafe { &mut *CONSOLE.as_ptr() };
+        console.busy = true;
+        s.bytes().for_each(|byte| console.push(byte));
+        console.busy = false;
+        lguest_data::irq_restore(flags);
         Ok(())
     }
 }
 
-/// What `print!` expands to.
-pub fn print_fmt(args: fmt::Arguments) {
-    // ConsoleWriter never fails.
-    let _ = ConsoleWriter.write_fmt(args);
+/// Send a partial line, unless the console is in the middle of a write (we
+/// are a panic inside it).
+pub fn flush_if_idle() {
+    let flags = lguest_data::irq_save();
+    // SAFETY: as in ConsoleWriter::write_str; if `busy` is set, we leave
+    // the buffer alone.
+    let console = unsafe { &mut *CONSOLE.as_ptr() };
+    if !console.busy && console.len != 0 {
+        console.flush();
+        hcall::notify_str(c"\n");
+    }
+    lguest_data::irq_restore(flags);
 }
 
 #[macro_export]
 macro_rules! print {
-    ($($arg:tt)*) => {
-        $crate::console::print_fmt(format_args!($($arg)*))
-    };
+    ($($arg:tt)*) => {{
+        // ConsoleWriter never fails.
+        let _ = core::fmt::Write::write_fmt(&mut $crate::console::ConsoleWriter, format_args!($($arg)*));
+    }};
 }
 
 #[macro_export]
 macro_rules! println {
     () => {
-        $crate::console::write_str("\n")
+        $crate::print!("\n")
     };
     ($($arg:tt)*) => {
-        $crate::console::print_fmt(format_args!("{}\n", format_args!($($arg)*)))
+        $crate::print!("{}\n", format_args!($($arg)*))
     };
 }
 
@@ -167,21 +152,27 @@ impl<const N: usize> Default for Msg<N> {
 
 impl<const N: usize> Write for Msg<N> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        for c in s.chars() {
-            let mut utf8 = [0; 4];
-            let bytes = c.encode_utf8(&mut utf8).as_bytes();
-            // Drop NULs; keep the last byte for the terminating one.
-            if c == '\0' || self.full {
-                continue;
+        // Drop NULs, and keep the last byte for the terminating one.
+        for c in s.chars().filter(|&c| c != '\0') {
+            self.full |= self.len + c.len_utf8() > N - 1;
+            if self.full {
+                break;
             }
-            if self.len + bytes.len() > N - 1 {
-                self.full = true;
-                continue;
-            }
-            self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
-            self.len += bytes.len();
+            self.len += c.encode_utf8(&mut self.buf[self.len..]).len();
         }
         self.buf[self.len] = 0;
         Ok(())
     }
+}
+
+/// A failure, with its detail: short text in a fixed buffer (small enough
+/// to pass around in a Result).
+pub type Error = Msg<104>;
+
+/// Format an Error.
+#[macro_export]
+macro_rules! err {
+    ($($arg:tt)*) => {
+        $crate::console::Error::from_fmt(format_args!($($arg)*))
+    };
 }

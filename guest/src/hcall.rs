@@ -71,12 +71,6 @@ pub fn send_interrupts() -> u64 {
     unsafe { hcall(nr::SEND_INTERRUPTS, 0, 0, 0, 0) }
 }
 
-/// Seconds since 1970, the slow way.
-pub fn get_wallclock() -> u64 {
-    // SAFETY: only RAX changes.
-    unsafe { hcall(nr::GET_WALLCLOCK, 0, 0, 0, 0) }
-}
-
 /// Raise IRQ 0 once, `delta_ns` from now; 0 cancels.
 pub fn set_clockevent(delta_ns: u64) {
     // SAFETY: a later timer interrupt is nothing new.
@@ -88,20 +82,6 @@ pub fn set_clockevent(delta_ns: u64) {
 pub fn halt() {
     // SAFETY: as for send_interrupts.
     unsafe { hcall(nr::HALT, 0, 0, 0, 0) };
-}
-
-/// Set (true) or clear CR0.TS: with it set, the next x87 instruction raises
-/// #NM. The Rust code is soft-float and never uses the x87.
-pub fn set_ts(on: bool) {
-    // SAFETY: see above: only our own x87 instructions can trap.
-    unsafe { hcall(nr::TS, on as u64, 0, 0, 0) };
-}
-
-/// Set the FS and GS bases. Nothing in this Guest uses FS or GS otherwise
-/// (there is no thread-local storage in a kernel this small).
-pub fn load_tls(fs_base: u64, gs_base: u64) {
-    // SAFETY: see above.
-    unsafe { hcall(nr::LOAD_TLS, fs_base, gs_base, 0, 0) };
 }
 
 /// Print a NUL-terminated string on the Host's stdout (the early console).

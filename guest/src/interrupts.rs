@@ -13,9 +13,11 @@
 //! out is the delicate part, see `lguest_noirq_start` below.
 
 use core::arch::global_asm;
+use core::sync::atomic::{AtomicU32, Ordering};
 
 use lguest_abi::{
     hcall as nr, FIRST_EXTERNAL_VECTOR, GATE_INTERRUPT, GATE_TRAP, GUEST_CS, IGNORED_VECTORS,
+    LGUEST_IRQS,
 };
 
 use crate::cell::GuestCell;
@@ -32,21 +34,8 @@ pub const VECTORS: usize = 64;
 #[repr(C)]
 #[derive(Debug)]
 pub struct TrapFrame {
-    pub rax: u64,
-    pub rbx: u64,
-    pub rcx: u64,
-    pub rdx: u64,
-    pub rsi: u64,
-    pub rdi: u64,
-    pub rbp: u64,
-    pub r8: u64,
-    pub r9: u64,
-    pub r10: u64,
-    pub r11: u64,
-    pub r12: u64,
-    pub r13: u64,
-    pub r14: u64,
-    pub r15: u64,
+    /// RAX, RBX, RCX, RDX, RSI, RDI, RBP and R8 to R15, in that order.
+    pub regs: [u64; 15],
     pub vector: u64,
     /// The CPU's error code, or 0 for vectors that have none.
     pub error: u64,
@@ -96,41 +85,17 @@ lguest_vector_\vec:
 
     .balign 16
 lguest_trap_common:
-    push r15
-    push r14
-    push r13
-    push r12
-    push r11
-    push r10
-    push r9
-    push r8
-    push rbp
-    push rdi
-    push rsi
-    push rdx
-    push rcx
-    push rbx
-    push rax
+    .irp reg, r15,r14,r13,r12,r11,r10,r9,r8,rbp,rdi,rsi,rdx,rcx,rbx,rax
+    push \reg
+    .endr
     mov rdi, rsp
     mov rbx, rsp
     and rsp, -16
     call {dispatch}
     mov rsp, rbx
-    pop rax
-    pop rbx
-    pop rcx
-    pop rdx
-    pop rsi
-    pop rdi
-    pop rbp
-    pop r8
-    pop r9
-    pop r10
-    pop r11
-    pop r12
-    pop r13
-    pop r14
-    pop r15
+    .irp reg, rax,rbx,rcx,rdx,rsi,rdi,rbp,r8,r9,r10,r11,r12,r13,r14,r15
+    pop \reg
+    .endr
     add rsp, 16
     push rax
     mov rax, [rsp + 24]
@@ -223,14 +188,19 @@ pub fn init() {
 /*
  * Handlers. Each vector has at most one, a plain function that gets the
  * frame and may change it. The self-tests install and remove their own.
+ *
+ * Every IRQ is counted, handler or not, and that is all a device's IRQ
+ * needs: its driver looks at its buffers when it wakes from HALT, and any
+ * IRQ wakes it. So no handler touches driver state, and the drivers need
+ * no locks.
  */
 
 pub type Handler = fn(&mut TrapFrame);
 
 static HANDLERS: [GuestCell<Option<Handler>>; VECTORS] = [const { GuestCell::new(None) }; VECTORS];
 
-/// IRQs that came with no handler (a device we don't drive).
-static SPURIOUS: GuestCell<u64> = GuestCell::new(0);
+static IRQ_COUNTS: [AtomicU32; LGUEST_IRQS as usize] =
+    [const { AtomicU32::new(0) }; LGUEST_IRQS as usize];
 
 /// Install `handler` for `vector`; returns the one it replaces.
 pub fn set_handler(vector: u8, handler: Option<Handler>) -> Option<Handler> {
@@ -240,12 +210,23 @@ pub fn set_handler(vector: u8, handler: Option<Handler>) -> Option<Handler> {
     old
 }
 
-/// Called by the stubs (and only by them).
+/// Interrupts IRQ `irq` has had.
+pub fn irq_count(irq: u16) -> u32 {
+    IRQ_COUNTS
+        .get(irq as usize)
+        .map_or(0, |c| c.load(Ordering::Relaxed))
+}
+
+/// Called by the stubs (and only by them), so `vector` is below VECTORS.
 extern "C" fn dispatch(frame: &mut TrapFrame) {
     let vector = frame.vector as usize;
-    match HANDLERS.get(vector).and_then(|slot| slot.read()) {
+    let irq = vector.checked_sub(FIRST_EXTERNAL_VECTOR as usize);
+    if let Some(irq) = irq {
+        IRQ_COUNTS[irq].fetch_add(1, Ordering::Relaxed);
+    }
+    match HANDLERS[vector].read() {
         Some(handler) => handler(frame),
-        None if vector >= FIRST_EXTERNAL_VECTOR as usize => SPURIOUS.write(SPURIOUS.read() + 1),
+        None if irq.is_some() => {}
         None => panic!(
             "unexpected trap {} at {:#x} (error {:#x}, cr2 {:#x})",
             vector,

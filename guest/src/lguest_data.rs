@@ -169,22 +169,3 @@ pub fn irq_restore(flags: u32) {
 pub fn irq_enable() {
     irq_restore(IRQ_ON);
 }
-
-pub fn irq_disable() {
-    irq_save();
-}
-
-/// Mask (`blocked = true`) or unmask IRQ `irq`.
-pub fn block_irq(irq: u32, blocked: bool) {
-    compiler_fence(Ordering::SeqCst);
-    let mask = blocked_interrupts();
-    if blocked {
-        set_blocked_interrupts(mask | 1 << irq);
-    } else {
-        set_blocked_interrupts(mask & !(1 << irq));
-        if irq_enabled() & IRQ_ON != 0 && irq_pending() == IRQ_ON {
-            send_interrupts();
-        }
-    }
-    compiler_fence(Ordering::SeqCst);
-}

@@ -18,7 +18,7 @@
 //!   one when the command line asks for any of those;
 //! - `lguest-guest-drivers` (src/bin/lguest-guest-drivers/): a Guest that
 //!   drives virtio-mmio devices with the `virtio-drivers` crate. It uses
-//!   only the first half of the list below.
+//!   the first half of the list below, and `inet`'s ARP.
 //!
 //! Each binary keeps its own entry point (`_start`, its stack, `kmain`) and
 //! its own `#[panic_handler]`, which calls `report::panic`.
@@ -26,7 +26,6 @@
 #![no_std]
 
 // How a Guest boots and talks to the Host.
-pub mod arp;
 pub mod boot;
 pub mod cell;
 pub mod console;

@@ -1,7 +1,7 @@
 //! How a Guest says it failed: a FAIL line (ABI section 10) or a panic, on
 //! the early console and as the SHUTDOWN reason, then a crash.
 
-use core::fmt;
+use core::fmt::{self, Write};
 use core::panic::PanicInfo;
 use core::sync::atomic::{AtomicBool, Ordering};
 
@@ -29,15 +29,11 @@ pub fn panic(info: &PanicInfo) -> ! {
     }
     console::flush_if_idle();
     let message = Msg::<256>::from_fmt(format_args!("{}", info.message()));
-    let line = match info.location() {
-        Some(at) => Msg::<512>::from_fmt(format_args!(
-            "lguest-guest: panic: {} at {}:{}\n",
-            message.as_str(),
-            at.file(),
-            at.line()
-        )),
-        None => Msg::<512>::from_fmt(format_args!("lguest-guest: panic: {}\n", message.as_str())),
-    };
+    let mut line = Msg::<512>::from_fmt(format_args!("lguest-guest: panic: {}", message.as_str()));
+    if let Some(at) = info.location() {
+        let _ = write!(line, " at {}:{}", at.file(), at.line());
+    }
+    let _ = line.write_str("\n");
     hcall::notify_str(line.as_cstr());
     hcall::shutdown(message.as_cstr(), SHUTDOWN_CRASH);
 }

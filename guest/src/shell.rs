@@ -17,15 +17,16 @@
 //! sit on: virtio on the lguest bus, or the 2007 DMA model (`dma`). Each
 //! driver gives it a `Terminal` and a `Nic`.
 
-use core::fmt::Write;
+use core::fmt::{self, Write};
 
 use lguest_abi::{DEVICE_MODEL_DMA, SHUTDOWN_POWEROFF};
 
 use crate::inet::{self, Ip, Nic, ShowIp, ShowMac, FRAME_MAX};
-use crate::virtio::{idle, Deadline};
-use crate::{boot, dma, hcall, lguest_data, println, virtio};
+use crate::time::{idle, Deadline};
+use crate::{boot, dma, err, hcall, lguest_data, println, virtio};
 
 const PROMPT: &str = "lguest> ";
+const ESC: u8 = 0x1B;
 const LINE_MAX: usize = 256;
 const HELP: &str = "commands: help, echo WORDS, devices, ping A.B.C.D, poweroff\n";
 /// Echo requests `ping` sends.
@@ -43,73 +44,72 @@ pub enum Input {
 }
 
 /// What the prompt needs of a console.
-pub trait Terminal: Write {
+pub trait Terminal {
     /// Copy what input has arrived into `out`, without waiting.
     fn poll(&mut self, out: &mut [u8]) -> Input;
     /// Whether input is waiting (then don't sleep), having asked for an
     /// interrupt when more comes. For `idle`.
     fn arm_rx(&mut self) -> bool;
-    /// Collect `bytes` (any bytes: a character typed may come in pieces),
-    /// sending each line at its newline, or when the buffer fills.
-    fn put(&mut self, bytes: &[u8]);
-    /// Send what `put` and fmt::Write have collected.
-    fn flush_line(&mut self);
+    /// Send `bytes` (any bytes: a character may come in pieces) at once.
+    fn send(&mut self, bytes: &[u8]);
     /// Wait until the Host has written out everything we sent: before a
     /// power off, which would otherwise race its device thread.
     fn drain(&mut self, deadline: Option<&Deadline>) -> bool;
+}
 
-    /// Wait for input (until `deadline`, if any): Nothing only if it passed.
-    fn read(&mut self, out: &mut [u8], deadline: Option<&Deadline>) -> Input {
-        loop {
-            match self.poll(out) {
-                Input::Nothing if deadline.is_some_and(|d| d.passed()) => return Input::Nothing,
-                Input::Nothing => idle(deadline, || self.arm_rx()),
-                input => return input,
+/// What the prompt says, collected and sent a line at a time (or when the
+/// buffer fills): one buffer for a line, not one per key echoed.
+struct Out<'a> {
+    console: &'a mut dyn Terminal,
+    line: [u8; LINE_MAX],
+    len: usize,
+}
+
+impl Out<'_> {
+    fn put(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.line[self.len] = byte;
+            self.len += 1;
+            if byte == b'\n' || self.len == LINE_MAX {
+                self.flush();
             }
         }
+    }
+
+    fn flush(&mut self) {
+        let len = core::mem::take(&mut self.len);
+        if len > 0 {
+            self.console.send(&self.line[..len]);
+        }
+    }
+}
+
+impl Write for Out<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.put(s.as_bytes());
+        Ok(())
     }
 }
 
 /// What the reference Guest does once it is up: say hello, bring up its
 /// devices, and run the prompt on the console until poweroff.
 pub fn serve() -> ! {
-    println!(
-        "lguest-guest: Hello from the reference Guest: {} MiB of RAM, tsc {} kHz",
-        boot::mem() >> 20,
-        lguest_data::tsc_khz()
-    );
+    let (mib, khz) = (boot::mem() >> 20, lguest_data::tsc_khz());
+    println!("lguest-guest: Hello from the reference Guest: {mib} MiB of RAM, tsc {khz} kHz");
     if boot::device_model() == DEVICE_MODEL_DMA {
-        let mut devices = dma::Devices::scan();
-        devices.probe_all();
-        let table = devices.table;
-        if let Some(console) = devices.console.as_mut() {
-            let net = devices.net.as_mut().map(|net| net as &mut dyn Nic);
-            run(console, net, &|out| dma::list(out, &table));
-        }
+        let mut devs = dma::Devices::scan();
+        devs.probe_all();
+        let table = devs.table;
+        let list = |out: &mut dyn Write| dma::list(out, &table);
+        run(devs.console.as_mut(), devs.net.as_mut(), &list);
     } else {
-        let mut devices = virtio::Devices::scan();
-        devices.probe_all();
-        let bus = devices.bus;
-        if let Some(console) = devices.console.as_mut() {
-            let net = devices.net.as_mut().map(|net| net as &mut dyn Nic);
-            run(console, net, &|out| virtio::list(out, &bus));
-        }
+        let mut devs = virtio::Devices::scan();
+        devs.probe_all();
+        let bus = devs.bus;
+        let list = |out: &mut dyn Write| virtio::list(out, &bus);
+        run(devs.console.as_mut(), devs.net.as_mut(), &list);
     }
     hcall::shutdown(c"reference Guest finished", SHUTDOWN_POWEROFF);
-}
-
-/// Lists the devices for the `devices` command.
-type Lister<'a> = &'a dyn Fn(&mut dyn Write);
-
-/// Where we are in an escape sequence: ESC, then for CSI `[`, parameter
-/// bytes and a final byte in 0x40-0x7E (the arrows are ESC [ A to D); for
-/// SS3 `O` and one byte (ESC O A on some terminals).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Escape {
-    None,
-    Esc,
-    Csi,
-    Ss3,
 }
 
 /// What a key asks of the prompt.
@@ -129,28 +129,25 @@ struct Line {
     /// Bytes still to come of the character being typed, and whether it
     /// is going into the line.
     pending: (usize, bool),
-    escape: Escape,
+    /// Where we are in an escape sequence, by the byte that started the
+    /// part we are in: ESC; then for CSI `[`, parameter bytes and a final
+    /// byte in 0x40-0x7E (the arrows are ESC [ A to D); for SS3 `O` and one
+    /// byte (ESC O A on some terminals). 0 outside one.
+    escape: u8,
     /// A "\r\n" from a terminal that isn't raw is one Enter, not two.
     after_cr: bool,
 }
 
 impl Line {
-    const fn new() -> Line {
+    const fn new(after_cr: bool) -> Line {
         Line {
             bytes: [0; LINE_MAX],
             len: 0,
             over: 0,
             pending: (0, false),
-            escape: Escape::None,
-            after_cr: false,
+            escape: 0,
+            after_cr,
         }
-    }
-
-    /// Start again with an empty line (after Enter or Ctrl-C).
-    fn clear(&mut self) {
-        let after_cr = self.after_cr;
-        *self = Line::new();
-        self.after_cr = after_cr;
     }
 
     fn is_empty(&self) -> bool {
@@ -158,66 +155,54 @@ impl Line {
     }
 
     /// Take one byte of input, echoing what should be seen.
-    fn key(&mut self, console: &mut dyn Terminal, byte: u8) -> Key {
+    fn key(&mut self, out: &mut Out, byte: u8) -> Key {
         let was_cr = core::mem::replace(&mut self.after_cr, byte == b'\r');
         match (self.escape, byte) {
-            (Escape::Esc, b'[') => self.escape = Escape::Csi,
-            (Escape::Esc, b'O') => self.escape = Escape::Ss3,
-            (Escape::Esc, 0x1B) => {}
-            (Escape::Csi, 0x20..=0x3F) => {}
-            (Escape::Esc | Escape::Csi | Escape::Ss3, 0x20..=0x7E) => self.escape = Escape::None,
+            (ESC, b'[' | b'O') => self.escape = byte,
+            (ESC, ESC) | (b'[', 0x20..=0x3F) => {}
+            (ESC | b'[' | b'O', 0x20..=0x7E) => self.escape = 0,
             // Anything else ends the sequence (if any) and is a key of its own.
             _ => {
-                self.escape = Escape::None;
-                return self.plain_key(console, byte, was_cr);
+                self.escape = 0;
+                return self.plain_key(out, byte, was_cr);
             }
         }
         Key::Nothing
     }
 
-    fn plain_key(&mut self, console: &mut dyn Terminal, byte: u8, was_cr: bool) -> Key {
+    fn plain_key(&mut self, out: &mut Out, byte: u8, was_cr: bool) -> Key {
         // A character's continuation bytes go where its first byte went.
         if self.pending.0 > 0 && byte & 0xC0 == 0x80 {
             self.pending.0 -= 1;
             if self.pending.1 {
                 self.push(byte);
             }
-            console.put(&[byte]);
+            out.put(&[byte]);
             return Key::Nothing;
         }
         self.pending = (0, false);
         match byte {
-            b'\n' if was_cr => Key::Nothing,
-            b'\r' | b'\n' => Key::Enter,
-            0x03 => Key::Cancel,
-            0x04 if self.is_empty() => Key::Eof,
-            0x1B => {
-                self.escape = Escape::Esc;
-                Key::Nothing
+            b'\n' if was_cr => {}
+            b'\r' | b'\n' => return Key::Enter,
+            0x03 => return Key::Cancel,
+            0x04 if self.is_empty() => return Key::Eof,
+            ESC => self.escape = ESC,
+            0x7F | 0x08 if self.over > 0 => {
+                self.over -= 1;
+                out.put(b"\x08 \x08");
             }
-            0x7F | 0x08 => {
-                if self.over > 0 {
-                    self.over -= 1;
-                } else if self.len > 0 {
-                    // A whole character: its continuation bytes, then its first.
-                    while self.len > 1 && self.bytes[self.len - 1] & 0xC0 == 0x80 {
-                        self.len -= 1;
-                    }
+            0x7F | 0x08 if self.len > 0 => {
+                // A whole character: its continuation bytes, then its first.
+                while self.len > 1 && self.bytes[self.len - 1] & 0xC0 == 0x80 {
                     self.len -= 1;
-                } else {
-                    return Key::Nothing;
                 }
-                console.put(b"\x08 \x08");
-                Key::Nothing
+                self.len -= 1;
+                out.put(b"\x08 \x08");
             }
-            // Printable ASCII, or the first byte of a longer UTF-8 character.
+            // Printable ASCII, or the first byte of a longer UTF-8
+            // character, which has as many bytes as leading ones.
             0x20..=0x7E | 0xC2..=0xF4 => {
-                let size = match byte {
-                    0xF0.. => 4,
-                    0xE0.. => 3,
-                    0xC2.. => 2,
-                    _ => 1,
-                };
+                let size = (byte.leading_ones() as usize).max(1);
                 let fits = self.over == 0 && self.len + size <= LINE_MAX;
                 if fits {
                     self.push(byte);
@@ -225,13 +210,13 @@ impl Line {
                     self.over += 1;
                 }
                 self.pending = (size - 1, fits);
-                console.put(&[byte]);
-                Key::Nothing
+                out.put(&[byte]);
             }
             // Other control characters, and bytes that can't start a
             // character, are not text.
-            _ => Key::Nothing,
+            _ => {}
         }
+        Key::Nothing
     }
 
     fn push(&mut self, byte: u8) {
@@ -241,17 +226,14 @@ impl Line {
 
     /// The line, if it may run: refused (with a word to the user) if it was
     /// too long or isn't UTF-8.
-    fn text(&self, console: &mut dyn Terminal) -> Option<&str> {
+    fn text(&self, out: &mut Out) -> Option<&str> {
         if self.over > 0 {
-            let _ = writeln!(
-                console,
-                "line too long (the most is {LINE_MAX} bytes): not run"
-            );
+            let _ = writeln!(out, "line too long (the most is {LINE_MAX} bytes): not run");
             return None;
         }
         let text = core::str::from_utf8(&self.bytes[..self.len]);
         if text.is_err() {
-            let _ = console.write_str("line is not UTF-8: not run\n");
+            let _ = out.write_str("line is not UTF-8: not run\n");
         }
         text.ok()
     }
@@ -259,64 +241,67 @@ impl Line {
 
 /// The prompt's devices and what it knows.
 struct Shell<'a> {
-    console: &'a mut dyn Terminal,
+    out: Out<'a>,
     net: Option<&'a mut dyn Nic>,
     /// Our address, from `ip=`.
     ip: Option<Ip>,
-    list: Lister<'a>,
+    /// Lists the devices, for the `devices` command.
+    list: &'a dyn Fn(&mut dyn Write) -> fmt::Result,
 }
 
-/// Run the prompt until the user (or end of input) powers off.
-fn run<'a>(console: &'a mut dyn Terminal, net: Option<&'a mut dyn Nic>, list: Lister<'a>) -> ! {
-    let ip = boot::option("ip").and_then(|text| {
-        let ip = inet::parse_ip(text);
-        if ip.is_none() {
-            println!("lguest-guest: ignoring ip={text}: not an IPv4 address");
-        }
-        ip
-    });
-    if let (Some(net), Some(ip)) = (net.as_ref(), ip) {
-        println!(
-            "lguest-guest: answering ARP and ping for {} ({})",
-            ShowIp(ip),
-            ShowMac(net.mac())
-        );
-    }
-    let _ = write!(console, "lguest-guest: type help for commands\n{PROMPT}");
-    console.flush_line();
-    let mut shell = Shell {
-        console,
-        net,
-        ip,
-        list,
+/// Run the prompt on `console` until the user (or end of input) powers off.
+fn run<'a>(
+    console: Option<&'a mut impl Terminal>,
+    net: Option<&'a mut impl Nic>,
+    list: &'a dyn Fn(&mut dyn Write) -> fmt::Result,
+) {
+    let (Some(console), net) = (console, net.map(|net| net as &mut dyn Nic)) else {
+        return;
     };
+    let text = boot::option("ip");
+    let ip = text.and_then(inet::parse_ip);
+    if let (Some(text), None) = (text, ip) {
+        println!("lguest-guest: ignoring ip={text}: not an IPv4 address");
+    }
+    if let (Some(net), Some(ip)) = (net.as_ref(), ip) {
+        let (ip, mac) = (ShowIp(ip), ShowMac(net.mac()));
+        println!("lguest-guest: answering ARP and ping for {ip} ({mac})");
+    }
+    let out = Out {
+        console,
+        line: [0; LINE_MAX],
+        len: 0,
+    };
+    let mut shell = Shell { out, net, ip, list };
+    let _ = write!(shell.out, "lguest-guest: type help for commands\n{PROMPT}");
+    shell.out.flush();
 
-    let mut line = Line::new();
+    let mut line = Line::new(false);
     let mut frame = [0u8; FRAME_MAX];
     loop {
         let mut input = [0u8; 64];
-        let n = match shell.console.poll(&mut input) {
+        let n = match shell.out.console.poll(&mut input) {
             Input::Eof => shell.end_of_input(&line),
             Input::Nothing => 0,
             Input::Bytes(n) => n,
         };
         for &byte in &input[..n] {
-            match line.key(shell.console, byte) {
+            match line.key(&mut shell.out, byte) {
                 Key::Nothing => continue,
                 Key::Enter => {
-                    shell.console.put(b"\n");
-                    if let Some(text) = line.text(shell.console) {
-                        shell.command(text);
+                    shell.out.put(b"\n");
+                    if let Some(text) = line.text(&mut shell.out) {
+                        let _ = shell.command(text);
                     }
                 }
-                Key::Cancel => shell.console.put(b"^C\n"),
+                Key::Cancel => shell.out.put(b"^C\n"),
                 Key::Eof => shell.end_of_input(&line),
             }
-            line.clear();
-            let _ = shell.console.write_str(PROMPT);
+            line = Line::new(line.after_cr);
+            let _ = shell.out.write_str(PROMPT);
         }
         // One buffer of echo per batch of input, not one per key.
-        shell.console.flush_line();
+        shell.out.flush();
 
         if let Some(net) = shell.net.as_mut() {
             while let Some(len) = net.recv(&mut frame) {
@@ -327,55 +312,50 @@ fn run<'a>(console: &'a mut dyn Terminal, net: Option<&'a mut dyn Nic>, list: Li
         }
 
         // Not `||`: both must ask for their interrupt before we sleep.
-        let Shell { console, net, .. } = &mut shell;
+        let Shell { out, net, .. } = &mut shell;
         idle(None, || {
-            console.arm_rx() | net.as_mut().is_some_and(|net| net.arm_rx())
+            out.console.arm_rx() | net.as_mut().is_some_and(|net| net.arm_rx())
         });
     }
 }
 
 impl Shell<'_> {
-    fn command(&mut self, text: &str) {
+    fn command(&mut self, text: &str) -> fmt::Result {
         let text = text.trim();
         let (word, rest) = text.split_once(' ').unwrap_or((text, ""));
-        let console = &mut *self.console;
+        let out = &mut self.out;
         match word {
-            "" => {}
-            "help" => {
-                let _ = console.write_str(HELP);
-            }
-            "echo" => {
-                let _ = writeln!(console, "{}", rest.trim_start());
-            }
-            "devices" => (self.list)(console),
+            "" => Ok(()),
+            "help" => out.write_str(HELP),
+            "echo" => writeln!(out, "{}", rest.trim_start()),
+            "devices" => (self.list)(out),
             "ping" => {
                 let peer = rest.trim();
                 let result = match (self.net.as_mut(), self.ip, inet::parse_ip(peer)) {
-                    (None, _, _) => Err(crate::err!("no network card")),
-                    (_, None, _) => Err(crate::err!("we have no address: boot with ip=A.B.C.D")),
-                    (_, _, None) => Err(crate::err!("usage: ping A.B.C.D")),
+                    (None, _, _) => Err(err!("no network card")),
+                    (_, None, _) => Err(err!("we have no address: boot with ip=A.B.C.D")),
+                    (_, _, None) => Err(err!("usage: ping A.B.C.D")),
                     (Some(net), Some(ip), Some(peer)) => {
-                        inet::ping(*net, ip, peer, PING_COUNT, console)
+                        inet::ping(*net, ip, peer, PING_COUNT, out)
                     }
                 };
-                if let Err(e) = result {
-                    let _ = writeln!(console, "ping: {}", e.as_str());
+                match result {
+                    Err(e) => writeln!(out, "ping: {}", e.as_str()),
+                    Ok(_) => Ok(()),
                 }
             }
             "poweroff" => self.power_off(c"poweroff command"),
-            _ => {
-                let _ = writeln!(console, "unknown command: {word} (try help)");
-            }
+            _ => writeln!(out, "unknown command: {word} (try help)"),
         }
     }
 
     /// End of input: finish the prompt's line, run what was typed on it (a
     /// last line needs no newline), and power off.
     fn end_of_input(&mut self, line: &Line) -> ! {
-        self.console.put(b"\n");
+        self.out.put(b"\n");
         if !line.is_empty() {
-            if let Some(text) = line.text(self.console) {
-                self.command(text);
+            if let Some(text) = line.text(&mut self.out) {
+                let _ = self.command(text);
             }
         }
         self.power_off(c"end of input")
@@ -383,7 +363,8 @@ impl Shell<'_> {
 
     /// Power off once the Host has written out all we sent.
     fn power_off(&mut self, reason: &core::ffi::CStr) -> ! {
-        self.console.drain(Some(&Deadline::after_ms(2000)));
+        self.out.flush();
+        self.out.console.drain(Some(&Deadline::after_ms(2000)));
         hcall::shutdown(reason, SHUTDOWN_POWEROFF);
     }
 }

@@ -3,41 +3,44 @@
 //! num_sectors}.
 //!
 //! We bind one answer buffer at the page's address (the key) when we bring
-//! the disk up. A request fills the page, sets result 0 and sends DMA to
-//! the key: the data for a write, nothing for a read, whose data the Host
-//! puts in the answer buffer (which we point at the reader's memory first).
-//! Then it sets result, 1 done or 2 error, and raises our IRQ.
+//! the disk up: the Host puts the data a read asks for there. The reference
+//! Guest has nothing to read or write; the requests are the self-tests', in
+//! lguest-guest-tests' io.rs.
 
 use core::fmt::{self, Write};
-use core::sync::atomic::{compiler_fence, Ordering};
 
 use lguest_abi::{BlockPage, DmaDeviceDesc, DMA_MAX_DEVICES, PAGE_SHIFT};
 
-use super::{bind, irq, set_status, take_irq, Dma, S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK};
+use super::{bind, irq, Dma};
 use crate::cell::GuestCell;
+use crate::console::Error;
 use crate::err;
-use crate::virtio::{idle, Deadline, Error};
 
 /// The most disks we drive: every entry but the console's.
 pub const MAX_DISKS: usize = DMA_MAX_DEVICES - 1;
-/// The page's results.
-pub const DONE: u32 = 1;
-pub const ERROR: u32 = 2;
 
 /// Each disk's answer buffer.
 static ANSWERS: GuestCell<[Dma; MAX_DISKS]> = GuestCell::new([Dma::EMPTY; MAX_DISKS]);
 
 /// The device page of a block entry.
-pub fn page(e: &DmaDeviceDesc) -> *mut BlockPage {
+fn page(e: &DmaDeviceDesc) -> *mut BlockPage {
     core::ptr::with_exposed_provenance_mut(((e.pfn as u64) << PAGE_SHIFT) as usize)
 }
 
+/// A block entry's size in sectors, as its page says (None: it has no page).
+fn sectors(e: &DmaDeviceDesc) -> Option<u64> {
+    if e.pfn == 0 || e.num_pages == 0 {
+        return None;
+    }
+    // SAFETY: the device page, below pfn_limit and identity-mapped.
+    Some(unsafe { (&raw const (*page(e)).num_sectors).read_volatile() } as u64)
+}
+
 pub struct Blk {
-    /// Our table entry.
-    pub at: usize,
     /// Which of our disks: its answer buffer is ANSWERS[disk].
     pub disk: usize,
-    page: *mut BlockPage,
+    /// The disk's page, where a request is described.
+    pub page: *mut BlockPage,
     /// In 512-byte sectors.
     pub capacity: u64,
 }
@@ -45,97 +48,32 @@ pub struct Blk {
 impl Blk {
     /// Bring up entry `at`, `e`, as our disk number `disk`.
     pub fn probe(at: usize, e: &DmaDeviceDesc, disk: usize) -> Result<Blk, Error> {
-        set_status(at, S_ACKNOWLEDGE | S_DRIVER);
-        if e.pfn == 0 || e.num_pages == 0 {
-            return Err(err!("block entry {at} has no page"));
-        }
+        let capacity = sectors(e).ok_or_else(|| err!("block entry {at} has no page"))?;
         let page = page(e);
-        // SAFETY: the device page, below pfn_limit and identity-mapped.
-        let capacity = unsafe { (&raw const (*page).num_sectors).read_volatile() } as u64;
         let blk = Blk {
-            at,
             disk,
             page,
             capacity,
         };
-        take_irq(at);
         // SAFETY: not bound yet; from now on reached through raw pointers.
         unsafe { blk.answer().write_volatile(Dma::EMPTY) };
         // SAFETY: as just said.
-        if !unsafe { bind(page as u64, &raw mut (*blk.answer()).0, 1, irq(at)) } {
-            return Err(err!("the Host refused our answer buffer"));
-        }
-        set_status(at, S_ACKNOWLEDGE | S_DRIVER | S_DRIVER_OK);
+        unsafe { bind(page as u64, &raw mut (*blk.answer()).0, 1, irq(at))? };
         Ok(blk)
     }
 
-    fn answer(&self) -> *mut Dma {
+    /// The answer buffer, bound at the page's address.
+    pub fn answer(&self) -> *mut Dma {
         assert!(self.disk < MAX_DISKS);
         // SAFETY: in bounds of our own static.
         unsafe { ANSWERS.as_ptr().cast::<Dma>().add(self.disk) }
-    }
-
-    fn result(&self) -> u32 {
-        // SAFETY: the device page (see probe).
-        unsafe { (&raw const (*self.page).result).read_volatile() }
-    }
-
-    /// Read (or `write`) `len` bytes at `addr` of our RAM from `sector`, at
-    /// most 16 pages' worth: the page's result, DONE or ERROR.
-    pub fn request(
-        &mut self,
-        write: bool,
-        sector: u64,
-        addr: u64,
-        len: usize,
-        deadline: &Deadline,
-    ) -> Result<u32, Error> {
-        let data = Dma::over(addr, len)?;
-        let sector = u32::try_from(sector).map_err(|_| err!("sector {sector} is past 2 TiB"))?;
-        let mut send = Dma::EMPTY;
-        if write {
-            send = data;
-        } else {
-            // SAFETY: no request is in flight, so the Host isn't writing
-            // the answer buffer (its used_len is 0).
-            unsafe { self.answer().write_volatile(data) };
-        }
-        let page = self.page;
-        // SAFETY: the device page; the Host looks at it only when we send.
-        unsafe {
-            (&raw mut (*page).type_).write_volatile(write as u32);
-            (&raw mut (*page).sector).write_volatile(sector);
-            (&raw mut (*page).bytes).write_volatile(len as u32);
-            (&raw mut (*page).result).write_volatile(0);
-        }
-        compiler_fence(Ordering::SeqCst);
-        send.send(self.page as u64);
-        let result = loop {
-            match self.result() {
-                0 if deadline.passed() => return Err(err!("no answer to a request")),
-                0 => idle(Some(deadline), || self.result() != 0),
-                result => break result,
-            }
-        };
-        let used_len = self.answer().cast::<u32>();
-        // SAFETY: the answer buffer's used_len (the first field), done with:
-        // free it for the next read.
-        let answered = unsafe { used_len.read_volatile() };
-        // SAFETY: as just said.
-        unsafe { used_len.write_volatile(0) };
-        if result == DONE && !write && answered as usize != len {
-            return Err(err!("a read of {len} bytes answered with {answered}"));
-        }
-        Ok(result)
     }
 }
 
 /// The disk's size, for listings.
 pub fn describe_page(out: &mut dyn Write, e: &DmaDeviceDesc) -> fmt::Result {
-    if e.pfn == 0 {
-        return Ok(());
+    match sectors(e) {
+        Some(sectors) => write!(out, "; {sectors} sectors ({} KiB)", sectors / 2),
+        None => Ok(()),
     }
-    // SAFETY: a block entry's page (see probe).
-    let sectors = unsafe { (&raw const (*page(e)).num_sectors).read_volatile() } as u64;
-    write!(out, "; {sectors} sectors ({} KiB)", sectors / 2)
 }

@@ -7,19 +7,17 @@
 //! fit waits in the Launcher until we have read ours and set its used_len
 //! back to 0. End of input never reaches us: the Launcher powers us off.
 
-use core::fmt;
 use core::sync::atomic::{compiler_fence, Ordering};
 
 use lguest_abi::{LguestDma, LGUEST_CONSOLE_DMA_KEY, LGUEST_MAX_DMA_SECTIONS, PAGE_SIZE};
 
-use super::{bind, irq, set_status, take_irq, Dma, S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK};
+use super::{bind, irq, Dma};
 use crate::cell::GuestCell;
-use crate::err;
+use crate::console::Error;
 use crate::shell::{Input, Terminal};
-use crate::virtio::{Deadline, Error};
+use crate::time::Deadline;
 
 const IN_SIZE: usize = 1024;
-const LINE: usize = 256;
 
 /// The input buffer and its lguest_dma, on one page so neither crosses one.
 #[repr(C, align(4096))]
@@ -39,34 +37,19 @@ fn input_dma() -> *mut LguestDma {
 }
 
 pub struct Console {
-    /// Our table entry.
-    pub at: usize,
     /// How much of the input buffer we have read.
     read: usize,
-    /// Output collected by fmt::Write, sent a line at a time.
-    line: [u8; LINE],
-    line_len: usize,
 }
 
 impl Console {
     pub fn probe(at: usize) -> Result<Console, Error> {
-        set_status(at, S_ACKNOWLEDGE | S_DRIVER);
         // SAFETY: a field of our own static.
         let data = unsafe { &raw mut (*INPUT.as_ptr()).data } as u64;
         // SAFETY: not bound yet, so the Host doesn't write it.
         unsafe { input_dma().write_volatile(Dma::over(data, IN_SIZE)?.0) };
-        take_irq(at);
         // SAFETY: INPUT is reached only through raw pointers from now on.
-        if !unsafe { bind(LGUEST_CONSOLE_DMA_KEY, input_dma(), 1, irq(at)) } {
-            return Err(err!("the Host refused our input buffer"));
-        }
-        set_status(at, S_ACKNOWLEDGE | S_DRIVER | S_DRIVER_OK);
-        Ok(Console {
-            at,
-            read: 0,
-            line: [0; LINE],
-            line_len: 0,
-        })
+        unsafe { bind(LGUEST_CONSOLE_DMA_KEY, input_dma(), 1, irq(at))? };
+        Ok(Console { read: 0 })
     }
 
     /// Bytes the Host has put in the input buffer (0: it's free).
@@ -75,17 +58,11 @@ impl Console {
         let used = unsafe { (&raw const (*input_dma()).used_len).read_volatile() };
         (used as usize).min(IN_SIZE)
     }
-
-    /// Send `bytes` now (after any collected output): how many the
-    /// Launcher took, all of them unless its stdout failed.
-    pub fn write(&mut self, bytes: &[u8]) -> usize {
-        self.flush_line();
-        send(bytes)
-    }
 }
 
-/// SEND_DMA to key 0: the bytes the Launcher took.
-fn send(bytes: &[u8]) -> usize {
+/// SEND_DMA to key 0: the bytes the Launcher took, all of them unless its
+/// stdout failed.
+pub fn send(bytes: &[u8]) -> usize {
     // A slice this long spans at most 16 pages: one lguest_dma.
     let chunk = PAGE_SIZE as usize * (LGUEST_MAX_DMA_SECTIONS - 1);
     let send = |part: &[u8]| Dma::over(part.as_ptr() as u64, part.len()).map(|mut d| d.send(0));
@@ -126,31 +103,12 @@ impl Terminal for Console {
         self.used() != 0
     }
 
-    fn put(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.line[self.line_len] = byte;
-            self.line_len += 1;
-            if byte == b'\n' || self.line_len == LINE {
-                self.flush_line();
-            }
-        }
-    }
-
-    fn flush_line(&mut self) {
-        let len = core::mem::take(&mut self.line_len);
-        send(&self.line[..len]);
+    fn send(&mut self, bytes: &[u8]) {
+        send(bytes);
     }
 
     /// Output is written before SEND_DMA returns: nothing to wait for.
     fn drain(&mut self, _deadline: Option<&Deadline>) -> bool {
-        self.flush_line();
         true
-    }
-}
-
-impl fmt::Write for Console {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        self.put(s.as_bytes());
-        Ok(())
     }
 }

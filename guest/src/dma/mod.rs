@@ -15,8 +15,8 @@
 //! `pfn << 12` for each disk and network. We choose the IRQs: entry i's is
 //! i + 1, as lguest_bus.c did. This is lguest_bus.c without the driver
 //! model; the drivers are hvc_lguest.c, lguest_blk.c and lguest_net.c,
-//! rewritten. Waiting (`idle`, `Deadline`, the IRQ counts) is shared with
-//! the virtio drivers: nothing in it belongs to either model.
+//! rewritten. Waiting (`time::idle`) and the IRQ counts (`interrupts`) are
+//! shared with the virtio drivers: nothing in them belongs to either model.
 
 pub mod blk;
 pub mod console;
@@ -24,24 +24,17 @@ pub mod net;
 
 use core::fmt::{self, Write};
 
-use lguest_abi::{hcall as nr, DmaDeviceDesc, LguestDma};
-use lguest_abi::{DEVICE_MODEL_DMA, DMA_MAX_DEVICES, FIRST_EXTERNAL_VECTOR, PAGE_SIZE};
+use lguest_abi::{hcall as nr, DmaDeviceDesc, LguestDma, BIND_DMA_COUNT_SHIFT, DMA_MAX_DEVICES};
+use lguest_abi::{DEVICE_MODEL_DMA, PAGE_SIZE};
+use lguest_abi::{LGUEST_DEVICE_S_ACKNOWLEDGE, LGUEST_DEVICE_S_DRIVER};
+use lguest_abi::{LGUEST_DEVICE_S_DRIVER_OK, LGUEST_DEVICE_S_FAILED};
+use lguest_abi::{LGUEST_DEVICE_T_BLOCK, LGUEST_DEVICE_T_CONSOLE, LGUEST_DEVICE_T_NET};
 
-use crate::console::Msg;
+use crate::console::Error;
 use crate::hcall::hcall;
-use crate::virtio::{irq_count, irq_handler, probe_once, Error};
-use crate::{boot, err, interrupts, println};
-
-/// Device types.
-pub const T_CONSOLE: u16 = 1;
-pub const T_NET: u16 = 2;
-pub const T_BLOCK: u16 = 3;
-/// Status bits, which only we write: we saw the device, we can drive it,
-/// we drive it; or we gave up.
-pub const S_ACKNOWLEDGE: u16 = 1;
-pub const S_DRIVER: u16 = 2;
-pub const S_DRIVER_OK: u16 = 4;
-pub const S_FAILED: u16 = 128;
+use crate::interrupts::irq_count;
+use crate::virtio::{probe_once, report};
+use crate::{boot, err};
 
 pub type Table = [DmaDeviceDesc; DMA_MAX_DEVICES];
 
@@ -65,6 +58,8 @@ pub fn table() -> Table {
     table
 }
 
+/// Entry `i`'s status, which only we write (lguest_bus.c's bits: we saw
+/// the device, we can drive it, we drive it; or we gave up).
 fn status_ptr(i: usize) -> *mut u16 {
     assert!(i < DMA_MAX_DEVICES);
     core::ptr::with_exposed_provenance_mut((entry(i) + 4) as usize)
@@ -75,7 +70,7 @@ pub fn status(i: usize) -> u16 {
     unsafe { status_ptr(i).read_volatile() }
 }
 
-pub fn set_status(i: usize, status: u16) {
+fn set_status(i: usize, status: u16) {
     // SAFETY: as in `status`; the page is writable like RAM.
     unsafe { status_ptr(i).write_volatile(status) }
 }
@@ -85,10 +80,17 @@ pub fn irq(i: usize) -> u8 {
     i as u8 + 1
 }
 
-/// Count entry `i`'s IRQs: the drivers look at their buffers when any IRQ
-/// wakes them, so that is all a handler does.
-fn take_irq(i: usize) {
-    interrupts::set_handler(FIRST_EXTERNAL_VECTOR + irq(i), Some(irq_handler));
+/// Bring entry `at` up with `probe`, saying so in its status as we go;
+/// a driver that could not come up marks its entry FAILED.
+fn bring_up<T>(at: usize, probe: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
+    set_status(at, LGUEST_DEVICE_S_ACKNOWLEDGE | LGUEST_DEVICE_S_DRIVER);
+    let probed = probe();
+    let done = match probed {
+        Ok(_) => LGUEST_DEVICE_S_DRIVER_OK,
+        Err(_) => LGUEST_DEVICE_S_FAILED,
+    };
+    set_status(at, status(at) | done);
+    probed
 }
 
 /// One `struct lguest_dma`, aligned so that it never crosses a page: the
@@ -137,25 +139,24 @@ impl Dma {
 }
 
 /// BIND_DMA: `count` consecutive lguest_dma from `dmas` at `key`, for IRQ
-/// `irq`. Returns whether the Host bound them.
+/// `irq`.
 ///
 /// # Safety
 ///
 /// From now on the Host writes into them, and into their sections, whenever
 /// someone sends to `key`. They must be ours, reached only through raw
 /// pointers, for as long as they are bound (for our drivers: for ever).
-pub unsafe fn bind(key: u64, dmas: *mut LguestDma, count: usize, irq: u8) -> bool {
-    let count_irq = (count << 8) as u64 | irq as u64;
+pub unsafe fn bind(key: u64, dmas: *mut LguestDma, count: usize, irq: u8) -> Result<(), Error> {
+    let count_irq = (count << BIND_DMA_COUNT_SHIFT) as u64 | irq as u64;
     // SAFETY: the caller's.
-    unsafe { hcall(nr::BIND_DMA, key, dmas as u64, count_irq, 0) == 1 }
-}
-
-/// A driver that could not come up marks its entry FAILED.
-fn up<T>(at: usize, probed: Result<T, Error>) -> Result<T, Error> {
-    probed.inspect_err(|_| set_status(at, status(at) | S_FAILED))
+    match unsafe { hcall(nr::BIND_DMA, key, dmas as u64, count_irq, 0) } {
+        1 => Ok(()),
+        _ => Err(err!("the Host refused BIND_DMA at key {key:#x}")),
+    }
 }
 
 /// The devices we drive, brought up when first wanted, as on the bus.
+#[derive(Default)]
 pub struct Devices {
     pub table: Table,
     pub console: Option<console::Console>,
@@ -166,46 +167,42 @@ pub struct Devices {
 
 impl Devices {
     pub fn scan() -> Devices {
+        let table = table();
         Devices {
-            table: table(),
-            console: None,
-            disks: [const { None }; blk::MAX_DISKS],
-            net: None,
+            table,
+            ..Default::default()
         }
     }
 
     /// The entry of the `n`th device of type `kind`.
     fn find(&self, kind: u16, n: usize) -> Option<usize> {
-        let mut of_kind = (0..DMA_MAX_DEVICES).filter(|&i| self.table[i].type_ == kind);
-        of_kind.nth(n)
-    }
-
-    pub fn count(&self, kind: u16) -> usize {
-        self.table.iter().filter(|e| e.type_ == kind).count()
+        (0..DMA_MAX_DEVICES)
+            .filter(|&i| self.table[i].type_ == kind)
+            .nth(n)
     }
 
     pub fn console(&mut self) -> Result<&mut console::Console, Error> {
-        let at = self.find(T_CONSOLE, 0);
+        let at = self.find(LGUEST_DEVICE_T_CONSOLE, 0);
         probe_once(&mut self.console, at, "console", |at| {
-            up(at, console::Console::probe(at))
+            bring_up(at, || console::Console::probe(at))
         })
     }
 
     /// Disk `n` (0 is the first block entry).
     pub fn disk(&mut self, n: usize) -> Result<&mut blk::Blk, Error> {
-        let at = self.find(T_BLOCK, n);
+        let at = self.find(LGUEST_DEVICE_T_BLOCK, n);
         let slot = self.disks.get_mut(n).ok_or_else(|| err!("no disk {n}"))?;
         let table = &self.table;
         probe_once(slot, at, "block device", |at| {
-            up(at, blk::Blk::probe(at, &table[at], n))
+            bring_up(at, || blk::Blk::probe(at, &table[at], n))
         })
     }
 
     pub fn net(&mut self) -> Result<&mut net::Net, Error> {
-        let at = self.find(T_NET, 0);
+        let at = self.find(LGUEST_DEVICE_T_NET, 0);
         let table = &self.table;
         probe_once(&mut self.net, at, "net device", |at| {
-            up(at, net::Net::probe(at, &table[at]))
+            bring_up(at, || net::Net::probe(at, &table[at]))
         })
     }
 
@@ -216,40 +213,34 @@ impl Devices {
         for (i, e) in self.table.into_iter().enumerate() {
             let result = match e.type_ {
                 0 => continue,
-                T_CONSOLE if self.console.is_none() => Some(self.console().map(drop)),
-                T_BLOCK if disks < blk::MAX_DISKS => {
+                LGUEST_DEVICE_T_CONSOLE if self.console.is_none() => Some(self.console().map(drop)),
+                LGUEST_DEVICE_T_BLOCK if disks < blk::MAX_DISKS => {
                     disks += 1;
                     Some(self.disk(disks - 1).map(drop))
                 }
-                T_NET if self.net.is_none() => Some(self.net().map(drop)),
+                LGUEST_DEVICE_T_NET if self.net.is_none() => Some(self.net().map(drop)),
                 _ => None,
             };
-            let mut line = Msg::<256>::new();
-            let _ = describe(&mut line, i, &e);
-            let line = line.as_str();
-            match result {
-                Some(Ok(())) => println!("lguest-guest: dma: {line}"),
-                Some(Err(e)) => println!("lguest-guest: dma: {line}: failed: {}", e.as_str()),
-                None => println!("lguest-guest: dma: {line} (no driver)"),
-            }
+            report("dma", result, |out| describe(out, i, &e));
         }
     }
 }
 
 /// What the prompt's `devices` command says: a line per entry.
-pub fn list(out: &mut dyn Write, table: &Table) {
+pub fn list(out: &mut dyn Write, table: &Table) -> fmt::Result {
     for (i, e) in table.iter().enumerate().filter(|(_, e)| e.type_ != 0) {
-        let _ = describe(out, i, e);
-        let _ = out.write_str("\n");
+        describe(out, i, e)?;
+        out.write_str("\n")?;
     }
+    Ok(())
 }
 
 /// One line about entry `i`: type, IRQ, features, status, and its page.
 pub fn describe(out: &mut dyn Write, i: usize, e: &DmaDeviceDesc) -> fmt::Result {
     let name = match e.type_ {
-        T_CONSOLE => "console",
-        T_NET => "net",
-        T_BLOCK => "block",
+        LGUEST_DEVICE_T_CONSOLE => "console",
+        LGUEST_DEVICE_T_NET => "net",
+        LGUEST_DEVICE_T_BLOCK => "block",
         _ => "unknown",
     };
     let irq = irq(i);
@@ -260,8 +251,8 @@ pub fn describe(out: &mut dyn Write, i: usize, e: &DmaDeviceDesc) -> fmt::Result
         irq_count(irq as u16),
     )?;
     match e.type_ {
-        T_BLOCK => blk::describe_page(out, e),
-        T_NET => write!(out, "; page {:#x}, slot {}", net::page(e), net::slot(e)),
+        LGUEST_DEVICE_T_BLOCK => blk::describe_page(out, e),
+        LGUEST_DEVICE_T_NET => write!(out, "; page {:#x}, slot {}", net::page(e), net::slot(e)),
         _ => Ok(()),
     }
 }

@@ -12,18 +12,18 @@
 
 use core::sync::atomic::{compiler_fence, Ordering};
 
+use lguest_abi::LGUEST_NET_SLOT_MASK;
 use lguest_abi::{DmaDeviceDesc, LguestDma, PAGE_SHIFT, PAGE_SIZE};
+use lguest_abi::{LGUEST_NET_KEY_STRIDE, LGUEST_NET_MAC_LEN, LGUEST_NET_PROMISC};
 
-use super::{bind, irq, set_status, take_irq, Dma, S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK};
+use super::{bind, irq, Dma};
 use crate::cell::GuestCell;
+use crate::console::Error;
 use crate::err;
 use crate::inet::{Mac, Nic, FRAME_MAX, FRAME_MIN};
-use crate::virtio::Error;
 
-/// A slot's bits in the features.
-const SLOT_MASK: u16 = 0x0FFF;
 /// Slots the page has room for.
-const SLOTS: usize = PAGE_SIZE as usize / 6;
+const SLOTS: usize = PAGE_SIZE as usize / LGUEST_NET_MAC_LEN;
 const RX_COUNT: usize = 8;
 /// Frames sit 2048 bytes apart, so none crosses a page.
 const BUF: usize = 2048;
@@ -42,7 +42,7 @@ pub fn page(e: &DmaDeviceDesc) -> u64 {
 }
 
 pub fn slot(e: &DmaDeviceDesc) -> usize {
-    (e.features & SLOT_MASK) as usize
+    (e.features & LGUEST_NET_SLOT_MASK) as usize
 }
 
 fn rx_dma(i: usize) -> *mut LguestDma {
@@ -56,18 +56,13 @@ fn buf<const N: usize>(mem: &GuestCell<Frames<N>>, i: usize) -> *mut u8 {
 }
 
 pub struct Net {
-    /// Our table entry.
-    pub at: usize,
     pub mac: Mac,
     page: u64,
     me: usize,
-    /// Frames a slot we sent to didn't take (it had no free buffer).
-    pub dropped: u32,
 }
 
 impl Net {
     pub fn probe(at: usize, e: &DmaDeviceDesc) -> Result<Net, Error> {
-        set_status(at, S_ACKNOWLEDGE | S_DRIVER);
         let (page, me) = (page(e), slot(e));
         if e.pfn == 0 || me >= SLOTS {
             return Err(err!("net entry {at}: page {page:#x}, slot {me}"));
@@ -79,31 +74,21 @@ impl Net {
             // SAFETY: not bound yet, so the Host doesn't write them.
             unsafe { rx_dma(i).write_volatile(dma.0) };
         }
-        take_irq(at);
-        let key = page + 4 * me as u64;
+        let key = page + LGUEST_NET_KEY_STRIDE * me as u64;
         // SAFETY: RX_DMAS and RX_MEM are reached only through raw pointers.
-        if !unsafe { bind(key, rx_dma(0), RX_COUNT, irq(at)) } {
-            return Err(err!("the Host refused our receive buffers"));
-        }
-        let net = Net {
-            at,
-            mac,
-            page,
-            me,
-            dropped: 0,
-        };
+        unsafe { bind(key, rx_dma(0), RX_COUNT, irq(at))? };
+        let net = Net { mac, page, me };
         // Buffers first, then our MAC: nobody sends before we can take it.
         compiler_fence(Ordering::SeqCst);
         for (i, &byte) in mac.iter().enumerate() {
             // SAFETY: our slot of the shared page (me < SLOTS), writable.
             unsafe { net.slot_byte(me, i).write_volatile(byte) };
         }
-        set_status(at, S_ACKNOWLEDGE | S_DRIVER | S_DRIVER_OK);
         Ok(net)
     }
 
     fn slot_byte(&self, slot: usize, i: usize) -> *mut u8 {
-        core::ptr::with_exposed_provenance_mut((self.page as usize) + 6 * slot + i)
+        core::ptr::with_exposed_provenance_mut(self.page as usize + LGUEST_NET_MAC_LEN * slot + i)
     }
 
     /// The MAC in `slot` (all zeros: free).
@@ -158,9 +143,12 @@ impl Nic for Net {
         let dest = &frame[..6];
         for slot in (0..SLOTS).filter(|&slot| slot != self.me) {
             let mac = self.slot_mac(slot);
-            let wants = mac[0] & 1 != 0 || dest[0] & 1 != 0 || mac == dest;
-            if mac != [0; 6] && wants && dma.send(self.page + 4 * slot as u64) as usize != len {
-                self.dropped += 1;
+            let promisc = mac[0] & LGUEST_NET_PROMISC != 0;
+            let wants = promisc || dest[0] & 1 != 0 || mac == dest;
+            // A slot with no free buffer takes nothing: the frame is lost
+            // to it, as on a real network.
+            if mac != [0; 6] && wants {
+                dma.send(self.page + LGUEST_NET_KEY_STRIDE * slot as u64);
             }
         }
     }

@@ -7,14 +7,13 @@
 //! buffers of ours that the Host reads and hands back; we take them back
 //! lazily, when we need one.
 
-use core::fmt;
-
 use super::pool::Queue;
-use super::{bit, Deadline, Device, Error};
-use super::{VIRTIO_F_ANY_LAYOUT, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use super::Device;
 use crate::cell::GuestCell;
-use crate::err;
+use crate::console::Error;
 use crate::shell::{Input, Terminal};
+use crate::time::Deadline;
+use lguest_abi::vring::{F_ANY_LAYOUT, RING_F_EVENT_IDX, RING_F_INDIRECT_DESC};
 
 const RX_SIZE: usize = 128;
 const TX_SIZE: usize = 256;
@@ -30,9 +29,6 @@ pub struct Console {
     /// The receive buffer we are reading: (buffer, bytes in it, bytes read).
     reading: Option<(usize, usize, usize)>,
     eof: bool,
-    /// Output collected by fmt::Write, sent a line at a time.
-    line: [u8; TX_SIZE],
-    line_len: usize,
 }
 
 impl Console {
@@ -41,47 +37,26 @@ impl Console {
     pub fn probe(dev: Device) -> Result<Console, Error> {
         // INDIRECT_DESC we never use but in bad=virtio-long, which needs the
         // Host to accept indirect tables on this device.
-        let accepted = dev.negotiate(
-            bit(VIRTIO_F_ANY_LAYOUT)
-                | bit(VIRTIO_RING_F_INDIRECT_DESC)
-                | bit(VIRTIO_RING_F_EVENT_IDX),
-        );
-        let setup = || -> Result<Console, Error> {
-            if dev.num_vq() < 2 {
-                return Err(err!("console with {} queues, not 2", dev.num_vq()));
-            }
-            let event_idx = accepted & bit(VIRTIO_RING_F_EVENT_IDX) != 0;
+        let support = 1 << F_ANY_LAYOUT | 1 << RING_F_INDIRECT_DESC | 1 << RING_F_EVENT_IDX;
+        let mut console = dev.bring_up(support, 2, |accepted| {
             let mut console = Console {
                 dev,
-                rx: Queue::new(dev.vq(0), event_idx, &RX_MEM)?,
-                tx: Queue::new(dev.vq(1), event_idx, &TX_MEM)?,
+                rx: Queue::new(dev.vq(0), accepted, &RX_MEM)?,
+                tx: Queue::new(dev.vq(1), accepted, &TX_MEM)?,
                 reading: None,
                 eof: false,
-                line: [0; TX_SIZE],
-                line_len: 0,
             };
             console.rx.offer_all();
-            dev.driver_ok();
-            console.rx.vq.kick();
             Ok(console)
-        };
-        setup().inspect_err(|_| dev.fail())
+        })?;
+        console.rx.vq.kick();
+        Ok(console)
     }
 
     /// Send `bytes` in one buffer (at most 256 of them); returns the chain's
     /// head.
     pub fn send_one(&mut self, bytes: &[u8]) -> u16 {
-        let i = self.tx.take();
-        self.tx.write(i, 0, bytes);
-        self.tx.send(i, bytes.len())
-    }
-
-    /// Send `bytes` now (after any collected output).
-    pub fn write(&mut self, bytes: &[u8]) {
-        self.flush_line();
-        for chunk in bytes.chunks(TX_SIZE) {
-            self.send_one(chunk);
-        }
+        self.tx.send(bytes)
     }
 }
 
@@ -124,36 +99,15 @@ impl Terminal for Console {
         self.rx.vq.enable_cb() || waiting || self.eof
     }
 
-    fn put(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.line[self.line_len] = byte;
-            self.line_len += 1;
-            if byte == b'\n' || self.line_len == TX_SIZE {
-                self.flush_line();
-            }
-        }
-    }
-
-    fn flush_line(&mut self) {
-        if self.line_len > 0 {
-            let line = self.line;
-            let len = core::mem::take(&mut self.line_len);
-            self.send_one(&line[..len]);
+    fn send(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(TX_SIZE) {
+            self.send_one(chunk);
         }
     }
 
     /// The Host writes our output on its device thread: wait for it to
     /// hand back every buffer.
     fn drain(&mut self, deadline: Option<&Deadline>) -> bool {
-        self.flush_line();
         self.tx.drain(deadline)
-    }
-}
-
-/// `write!` to the console collects a line and sends it at its newline.
-impl fmt::Write for Console {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        self.put(s.as_bytes());
-        Ok(())
     }
 }

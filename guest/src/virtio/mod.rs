@@ -14,10 +14,12 @@
 //! kicks that queue.
 //!
 //! The drivers (console, block, net, rng) live in the submodules, over the
-//! vring code of `ring`. The console, net and rng drivers drive the first
-//! device of their type (further ones are listed but left alone); the block
-//! driver drives every disk. The Guest has no allocator, so buffers are
-//! statics (`pool`): the rings themselves are the Host's pages, above our RAM.
+//! vring code of `ring`; the feature bits every device offers are the ABI
+//! crate's (`lguest_abi::vring`). The console, net and rng drivers bring up
+//! the first device of their type (further ones are listed but left alone);
+//! the block driver brings up every disk. The Guest has no allocator, so
+//! buffers are statics (`pool`): the rings themselves are the Host's pages,
+//! above our RAM.
 
 pub mod blk;
 pub mod console;
@@ -26,71 +28,41 @@ pub mod pool;
 pub mod ring;
 pub mod rng;
 
-use core::cell::Cell;
 use core::fmt::{self, Write};
-use core::sync::atomic::{AtomicU32, Ordering};
 
-use lguest_abi::{
-    hcall as nr, DeviceDesc, VqConfig, CLOCK_MIN_DELTA_NS, DEVICE_MODEL_VIRTIO,
-    FIRST_EXTERNAL_VECTOR, LGUEST_IRQS, PAGE_SIZE, VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE,
-    VIRTIO_ID_NET, VIRTIO_ID_RNG, VIRTIO_STATUS_ACKNOWLEDGE, VIRTIO_STATUS_DRIVER,
-    VIRTIO_STATUS_DRIVER_OK, VIRTIO_STATUS_FAILED,
-};
+use lguest_abi::vring::F_NOTIFY_ON_EMPTY;
+use lguest_abi::{hcall as nr, DeviceDesc, VqConfig, DEVICE_MODEL_VIRTIO, PAGE_SIZE};
+use lguest_abi::{VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET, VIRTIO_ID_RNG};
+use lguest_abi::{VIRTIO_STATUS_ACKNOWLEDGE, VIRTIO_STATUS_DRIVER};
+use lguest_abi::{VIRTIO_STATUS_DRIVER_OK, VIRTIO_STATUS_FAILED};
 
-use crate::console::Msg;
-use crate::hcall::{self, hcall};
-use crate::interrupts::TrapFrame;
-use crate::{boot, lguest_data, println, time};
-
-/*
- * Feature bits every device may offer (virtio 0.9.5). The block and net ones
- * are in their drivers.
- */
-
-/// The Host interrupts when a queue runs empty, whatever we asked. We don't
-/// want that: we never accept it.
-pub const VIRTIO_F_NOTIFY_ON_EMPTY: u32 = 24;
-/// Headers need not sit in a descriptor of their own.
-pub const VIRTIO_F_ANY_LAYOUT: u32 = 27;
-/// A descriptor may point at a table of descriptors.
-pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
-/// used_event and avail_event replace the ring flags.
-pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
-
-/// Bit `n` as a feature mask.
-pub const fn bit(n: u32) -> u32 {
-    1 << n
-}
-
-/// A failure, with its detail: short text in a fixed buffer (small enough
-/// to pass around in a Result).
-pub type Error = Msg<104>;
-
-/// Format an Error.
-#[macro_export]
-macro_rules! err {
-    ($($arg:tt)*) => {
-        $crate::virtio::Error::from_fmt(format_args!($($arg)*))
-    };
-}
+use crate::console::{Error, Msg};
+use crate::hcall::hcall;
+use crate::interrupts::irq_count;
+use crate::{boot, err, println};
 
 /// The most devices we keep track of.
 pub const MAX_DEVICES: usize = 16;
 
 /*
  * The descriptor page is shared with the Host and its entries are packed
- * with no regard for alignment, so we read and write it a byte at a time.
+ * with no regard for alignment, so we read and write it a byte at a time
+ * (or as the ABI's structs of bytes, which need no alignment either).
  */
+
+fn raw<T>(addr: u64) -> *mut T {
+    core::ptr::with_exposed_provenance_mut(addr as usize)
+}
 
 fn peek(addr: u64) -> u8 {
     // SAFETY: callers only pass addresses inside the descriptor page, which
     // sits below pfn_limit, identity-mapped; a byte is always aligned.
-    unsafe { core::ptr::with_exposed_provenance::<u8>(addr as usize).read_volatile() }
+    unsafe { raw::<u8>(addr).read_volatile() }
 }
 
 fn poke(addr: u64, value: u8) {
     // SAFETY: as for peek; the page is writable like RAM.
-    unsafe { core::ptr::with_exposed_provenance_mut::<u8>(addr as usize).write_volatile(value) }
+    unsafe { raw::<u8>(addr).write_volatile(value) }
 }
 
 /// Read `len` (at most 8) little-endian bytes.
@@ -117,7 +89,13 @@ impl Device {
     }
 
     pub fn name(&self) -> &'static str {
-        type_name(self.id())
+        match self.id() {
+            VIRTIO_ID_NET => "net",
+            VIRTIO_ID_BLOCK => "block",
+            VIRTIO_ID_CONSOLE => "console",
+            VIRTIO_ID_RNG => "rng",
+            _ => "unknown",
+        }
     }
 
     pub fn num_vq(&self) -> usize {
@@ -127,12 +105,10 @@ impl Device {
     /// Queue `i`'s config: the vqconfigs follow the header (seed 002's lg_vq).
     pub fn vq(&self, i: usize) -> VqConfig {
         assert!(i < self.num_vq());
-        let at = self.at + HEADER_SIZE + VQCONFIG_SIZE * i as u64;
-        VqConfig {
-            num: peek_le(at, 2) as u16,
-            irq: peek_le(at + 2, 2) as u16,
-            pfn: peek_le(at + 4, 4) as u32,
-        }
+        let vq = raw::<VqConfig>(self.at + HEADER_SIZE + VQCONFIG_SIZE * i as u64);
+        // SAFETY: inside the entry, which `scan` checked lies in the page;
+        // VqConfig is packed, so any address is aligned for it.
+        unsafe { vq.read_volatile() }
     }
 
     /// The features come after the vqconfigs: the Host's, then ours.
@@ -155,27 +131,20 @@ impl Device {
 
     fn set_guest_features(&self, features: u32) {
         let at = self.features_at() + self.header.feature_len as u64;
-        for i in 0..self.header.feature_len as u64 {
-            let byte = if i < 4 {
-                (features >> (8 * i)) as u8
-            } else {
-                0
-            };
-            poke(at + i, byte);
+        for i in 0..self.header.feature_len as u32 {
+            poke(
+                at + i as u64,
+                features.checked_shr(8 * i).unwrap_or(0) as u8,
+            );
         }
     }
 
-    /// The config space comes after both feature bitmaps.
-    fn config_at(&self) -> u64 {
-        self.features_at() + 2 * self.header.feature_len as u64
-    }
-
-    /// `len` bytes of config at `offset`, if the config is that long.
+    /// `len` bytes of config at `offset`, if the config is that long. The
+    /// config space comes after both feature bitmaps.
     pub fn config(&self, offset: usize, len: usize) -> Option<u64> {
-        if offset + len > self.header.config_len as usize {
-            return None;
-        }
-        Some(peek_le(self.config_at() + offset as u64, len))
+        let config = self.features_at() + 2 * self.header.feature_len as u64;
+        let fits = offset + len <= self.header.config_len as usize;
+        fits.then(|| peek_le(config + offset as u64, len))
     }
 
     pub fn status(&self) -> u8 {
@@ -186,8 +155,10 @@ impl Device {
         poke(self.at + 4, status);
     }
 
-    /// NOTIFY the entry's address: the Host looks at the status byte.
-    fn notify_status(&self) {
+    /// Set the status and NOTIFY the entry's address: the Host looks at
+    /// the status byte (and, when we have just chosen them, our features).
+    fn notify_status(&self, status: u8) {
+        self.set_status(status);
         // SAFETY: the Host reads our status and features and at most resets
         // the device, which touches nothing of ours but its rings.
         unsafe { hcall(nr::NOTIFY, self.at, 0, 0, 0) };
@@ -196,65 +167,50 @@ impl Device {
     /// Status 0 and NOTIFY: when it returns, the Host has forgotten our
     /// features, rings and queue progress.
     pub fn reset(&self) {
-        self.set_status(0);
-        self.notify_status();
+        self.notify_status(0);
     }
 
     /// Give up on the device: the Host reports it and resets it.
     pub fn fail(&self) {
-        self.set_status(self.status() | VIRTIO_STATUS_FAILED);
-        self.notify_status();
+        self.notify_status(self.status() | VIRTIO_STATUS_FAILED);
     }
 
-    /// The first half of bringing a device up, as virtio 0.9.5 orders it:
-    /// reset it (a driver before us may have left it in any state), say we
-    /// saw it (ACKNOWLEDGE) and can drive it (DRIVER), accept the features
-    /// we `support` of those offered, and NOTIFY to finalize them. Returns
-    /// what we accepted. The driver then sets up its rings and calls
-    /// `driver_ok`.
-    pub fn negotiate(&self, support: u32) -> u32 {
+    /// Bring the device up as virtio 0.9.5 orders it: reset it (a driver
+    /// before us may have left it in any state), say we saw it (ACKNOWLEDGE)
+    /// and can drive it (DRIVER), accept the features we `support` of those
+    /// offered, and NOTIFY to finalize them. Then, if it has the `vqs`
+    /// queues we drive, `setup` takes its rings, knowing what we accepted,
+    /// and the device is live (DRIVER_OK): its queues are served from their
+    /// first kick. If anything went wrong, we give up on it (FAILED).
+    pub fn bring_up<T>(
+        &self,
+        support: u32,
+        vqs: usize,
+        setup: impl FnOnce(u32) -> Result<T, Error>,
+    ) -> Result<T, Error> {
         self.reset();
         self.set_status(VIRTIO_STATUS_ACKNOWLEDGE);
         self.set_status(VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER);
         // Never NOTIFY_ON_EMPTY: it would undo our interrupt suppression.
-        let accepted = self.host_features() & support & !bit(VIRTIO_F_NOTIFY_ON_EMPTY);
+        let accepted = self.host_features() & support & !(1 << F_NOTIFY_ON_EMPTY);
         self.set_guest_features(accepted);
-        self.notify_status();
-        accepted
-    }
-
-    /// The device is live: its queues are served from their first kick.
-    pub fn driver_ok(&self) {
-        self.set_status(self.status() | VIRTIO_STATUS_DRIVER_OK);
-    }
-}
-
-pub fn type_name(id: u8) -> &'static str {
-    match id {
-        VIRTIO_ID_NET => "net",
-        VIRTIO_ID_BLOCK => "block",
-        VIRTIO_ID_CONSOLE => "console",
-        VIRTIO_ID_RNG => "rng",
-        _ => "unknown",
-    }
-}
-
-/// The queue names of each type, for listings.
-fn queue_name(id: u8, i: usize) -> &'static str {
-    match (id, i) {
-        (VIRTIO_ID_NET | VIRTIO_ID_CONSOLE, 0) => "rx",
-        (VIRTIO_ID_NET | VIRTIO_ID_CONSOLE, 1) => "tx",
-        (VIRTIO_ID_BLOCK, 0) => "requests",
-        (VIRTIO_ID_RNG, 0) => "requests",
-        _ => "queue",
+        self.notify_status(self.status());
+        let driver = match self.num_vq() {
+            n if n < vqs => Err(err!("{} device with {n} queues, not {vqs}", self.name())),
+            _ => setup(accepted),
+        };
+        match driver {
+            Ok(_) => self.set_status(self.status() | VIRTIO_STATUS_DRIVER_OK),
+            Err(_) => self.fail(),
+        }
+        driver
     }
 }
 
 /// What the descriptor page holds.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 pub struct Bus {
     devices: [Option<Device>; MAX_DEVICES],
-    count: usize,
 }
 
 impl Bus {
@@ -263,136 +219,42 @@ impl Bus {
     /// only read; nothing is said to the Host yet. An entry that would run
     /// off the page ends the walk.
     pub fn scan() -> Bus {
-        let mut bus = Bus {
-            devices: [None; MAX_DEVICES],
-            count: 0,
-        };
+        let mut devices = [None; MAX_DEVICES];
         if boot::device_model() != DEVICE_MODEL_VIRTIO {
-            return bus;
+            return Bus { devices };
         }
-        let page = boot::mem();
-        let mut offset = 0;
-        while offset + HEADER_SIZE <= PAGE_SIZE && bus.count < MAX_DEVICES {
+        let (page, mut offset) = (boot::mem(), 0);
+        for slot in &mut devices {
             let at = page + offset;
-            let header = DeviceDesc {
-                type_: peek(at),
-                num_vq: peek(at + 1),
-                feature_len: peek(at + 2),
-                config_len: peek(at + 3),
-                status: peek(at + 4),
-            };
+            if offset + HEADER_SIZE > PAGE_SIZE {
+                break;
+            }
+            // SAFETY: the header lies inside the page (just checked), and
+            // DeviceDesc is bytes, so any address is aligned for it.
+            let header = unsafe { raw::<DeviceDesc>(at).read_volatile() };
             if header.type_ == 0 {
                 break;
             }
-            let size = header.total_size() as u64;
-            if offset + size > PAGE_SIZE {
+            offset += header.total_size() as u64;
+            if offset > PAGE_SIZE {
                 println!(
                     "lguest-guest: virtio: device entry at {at:#x} runs off the descriptor page"
                 );
                 break;
             }
-            bus.devices[bus.count] = Some(Device { at, header });
-            bus.count += 1;
-            offset += size;
+            *slot = Some(Device { at, header });
         }
-        bus
+        Bus { devices }
     }
 
     pub fn devices(&self) -> impl Iterator<Item = Device> + '_ {
-        self.devices[..self.count].iter().flatten().copied()
+        self.devices.iter().flatten().copied()
     }
 
     /// The first device of type `id`.
     pub fn find(&self, id: u8) -> Option<Device> {
         self.devices().find(|d| d.id() == id)
     }
-
-    /// How many devices of type `id` there are.
-    pub fn count(&self, id: u8) -> usize {
-        self.devices().filter(|d| d.id() == id).count()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
-    }
-}
-
-/*
- * Interrupts. Every queue's IRQ comes here, and all we do is count: the
- * drivers look at their used rings when they wake from HALT, and any IRQ
- * wakes them. So a handler never touches driver state, and the drivers need
- * no locks.
- */
-
-static IRQ_COUNTS: [AtomicU32; LGUEST_IRQS as usize] =
-    [const { AtomicU32::new(0) }; LGUEST_IRQS as usize];
-
-pub fn irq_handler(frame: &mut TrapFrame) {
-    let irq = frame.vector as usize - FIRST_EXTERNAL_VECTOR as usize;
-    IRQ_COUNTS[irq].fetch_add(1, Ordering::Relaxed);
-}
-
-/// Interrupts IRQ `irq` has had.
-pub fn irq_count(irq: u16) -> u32 {
-    IRQ_COUNTS
-        .get(irq as usize)
-        .map_or(0, |c| c.load(Ordering::Relaxed))
-}
-
-/// A moment to give up at, on the TSC. While one is armed, `idle` sets the
-/// clock event for it, so a HALT never outlives it; dropping it cancels the
-/// timer, so no stray tick reaches whoever counts ticks next.
-pub struct Deadline {
-    end: u64,
-    armed: Cell<bool>,
-}
-
-impl Deadline {
-    pub fn after_ms(ms: u64) -> Deadline {
-        Deadline {
-            end: time::rdtsc() + ms * time::tsc_khz(),
-            armed: Cell::new(false),
-        }
-    }
-
-    pub fn passed(&self) -> bool {
-        time::rdtsc() >= self.end
-    }
-
-    fn remaining_ns(&self) -> u64 {
-        let cycles = self.end.saturating_sub(time::rdtsc());
-        (cycles as u128 * 1_000_000 / time::tsc_khz() as u128) as u64
-    }
-}
-
-impl Drop for Deadline {
-    fn drop(&mut self) {
-        if self.armed.get() {
-            hcall::set_clockevent(0);
-        }
-    }
-}
-
-/// Sleep until an interrupt arrives (or `deadline` passes), unless `ready`
-/// says there is work already. `ready` runs with interrupts off, and should
-/// ask for the interrupts it wants (Vring::enable_cb) before it looks, so
-/// nothing can slip in between its look and our HALT: an interrupt that comes
-/// meanwhile is held, and HALT returns at once to take it. This is the
-/// "sti; hlt" of wait_for_ticks, with a driver's look in the middle.
-pub fn idle(deadline: Option<&Deadline>, ready: impl FnOnce() -> bool) {
-    let flags = lguest_data::irq_save();
-    if !ready() {
-        match deadline {
-            Some(d) if d.passed() => {}
-            Some(d) => {
-                hcall::set_clockevent(d.remaining_ns().max(CLOCK_MIN_DELTA_NS));
-                d.armed.set(true);
-                hcall::halt();
-            }
-            None => hcall::halt(),
-        }
-    }
-    lguest_data::irq_restore(flags);
 }
 
 /*
@@ -400,6 +262,7 @@ pub fn idle(deadline: Option<&Deadline>, ready: impl FnOnce() -> bool) {
  * touch a device when its test runs, so the other tests see no device IRQs.
  */
 
+#[derive(Default)]
 pub struct Devices {
     pub bus: Bus,
     pub console: Option<console::Console>,
@@ -424,19 +287,31 @@ pub fn probe_once<'a, T, D>(
     Ok(driver.as_mut().expect("just probed"))
 }
 
+/// Say on the early console what bringing up a device came to (None: we
+/// have no driver for it), after what `describe` says of it. The 2007
+/// model's drivers use it too.
+pub fn report(
+    model: &str,
+    result: Option<Result<(), Error>>,
+    describe: impl FnOnce(&mut dyn Write) -> fmt::Result,
+) {
+    let mut line = Msg::<256>::new();
+    let _ = describe(&mut line);
+    let line = line.as_str();
+    match result {
+        Some(Ok(())) => println!("lguest-guest: {model}: {line}"),
+        Some(Err(e)) => println!("lguest-guest: {model}: {line}: failed: {}", e.as_str()),
+        None => println!("lguest-guest: {model}: {line} (no driver)"),
+    }
+}
+
 impl Devices {
     pub fn scan() -> Devices {
+        let bus = Bus::scan();
         Devices {
-            bus: Bus::scan(),
-            console: None,
-            disks: [const { None }; blk::MAX_DISKS],
-            net: None,
-            rng: None,
+            bus,
+            ..Default::default()
         }
-    }
-
-    pub fn has(&self, id: u8) -> bool {
-        self.bus.find(id).is_some()
     }
 
     pub fn console(&mut self) -> Result<&mut console::Console, Error> {
@@ -485,27 +360,21 @@ impl Devices {
                 VIRTIO_ID_RNG if self.rng.is_none() => Some(self.rng().map(drop)),
                 _ => None,
             };
-            let mut line = Msg::<256>::new();
-            let _ = describe(&mut line, &dev);
-            let line = line.as_str();
-            match result {
-                Some(Ok(())) => println!("lguest-guest: virtio: {line}"),
-                Some(Err(e)) => println!("lguest-guest: virtio: {line}: failed: {}", e.as_str()),
-                None => println!("lguest-guest: virtio: {line} (no driver)"),
-            }
+            report("virtio", result, |line| describe(line, &dev));
         }
     }
 }
 
 /// What the prompt's `devices` command says: a line per device.
-pub fn list(out: &mut dyn Write, bus: &Bus) {
-    if bus.is_empty() {
-        let _ = out.write_str("no devices\n");
+pub fn list(out: &mut dyn Write, bus: &Bus) -> fmt::Result {
+    if bus.devices().next().is_none() {
+        out.write_str("no devices\n")?;
     }
     for dev in bus.devices() {
-        let _ = describe(out, &dev);
-        let _ = out.write_str("\n");
+        describe(out, &dev)?;
+        out.write_str("\n")?;
     }
+    Ok(())
 }
 
 /// One line about `dev`: type, queues, IRQs, features, status and what its
@@ -513,21 +382,20 @@ pub fn list(out: &mut dyn Write, bus: &Bus) {
 pub fn describe(out: &mut dyn Write, dev: &Device) -> fmt::Result {
     write!(out, "{} at {:#x}: ", dev.name(), dev.at)?;
     for i in 0..dev.num_vq() {
-        let vq = dev.vq(i);
         let sep = if i == 0 { "" } else { ", " };
-        let (num, irq) = (vq.num, vq.irq);
-        write!(
-            out,
-            "{sep}{} {num} irq {irq} ({} irqs)",
-            queue_name(dev.id(), i),
-            irq_count(irq)
-        )?;
+        let name = match (dev.id(), i) {
+            (VIRTIO_ID_NET | VIRTIO_ID_CONSOLE, 0) => "rx",
+            (VIRTIO_ID_NET | VIRTIO_ID_CONSOLE, 1) => "tx",
+            (VIRTIO_ID_BLOCK | VIRTIO_ID_RNG, 0) => "requests",
+            _ => "queue",
+        };
+        let VqConfig { num, irq, .. } = dev.vq(i);
+        write!(out, "{sep}{name} {num} irq {irq} ({} irqs)", irq_count(irq))?;
     }
+    let (host, guest) = (dev.host_features(), dev.guest_features());
     write!(
         out,
-        "; features {:#010x}/{:#010x}; status {:#x}",
-        dev.host_features(),
-        dev.guest_features(),
+        "; features {host:#010x}/{guest:#010x}; status {:#x}",
         dev.status()
     )?;
     match dev.id() {

@@ -10,12 +10,12 @@
 use core::fmt::{self, Write};
 
 use super::pool::Queue;
-use super::{bit, Device, Error};
-use super::{VIRTIO_F_ANY_LAYOUT, VIRTIO_RING_F_EVENT_IDX};
-use crate::arp::ShowMac;
+use super::Device;
 use crate::cell::GuestCell;
+use crate::console::Error;
 use crate::err;
-use crate::inet::{Mac, Nic, FRAME_MAX, FRAME_MIN};
+use crate::inet::{Mac, Nic, ShowMac, FRAME_MAX, FRAME_MIN};
+use lguest_abi::vring::{F_ANY_LAYOUT, RING_F_EVENT_IDX};
 
 /// The net feature we take: the config holds our MAC address.
 pub const VIRTIO_NET_F_MAC: u32 = 5;
@@ -41,39 +41,32 @@ pub struct Net {
 
 impl Net {
     pub fn probe(dev: Device) -> Result<Net, Error> {
-        let accepted = dev.negotiate(
-            bit(VIRTIO_NET_F_MAC) | bit(VIRTIO_F_ANY_LAYOUT) | bit(VIRTIO_RING_F_EVENT_IDX),
-        );
-        let setup = || -> Result<Net, Error> {
-            if dev.num_vq() < 2 {
-                return Err(err!("net device with {} queues, not 2", dev.num_vq()));
-            }
-            if accepted & bit(VIRTIO_F_ANY_LAYOUT) == 0 {
+        let support = 1 << VIRTIO_NET_F_MAC | 1 << F_ANY_LAYOUT | 1 << RING_F_EVENT_IDX;
+        let mut net = dev.bring_up(support, 2, |accepted| {
+            if accepted & 1 << F_ANY_LAYOUT == 0 {
                 // Then the header would need a descriptor of its own.
                 return Err(err!("the Host doesn't offer ANY_LAYOUT"));
             }
-            let mut mac = DEFAULT_MAC;
-            if accepted & bit(VIRTIO_NET_F_MAC) != 0 {
-                for (i, byte) in mac.iter_mut().enumerate() {
-                    *byte = dev
-                        .config(i, 1)
-                        .ok_or_else(|| err!("no MAC in the config"))?
-                        as u8;
-                }
-            }
-            let event_idx = accepted & bit(VIRTIO_RING_F_EVENT_IDX) != 0;
+            let mac = match accepted & 1 << VIRTIO_NET_F_MAC {
+                0 => DEFAULT_MAC,
+                _ => config_mac(&dev).ok_or_else(|| err!("no MAC in the config"))?,
+            };
             let mut net = Net {
-                rx: Queue::new(dev.vq(0), event_idx, &RX_MEM)?,
-                tx: Queue::new(dev.vq(1), event_idx, &TX_MEM)?,
+                rx: Queue::new(dev.vq(0), accepted, &RX_MEM)?,
+                tx: Queue::new(dev.vq(1), accepted, &TX_MEM)?,
                 mac,
             };
             net.rx.offer_all();
-            dev.driver_ok();
-            net.rx.vq.kick();
             Ok(net)
-        };
-        setup().inspect_err(|_| dev.fail())
+        })?;
+        net.rx.vq.kick();
+        Ok(net)
     }
+}
+
+/// The MAC in the config, if it is that long.
+fn config_mac(dev: &Device) -> Option<Mac> {
+    dev.config(0, 6)?.to_le_bytes()[..6].try_into().ok()
 }
 
 impl Nic for Net {
@@ -95,32 +88,21 @@ impl Nic for Net {
         self.rx.vq.enable_cb()
     }
 
-    /// Waits for a free buffer if the Host still holds them all.
+    /// Waits for a free buffer if the Host still holds them all. Ethernet
+    /// pads short frames; the tap would take them as they are, but the
+    /// Host's kernel expects at least the minimum.
     fn send(&mut self, frame: &[u8]) {
         assert!(frame.len() <= FRAME_MAX);
-        let i = self.tx.take();
-        self.tx.write(i, 0, &[0; NET_HDR]);
-        self.tx.write(i, NET_HDR, frame);
-        // Ethernet pads short frames; the tap would take them as they are,
-        // but the Host's kernel expects at least the minimum.
-        let len = frame.len().max(FRAME_MIN);
-        self.tx.write(
-            i,
-            NET_HDR + frame.len(),
-            &[0; FRAME_MIN][..len - frame.len()],
-        );
-        self.tx.send(i, NET_HDR + len);
+        let mut buf = [0; NET_HDR + FRAME_MAX];
+        buf[NET_HDR..][..frame.len()].copy_from_slice(frame);
+        self.tx.send(&buf[..NET_HDR + frame.len().max(FRAME_MIN)]);
     }
 }
 
 /// The config, for listings.
 pub fn describe_config(out: &mut dyn Write, dev: &Device) -> fmt::Result {
-    if dev.host_features() & bit(VIRTIO_NET_F_MAC) != 0 {
-        let mut mac = [0u8; 6];
-        for (i, byte) in mac.iter_mut().enumerate() {
-            *byte = dev.config(i, 1).unwrap_or(0) as u8;
-        }
-        write!(out, "; mac {}", ShowMac(mac))?;
+    match dev.host_features() & 1 << VIRTIO_NET_F_MAC {
+        0 => Ok(()),
+        _ => write!(out, "; mac {}", ShowMac(config_mac(dev).unwrap_or([0; 6]))),
     }
-    Ok(())
 }

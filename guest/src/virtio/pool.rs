@@ -12,8 +12,9 @@
 //! it for the Host to read, and frees it when the Host hands it back.
 
 use super::ring::{Buf, Used, Vring};
-use super::{idle, Deadline, Error};
 use crate::cell::GuestCell;
+use crate::console::Error;
+use crate::time::Deadline;
 use lguest_abi::VqConfig;
 
 pub struct Queue {
@@ -33,11 +34,11 @@ impl Queue {
     /// it is brought up, and the old driver is gone by then.
     pub fn new<const SIZE: usize, const COUNT: usize>(
         cfg: VqConfig,
-        event_idx: bool,
+        features: u32,
         mem: &'static GuestCell<[[u8; SIZE]; COUNT]>,
     ) -> Result<Queue, Error> {
         const { assert!(COUNT <= 32, "the free mask is a u32") };
-        let vq = Vring::new(cfg, event_idx)?;
+        let vq = Vring::new(cfg, features)?;
         let count = COUNT.min(vq.num() as usize);
         Ok(Queue {
             vq,
@@ -69,17 +70,6 @@ impl Queue {
         for (k, byte) in out.iter_mut().enumerate() {
             // SAFETY: inside buffer i (checked), which the Host handed back.
             *byte = unsafe { core::ptr::with_exposed_provenance::<u8>(at + k).read_volatile() };
-        }
-    }
-
-    /// Copy `bytes` into buffer `i` at `offset`. Only for a buffer that
-    /// isn't in the ring.
-    pub fn write(&self, i: usize, offset: usize, bytes: &[u8]) {
-        assert!(offset + bytes.len() <= self.size);
-        let at = self.addr(i) as usize + offset;
-        for (k, &byte) in bytes.iter().enumerate() {
-            // SAFETY: as for read: inside buffer i, which the Host doesn't hold.
-            unsafe { core::ptr::with_exposed_provenance_mut::<u8>(at + k).write_volatile(byte) };
         }
     }
 
@@ -133,31 +123,28 @@ impl Queue {
         last
     }
 
-    /// A free buffer, ours to fill, waiting for the Host to hand one back if
-    /// it holds them all.
-    pub fn take(&mut self) -> usize {
-        loop {
+    /// Send `bytes` (a buffer's worth at most) in a free buffer, waiting
+    /// for the Host to hand one back if it holds them all, and kick: the
+    /// chain's head.
+    pub fn send(&mut self, bytes: &[u8]) -> u16 {
+        assert!(bytes.len() <= self.size);
+        let i = loop {
             self.reclaim();
             let i = self.free.trailing_zeros() as usize;
             if i < self.count {
-                self.free &= !(1 << i);
-                return i;
+                break i;
             }
-            idle(None, || self.vq.enable_cb());
-            self.vq.disable_cb();
+            self.vq.sleep(None);
+        };
+        self.free &= !(1 << i);
+        for (k, &byte) in bytes.iter().enumerate() {
+            let at = self.addr(i) as usize + k;
+            // SAFETY: inside buffer i, which is free: the Host doesn't hold it.
+            unsafe { core::ptr::with_exposed_provenance_mut::<u8>(at).write_volatile(byte) };
         }
-    }
-
-    /// Offer the first `len` bytes of buffer `i` (from `take`) for the Host
-    /// to read, and kick: the chain's head.
-    pub fn send(&mut self, i: usize, len: usize) -> u16 {
-        assert!(len <= self.size);
-        let head = self
-            .vq
-            .add(&[Buf::readable(self.addr(i), len)])
-            .expect("a free buffer means a free descriptor");
+        let head = self.vq.add(&[Buf::readable(self.addr(i), bytes.len())]);
         self.vq.kick();
-        head
+        head.expect("a free buffer means a free descriptor")
     }
 
     /// Wait (until `deadline`, if any) for the Host to hand back every
@@ -171,8 +158,7 @@ impl Queue {
             if deadline.is_some_and(|d| d.passed()) {
                 return false;
             }
-            idle(deadline, || self.vq.enable_cb());
-            self.vq.disable_cb();
+            self.vq.sleep(deadline);
         }
     }
 }

@@ -24,19 +24,15 @@
 
 use core::sync::atomic::{compiler_fence, fence, Ordering};
 
-use lguest_abi::{hcall as nr, VqConfig, FIRST_EXTERNAL_VECTOR, LGUEST_IRQS, PAGE_SHIFT};
-
-use crate::hcall::hcall;
-use crate::interrupts;
-use crate::virtio::{irq_handler, Error};
-use crate::{err, lguest_data};
-
 // The layout, flags and need_event are the ABI's (shared with the Host).
-pub use lguest_abi::vring::{
-    need_event, ring_end, used_offset, Desc, AVAIL_F_NO_INTERRUPT as VRING_AVAIL_F_NO_INTERRUPT,
-    DESC_F_INDIRECT as VRING_DESC_F_INDIRECT, DESC_F_NEXT as VRING_DESC_F_NEXT,
-    DESC_F_WRITE as VRING_DESC_F_WRITE, DESC_SIZE, USED_F_NO_NOTIFY as VRING_USED_F_NO_NOTIFY,
-};
+use lguest_abi::vring::{need_event, ring_end, used_offset, Desc, DESC_SIZE, RING_F_EVENT_IDX};
+use lguest_abi::vring::{AVAIL_F_NO_INTERRUPT, DESC_F_NEXT, DESC_F_WRITE, USED_F_NO_NOTIFY};
+use lguest_abi::{hcall as nr, VqConfig, LGUEST_IRQS, PAGE_SHIFT};
+
+use crate::console::Error;
+use crate::hcall::hcall;
+use crate::time::{idle, Deadline};
+use crate::{boot, err, lguest_data};
 
 /// The biggest ring we drive (the Host's are 256): `busy` is sized for it.
 pub const MAX_NUM: usize = 1024;
@@ -51,22 +47,23 @@ pub struct Buf {
 }
 
 impl Buf {
-    /// A buffer the Host reads.
-    pub fn readable(addr: u64, len: usize) -> Buf {
+    pub fn new(addr: u64, len: usize, writable: bool) -> Buf {
+        let len = len as u32;
         Buf {
             addr,
-            len: len as u32,
-            writable: false,
+            len,
+            writable,
         }
+    }
+
+    /// A buffer the Host reads.
+    pub fn readable(addr: u64, len: usize) -> Buf {
+        Buf::new(addr, len, false)
     }
 
     /// A buffer the Host fills.
     pub fn writable(addr: u64, len: usize) -> Buf {
-        Buf {
-            addr,
-            len: len as u32,
-            writable: true,
-        }
+        Buf::new(addr, len, true)
     }
 }
 
@@ -86,19 +83,14 @@ pub struct Used {
 #[derive(Clone, Copy, Debug)]
 pub struct Full;
 
-/// A pointer into ring memory (virtual == physical here).
-fn at<T>(addr: u64) -> *mut T {
-    core::ptr::with_exposed_provenance_mut(addr as usize)
-}
-
 /// One ring, and what we remember about it.
 pub struct Vring {
     num: u16,
-    desc: u64,
-    avail: u64,
+    /// Where the three parts start. The descriptors' address is also the
+    /// ring's: what NOTIFY gets to kick this queue.
+    pub desc: u64,
+    pub avail: u64,
     used: u64,
-    /// What NOTIFY gets to kick this queue: the ring's address.
-    kick_addr: u64,
     event_idx: bool,
     /// The free descriptors are chained through their `next` fields.
     free_head: u16,
@@ -110,8 +102,6 @@ pub struct Vring {
     kicked_idx: u16,
     /// The next used entry we will look at.
     last_used: u16,
-    /// Chains the Host has and hasn't handed back.
-    in_flight: u16,
     /// Whether we want an interrupt per used chain (see enable_cb).
     cb_enabled: bool,
     /// Heads of chains in the Host's hands: a Host that hands back anything
@@ -122,9 +112,10 @@ pub struct Vring {
 impl Vring {
     /// Take over the ring the Host described in `cfg`: check it lies where
     /// device pages may (from `mem` to pfn_limit), zero it (after a reset the
-    /// Host leaves it as it was), chain every descriptor into the free list,
-    /// and take its interrupt. `event_idx`: whether EVENT_IDX was accepted.
-    pub fn new(cfg: VqConfig, event_idx: bool) -> Result<Vring, Error> {
+    /// Host leaves it as it was), and chain every descriptor into the free
+    /// list. `features`: those we accepted, which say whether the ring
+    /// has EVENT_IDX.
+    pub fn new(cfg: VqConfig, features: u32) -> Result<Vring, Error> {
         let (num, irq, pfn) = (cfg.num, cfg.irq, cfg.pfn);
         if num == 0 || !num.is_power_of_two() || num as usize > MAX_NUM {
             return Err(err!(
@@ -135,8 +126,7 @@ impl Vring {
             return Err(err!("ring with IRQ {irq} (must be 1-{})", LGUEST_IRQS - 1));
         }
         let base = (pfn as u64) << PAGE_SHIFT;
-        let mem = crate::boot::mem();
-        let limit = lguest_data::pfn_limit() << PAGE_SHIFT;
+        let (mem, limit) = (boot::mem(), lguest_data::pfn_limit() << PAGE_SHIFT);
         if base < mem || base + ring_end(num) > limit {
             return Err(err!(
                 "ring at {base:#x} is not in the device pages [{mem:#x}, {limit:#x})"
@@ -147,29 +137,24 @@ impl Vring {
             desc: base,
             avail: base + DESC_SIZE * num as u64,
             used: base + used_offset(num),
-            kick_addr: base,
-            event_idx,
+            event_idx: features & 1 << RING_F_EVENT_IDX != 0,
             free_head: 0,
             num_free: num,
             avail_idx: 0,
             kicked_idx: 0,
             last_used: 0,
-            in_flight: 0,
             cb_enabled: false,
             busy: [0; MAX_NUM / 64],
         };
         for offset in (0..ring_end(num)).step_by(2) {
-            // SAFETY: inside the ring, checked above to be device pages
-            // below pfn_limit, mapped and ours; 2-aligned from a page base.
-            unsafe { at::<u16>(base + offset).write_volatile(0) };
+            ring.set(base + offset, 0u16);
         }
         for i in 0..num {
-            ring.set_next(i, i.wrapping_add(1));
+            ring.set(ring.desc_addr(i) + 14, i.wrapping_add(1));
         }
         // Until a driver asks, we want no interrupts: it looks at the used
         // ring when it is ready to.
         ring.disable_cb();
-        interrupts::set_handler(FIRST_EXTERNAL_VECTOR + irq as u8, Some(irq_handler));
         Ok(ring)
     }
 
@@ -181,83 +166,42 @@ impl Vring {
         self.num_free
     }
 
-    /// Where the descriptor table and the avail ring start.
-    pub fn areas(&self) -> (u64, u64) {
-        (self.desc, self.avail)
-    }
-
     /// Chains the Host hasn't handed back yet.
     pub fn in_flight(&self) -> u16 {
-        self.in_flight
+        self.busy.iter().map(|word| word.count_ones() as u16).sum()
     }
 
     /*
-     * Raw accessors. Each is one volatile access to an aligned field inside
-     * the ring, which `new` checked lies in our device pages.
+     * Raw accessors: one volatile access to an aligned field inside the
+     * ring, which `new` checked lies in our device pages, mapped and ours.
      */
 
+    fn get<T>(&self, addr: u64) -> T {
+        // SAFETY: see above.
+        unsafe { core::ptr::with_exposed_provenance::<T>(addr as usize).read_volatile() }
+    }
+
+    fn set<T>(&self, addr: u64, value: T) {
+        // SAFETY: see above.
+        unsafe { core::ptr::with_exposed_provenance_mut::<T>(addr as usize).write_volatile(value) }
+    }
+
     fn desc_addr(&self, i: u16) -> u64 {
-        debug_assert!(i < self.num);
+        assert!(i < self.num);
         self.desc + DESC_SIZE * i as u64
     }
 
     fn read_desc(&self, i: u16) -> Desc {
-        // SAFETY: see above; a 16-byte aligned descriptor slot.
-        unsafe { at::<Desc>(self.desc_addr(i)).read_volatile() }
-    }
-
-    fn write_desc_raw(&self, i: u16, d: Desc) {
-        // SAFETY: see above.
-        unsafe { at::<Desc>(self.desc_addr(i)).write_volatile(d) }
-    }
-
-    fn set_next(&self, i: u16, next: u16) {
-        // SAFETY: see above: the `next` field of descriptor i.
-        unsafe { at::<u16>(self.desc_addr(i) + 14).write_volatile(next) }
-    }
-
-    fn read16(&self, addr: u64) -> u16 {
-        // SAFETY: see above.
-        unsafe { at::<u16>(addr).read_volatile() }
-    }
-
-    fn write16(&self, addr: u64, value: u16) {
-        // SAFETY: see above.
-        unsafe { at::<u16>(addr).write_volatile(value) }
-    }
-
-    fn read32(&self, addr: u64) -> u32 {
-        // SAFETY: see above.
-        unsafe { at::<u32>(addr).read_volatile() }
-    }
-
-    fn avail_slot(&self, idx: u16) -> u64 {
-        self.avail + 4 + 2 * (idx & (self.num - 1)) as u64
+        self.get(self.desc_addr(i))
     }
 
     fn used_event_addr(&self) -> u64 {
         self.avail + 4 + 2 * self.num as u64
     }
 
-    fn avail_event_addr(&self) -> u64 {
-        self.used + 4 + 8 * self.num as u64
-    }
-
-    fn used_idx(&self) -> u16 {
-        self.read16(self.used + 2)
-    }
-
-    fn is_busy(&self, head: u16) -> bool {
-        self.busy[head as usize / 64] & 1 << (head % 64) != 0
-    }
-
-    fn set_busy(&mut self, head: u16, busy: bool) {
-        let bit = 1 << (head % 64);
-        if busy {
-            self.busy[head as usize / 64] |= bit;
-        } else {
-            self.busy[head as usize / 64] &= !bit;
-        }
+    /// Flip whether the chain at `head` is in the Host's hands.
+    fn flip_busy(&mut self, head: u16) {
+        self.busy[head as usize / 64] ^= 1 << (head % 64);
     }
 
     /*
@@ -276,41 +220,35 @@ impl Vring {
             return Err(Full);
         }
         let head = self.free_head;
-        let mut i = head;
         for (n, buf) in bufs.iter().enumerate() {
-            let next_free = self.read_desc(i).next;
+            let i = self.free_head;
+            self.free_head = self.read_desc(i).next;
             let more = n + 1 < bufs.len();
-            let mut flags = if buf.writable { VRING_DESC_F_WRITE } else { 0 };
-            if more {
-                flags |= VRING_DESC_F_NEXT;
-            }
-            self.write_desc_raw(
-                i,
+            let flags =
+                if buf.writable { DESC_F_WRITE } else { 0 } | if more { DESC_F_NEXT } else { 0 };
+            let next = if more { self.free_head } else { 0 };
+            let (addr, len) = (buf.addr, buf.len);
+            self.set(
+                self.desc_addr(i),
                 Desc {
-                    addr: buf.addr,
-                    len: buf.len,
+                    addr,
+                    len,
                     flags,
-                    next: if more { next_free } else { 0 },
+                    next,
                 },
             );
-            i = next_free;
         }
-        self.free_head = i;
         self.num_free -= bufs.len() as u16;
-        self.in_flight += 1;
-        self.set_busy(head, true);
-        self.publish(head);
-        Ok(head)
-    }
-
-    /// Put `head` in the next avail slot and bump the index over it. The Host
-    /// must see the descriptors and the slot before the index that covers
-    /// them; x86 doesn't reorder stores, so it's the compiler we stop.
-    fn publish(&mut self, head: u16) {
-        self.write16(self.avail_slot(self.avail_idx), head);
+        self.flip_busy(head);
+        // The Host must see the descriptors and the slot before the index
+        // that covers them; x86 doesn't reorder stores, so it's the
+        // compiler we stop.
+        let slot = self.avail + 4 + 2 * (self.avail_idx & (self.num - 1)) as u64;
+        self.set(slot, head);
         compiler_fence(Ordering::SeqCst);
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.write16(self.avail + 2, self.avail_idx);
+        self.set(self.avail + 2, self.avail_idx);
+        Ok(head)
     }
 
     /// Tell the Host about what we added since the last kick, unless it said
@@ -322,15 +260,11 @@ impl Vring {
         fence(Ordering::SeqCst);
         let (old, new) = (self.kicked_idx, self.avail_idx);
         self.kicked_idx = new;
-        if old == new {
-            return;
-        }
-        let wanted = if self.event_idx {
-            need_event(self.read16(self.avail_event_addr()), new, old)
-        } else {
-            self.read16(self.used) & VRING_USED_F_NO_NOTIFY == 0
+        let wanted = match self.event_idx {
+            true => need_event(self.get(self.used + 4 + 8 * self.num as u64), new, old),
+            false => self.get::<u16>(self.used) & USED_F_NO_NOTIFY == 0,
         };
-        if wanted {
+        if old != new && wanted {
             self.notify();
         }
     }
@@ -339,7 +273,7 @@ impl Vring {
     pub fn notify(&self) {
         // SAFETY: the Host only reads the ring; we are at peace with what it
         // then does to the buffers we offered.
-        unsafe { hcall(nr::NOTIFY, self.kick_addr, 0, 0, 0) };
+        unsafe { hcall(nr::NOTIFY, self.desc, 0, 0, 0) };
     }
 
     /*
@@ -348,7 +282,7 @@ impl Vring {
 
     /// Whether the Host has handed back chains we haven't taken.
     pub fn has_used(&self) -> bool {
-        self.used_idx() != self.last_used
+        self.get::<u16>(self.used + 2) != self.last_used
     }
 
     /// Take the next chain the Host handed back, and free its descriptors.
@@ -362,38 +296,31 @@ impl Vring {
         // loads in order, so again it's only the compiler we stop.
         compiler_fence(Ordering::SeqCst);
         let entry = self.used + 4 + 8 * (self.last_used & (self.num - 1)) as u64;
-        let id = self.read32(entry);
-        let len = self.read32(entry + 4);
-        if id >= self.num as u32 || !self.is_busy(id as u16) {
+        let (id, len) = (self.get::<u32>(entry), self.get::<u32>(entry + 4));
+        let head = id as u16;
+        if id >= self.num as u32 || self.busy[head as usize / 64] & 1 << (head % 64) == 0 {
             panic!(
                 "virtio: the Host handed back descriptor {id}, which it doesn't hold (ring at {:#x})",
                 self.desc
             );
         }
-        let head = id as u16;
-        let addr = self.read_desc(head).addr;
         // Find the chain's tail and put the whole chain on the free list.
-        let mut tail = head;
-        let mut count = 1;
-        loop {
-            let d = self.read_desc(tail);
-            if d.flags & VRING_DESC_F_NEXT == 0 {
-                break;
-            }
-            tail = d.next;
+        let (mut tail, mut count) = (head, 1);
+        while self.read_desc(tail).flags & DESC_F_NEXT != 0 {
+            tail = self.read_desc(tail).next;
             count += 1;
             assert!(count <= self.num, "virtio: our own chain from {head} loops");
         }
-        self.set_next(tail, self.free_head);
+        self.set(self.desc_addr(tail) + 14, self.free_head);
         self.free_head = head;
         self.num_free += count;
-        self.in_flight -= 1;
-        self.set_busy(head, false);
+        self.flip_busy(head);
         self.last_used = self.last_used.wrapping_add(1);
         if self.cb_enabled && self.event_idx {
             // Still want interrupts: for the entry after this one.
-            self.write16(self.used_event_addr(), self.last_used);
+            self.set(self.used_event_addr(), self.last_used);
         }
+        let addr = self.read_desc(head).addr;
         Some(Used { head, len, addr })
     }
 
@@ -408,32 +335,17 @@ impl Vring {
     /// are used chains already, so the caller shouldn't sleep.
     pub fn enable_cb(&mut self) -> bool {
         self.cb_enabled = true;
-        if self.event_idx {
-            self.write16(self.used_event_addr(), self.last_used);
-        } else {
-            self.write16(self.avail, 0);
-        }
-        // A store, then a load the Host's store must be seen by: a real fence.
-        fence(Ordering::SeqCst);
-        self.has_used()
+        self.want_interrupt(self.last_used, 0)
     }
 
     /// As enable_cb, but (with EVENT_IDX) only once about three quarters of
-    /// the chains in flight are back: for a transmit queue, where each one
-    /// back is only a buffer to reuse, one interrupt per batch will do.
+    /// the chains in flight are back, and once: for a transmit queue, where
+    /// each one back is only a buffer to reuse, one interrupt per batch will
+    /// do.
     pub fn enable_cb_delayed(&mut self) -> bool {
-        if !self.event_idx {
-            return self.enable_cb();
-        }
-        // One-shot: get_used leaves used_event alone.
-        self.cb_enabled = false;
-        let wait_for = self.in_flight * 3 / 4;
-        self.write16(
-            self.used_event_addr(),
-            self.last_used.wrapping_add(wait_for),
-        );
-        fence(Ordering::SeqCst);
-        self.has_used()
+        self.cb_enabled = !self.event_idx;
+        let wait_for = self.in_flight() * 3 / 4;
+        self.want_interrupt(self.last_used.wrapping_add(wait_for), 0)
     }
 
     /// We'll look at the used ring ourselves: no interrupts, please. (With
@@ -441,10 +353,26 @@ impl Vring {
     /// a full trip round the 16-bit index.)
     pub fn disable_cb(&mut self) {
         self.cb_enabled = false;
-        if self.event_idx {
-            self.write16(self.used_event_addr(), self.last_used.wrapping_sub(1));
-        } else {
-            self.write16(self.avail, VRING_AVAIL_F_NO_INTERRUPT);
+        self.want_interrupt(self.last_used.wrapping_sub(1), AVAIL_F_NO_INTERRUPT);
+    }
+
+    /// With EVENT_IDX, ask for an interrupt when the Host hands back entry
+    /// `event`; without, set the avail ring's `flags`. Then whether there
+    /// are used chains already: a store, then a load the Host's store must
+    /// be seen by, so a real fence between them.
+    fn want_interrupt(&mut self, event: u16, flags: u16) -> bool {
+        match self.event_idx {
+            true => self.set(self.used_event_addr(), event),
+            false => self.set(self.avail, flags),
         }
+        fence(Ordering::SeqCst);
+        self.has_used()
+    }
+
+    /// Sleep (until `deadline`, if any) unless the Host has handed back
+    /// chains, with interrupts on for the nap only (see time::idle).
+    pub fn sleep(&mut self, deadline: Option<&Deadline>) {
+        idle(deadline, || self.enable_cb());
+        self.disable_cb();
     }
 }

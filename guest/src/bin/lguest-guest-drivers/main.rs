@@ -17,6 +17,8 @@
 
 extern crate alloc;
 
+#[path = "../lguest-guest-tests/addresses.rs"]
+mod addresses;
 mod hal;
 mod heap;
 mod logger;

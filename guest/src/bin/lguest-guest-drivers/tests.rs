@@ -15,7 +15,7 @@ use alloc::vec;
 use core::fmt::Write;
 
 use lguest_abi::SHUTDOWN_POWEROFF;
-use lguest_guest::boot;
+
 use lguest_guest::console::Msg;
 use lguest_guest::{fail, hcall, println, time};
 use virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk, SECTOR_SIZE};
@@ -29,7 +29,7 @@ use virtio_drivers::Error;
 use crate::hal::LguestHal;
 use crate::mmio::{irq_count, kind_name, Devices, Window};
 use crate::wait::{self, Deadline};
-use lguest_guest::arp::{self, Arp, ShowIp, ShowMac, ARP_REPLY, ARP_REQUEST, BROADCAST};
+use lguest_guest::inet::{Arp, ShowIp, ShowMac, ARP_REPLY, ARP_REQUEST, BROADCAST};
 
 /// A failed check, with what went wrong (boxed: results stay small).
 type Failure = Box<Msg<200>>;
@@ -441,9 +441,9 @@ fn transmit(net: &mut Net<'_>, frame: &[u8]) -> TestResult {
 }
 
 fn test_net(devices: &mut Devices) -> TestResult {
-    let (ip, host_ip) = match arp::test_addresses(boot::option("ip"), boot::option("hostip")) {
+    let (ip, host_ip) = match crate::addresses::test_addresses() {
         Ok(addresses) => addresses,
-        Err(e) => bail!("{e}"),
+        Err(e) => bail!("{}", e.as_str()),
     };
     let (transport, _) = take(devices, DeviceType::Network)?;
     // The buffers outlive the driver (declared first, dropped last): it

@@ -17,8 +17,11 @@
 #![no_std]
 #![no_main]
 
+mod addresses;
 mod bad;
 mod bench;
+mod extras;
+mod io;
 mod pagetable;
 mod tests;
 mod traps;

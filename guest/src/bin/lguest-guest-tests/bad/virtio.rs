@@ -5,12 +5,13 @@
 
 use lguest_abi::PAGE_SHIFT;
 
+use lguest_abi::vring::RING_F_INDIRECT_DESC;
+use lguest_abi::vring::{Desc, DESC_F_INDIRECT, DESC_F_NEXT, DESC_SIZE};
 use lguest_guest::cell::GuestCell;
 use lguest_guest::lguest_data;
-use lguest_guest::virtio::ring::{
-    Desc, Vring, DESC_SIZE, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
-};
-use lguest_guest::virtio::{bit, idle, Deadline, Devices, VIRTIO_RING_F_INDIRECT_DESC};
+use lguest_guest::time::{idle, Deadline};
+use lguest_guest::virtio::ring::Vring;
+use lguest_guest::virtio::Devices;
 
 /// What the descriptors point at: harmless bytes of ours.
 static PAYLOAD: GuestCell<[u8; 16]> = GuestCell::new(*b"lguest bad case\n");
@@ -43,7 +44,7 @@ pub fn run(case: &str, label: &str) {
         Ok(console) => console,
         Err(e) => lguest_guest::fail(label, format_args!("{}", e.as_str())),
     };
-    let indirect = console.dev.guest_features() & bit(VIRTIO_RING_F_INDIRECT_DESC) != 0;
+    let indirect = console.dev.guest_features() & 1 << RING_F_INDIRECT_DESC != 0;
     let tx: &mut Vring = &mut console.tx.vq;
     let num = tx.num();
     match case {
@@ -55,8 +56,8 @@ pub fn run(case: &str, label: &str) {
         }
         // 0 -> 1 -> 0 -> ...
         "virtio-loop" => {
-            write_desc(tx, 0, desc(payload(), 16, VRING_DESC_F_NEXT, 1));
-            write_desc(tx, 1, desc(payload(), 16, VRING_DESC_F_NEXT, 0));
+            write_desc(tx, 0, desc(payload(), 16, DESC_F_NEXT, 1));
+            write_desc(tx, 1, desc(payload(), 16, DESC_F_NEXT, 0));
             publish(tx, 0);
         }
         // A loop-free chain, through an indirect table, one longer than the
@@ -81,13 +82,13 @@ pub fn run(case: &str, label: &str) {
                 let d = if last {
                     desc(payload(), 1, 0, 0)
                 } else {
-                    desc(payload(), 1, VRING_DESC_F_NEXT, i as u16 + 1)
+                    desc(payload(), 1, DESC_F_NEXT, i as u16 + 1)
                 };
                 // SAFETY: in bounds (len <= TABLE_LEN); nobody else uses it.
                 unsafe { table.add(i).write_volatile(d) };
             }
             let bytes = len as u32 * DESC_SIZE as u32;
-            write_desc(tx, 0, desc(table as u64, bytes, VRING_DESC_F_INDIRECT, 0));
+            write_desc(tx, 0, desc(table as u64, bytes, DESC_F_INDIRECT, 0));
             publish(tx, 0);
         }
         // More new entries than the ring holds.
@@ -121,8 +122,8 @@ const fn desc(addr: u64, len: u32, flags: u16, next: u16) -> Desc {
 /// Write descriptor `i` (below the ring's size) as given.
 fn write_desc(tx: &Vring, i: u16, d: Desc) {
     assert!(i < tx.num());
-    let (desc, _) = tx.areas();
-    let at = core::ptr::with_exposed_provenance_mut::<Desc>((desc + i as u64 * DESC_SIZE) as usize);
+    let at =
+        core::ptr::with_exposed_provenance_mut::<Desc>((tx.desc + i as u64 * DESC_SIZE) as usize);
     // SAFETY: a descriptor slot of the ring, which Vring::new checked lies
     // in our device pages; 16-byte aligned.
     unsafe { at.write_volatile(d) };
@@ -130,19 +131,17 @@ fn write_desc(tx: &Vring, i: u16, d: Desc) {
 
 /// The avail ring's index (it is ours: we write it, the Host reads it).
 fn avail_idx(tx: &Vring) -> *mut u16 {
-    let (_, avail) = tx.areas();
-    core::ptr::with_exposed_provenance_mut((avail + 2) as usize)
+    core::ptr::with_exposed_provenance_mut((tx.avail + 2) as usize)
 }
 
 /// Put `head` (in range or not) in the next avail slot and publish it.
 fn publish(tx: &Vring, head: u16) {
     let idx = avail_idx(tx);
-    let (_, avail) = tx.areas();
     // SAFETY: the avail ring's index and slots, inside the ring (see
     // write_desc), 2-byte aligned.
     unsafe {
         let i = idx.read_volatile();
-        let slot = avail + 4 + 2 * (i % tx.num()) as u64;
+        let slot = tx.avail + 4 + 2 * (i % tx.num()) as u64;
         core::ptr::with_exposed_provenance_mut::<u16>(slot as usize).write_volatile(head);
         idx.write_volatile(i.wrapping_add(1));
     }

@@ -5,14 +5,18 @@
 use lguest_abi::SHUTDOWN_POWEROFF;
 
 use lguest_guest::cell::GuestCell;
+use lguest_guest::console::Error;
 use lguest_guest::inet::{self as net, Ip, Mac, FRAME_MAX};
 use lguest_guest::shell::{Input, Terminal};
-use lguest_guest::virtio::blk::{self, Blk, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN};
+use lguest_guest::time::{idle, Deadline};
+use lguest_guest::virtio::blk::{self, Blk};
 use lguest_guest::virtio::console::Console;
 use lguest_guest::virtio::net::{Net, NET_HDR};
 use lguest_guest::virtio::ring::Buf;
-use lguest_guest::virtio::{idle, Deadline, Devices, Error};
+use lguest_guest::virtio::Devices;
 use lguest_guest::{err, hcall, lguest_data, println, time};
+
+use crate::io::{Requests, SLOTS, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN};
 
 const DEFAULT_NET_FRAMES: u64 = 20_000;
 /// bench=blk reads with requests this big, this many at once.
@@ -76,7 +80,7 @@ fn read_disk(blk: &mut Blk) -> Result<(u64, u64), Error> {
     }
     let total = blk.capacity * blk::SECTOR;
     // Which part of the bulk buffer each slot's request reads into.
-    let mut part_of_slot = [usize::MAX; blk::SLOTS];
+    let mut part_of_slot = [usize::MAX; SLOTS];
     let mut free_parts: u32 = (1 << BLK_DEPTH) - 1;
     let mut offset = 0;
     let deadline = Deadline::after_ms(600_000);
@@ -94,7 +98,7 @@ fn read_disk(blk: &mut Blk) -> Result<(u64, u64), Error> {
             part_of_slot[slot] = part;
             offset += len as u64;
         }
-        blk.kick();
+        blk.vq.kick();
         // Take every finished request before refilling: one kick for all.
         let mut done = Some(blk.wait(&deadline)?);
         while let Some(d) = done {
@@ -119,7 +123,7 @@ fn echo(console: &mut Console) -> (u64, u64) {
         let mut buf = [0u8; 128];
         match console.poll(&mut buf) {
             Input::Bytes(n) => {
-                console.write(&buf[..n]);
+                console.send(&buf[..n]);
                 bytes += n as u64;
             }
             Input::Eof => break,
@@ -153,7 +157,7 @@ fn bench_frame(mac: Mac, ip: Ip) -> (u64, usize) {
         h[0] = 0x45;
         net::put16(h, 2, ip_len as u16);
         h[8] = 64;
-        h[9] = net::IPPROTO_UDP;
+        h[9] = 17; // UDP
         h[12..16].copy_from_slice(&ip);
         h[16..20].copy_from_slice(&[255; 4]);
         let sum = net::checksum(h);

@@ -7,14 +7,16 @@
 //! and the disk still holds what it held. Both kinds: GET_ID, and reads past
 //! the end fail.
 
+use lguest_abi::VIRTIO_ID_BLOCK;
 use lguest_guest::cell::GuestCell;
 use lguest_guest::console::Msg;
 use lguest_guest::println;
+use lguest_guest::time::Deadline;
 use lguest_guest::virtio::blk::{self, Blk};
-use lguest_guest::virtio::blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
-use lguest_guest::virtio::blk::{VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID};
-use lguest_guest::virtio::blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
-use lguest_guest::virtio::{Deadline, Devices};
+
+use crate::io::{Requests, ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use crate::io::{VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+use lguest_guest::virtio::Devices;
 
 use super::devices::need;
 use super::{Failed, TestResult};
@@ -86,7 +88,7 @@ fn transfer(
             requests += 1;
         }
         depth = depth.max(blk.in_flight());
-        blk.kick();
+        blk.vq.kick();
         let done = need(what, blk.wait(&deadline))?;
         check!(
             done.status == VIRTIO_BLK_S_OK,
@@ -106,7 +108,7 @@ fn request(blk: &mut Blk, what: &str, kind: u32, sector: u64, len: usize) -> Res
         blk.start(kind, sector, data).is_some(),
         "{what}: no room for a request in an idle queue"
     );
-    blk.kick();
+    blk.vq.kick();
     Ok(need(what, blk.wait(&Deadline::after_ms(10_000)))?.status)
 }
 
@@ -125,7 +127,11 @@ pub(super) fn compare(what: &str, len: usize, pattern: impl Fn(usize) -> u8) -> 
 }
 
 pub fn test_blk(devs: &mut Devices) -> TestResult {
-    let disks = devs.bus.count(lguest_abi::VIRTIO_ID_BLOCK);
+    let disks = devs
+        .bus
+        .devices()
+        .filter(|d| d.id() == VIRTIO_ID_BLOCK)
+        .count();
     check!(disks > 0, "no virtio block device");
     for n in 0..disks.min(blk::MAX_DISKS) {
         let what = Msg::<32>::from_fmt(format_args!("bringing up disk {n}"));
@@ -139,14 +145,14 @@ pub fn test_disk(blk: &mut Blk) -> TestResult {
     check!(capacity > 0, "the disk has 0 sectors");
 
     // GET_ID: the Host's name for the disk, which names it in what follows.
-    bulk()[..blk::ID_BYTES].fill(0);
-    let status = request(blk, "GET_ID", VIRTIO_BLK_T_GET_ID, 0, blk::ID_BYTES)?;
+    bulk()[..ID_BYTES].fill(0);
+    let status = request(blk, "GET_ID", VIRTIO_BLK_T_GET_ID, 0, ID_BYTES)?;
     check!(
         status == VIRTIO_BLK_S_OK,
         "GET_ID failed with status {status}"
     );
-    let id = &bulk()[..blk::ID_BYTES];
-    let id_len = id.iter().position(|&b| b == 0).unwrap_or(blk::ID_BYTES);
+    let id = &bulk()[..ID_BYTES];
+    let id_len = id.iter().position(|&b| b == 0).unwrap_or(ID_BYTES);
     check!(id_len > 0, "GET_ID returned an empty id");
     let id = Msg::<32>::from_fmt(format_args!(
         "{}",

@@ -4,11 +4,12 @@
 use core::arch::{asm, global_asm};
 
 use lguest_abi::{hcall as nr, GUEST_DS, VEC_GP, VEC_NM};
-use lguest_guest::hcall::{self, hcall};
+use lguest_guest::hcall::hcall;
 use lguest_guest::interrupts::TrapFrame;
 use lguest_guest::println;
 
 use super::{addr, check_frame, TestResult};
+use crate::extras;
 use crate::traps::expect_trap;
 
 /*
@@ -226,7 +227,7 @@ pub fn test_gdt() -> TestResult {
 
 /// The #NM handler's fix: clear TS so the fnop can run when retried.
 fn clear_ts(_frame: &mut TrapFrame) {
-    hcall::set_ts(false);
+    extras::set_ts(false);
 }
 
 /// Run the fnop at lguest_test_fnop_site. With CR0.TS set, only call it with
@@ -248,7 +249,7 @@ fn smsw() -> u64 {
 pub fn test_ts() -> TestResult {
     const TS: u64 = lguest_abi::CR0_TS;
     let site = addr(&raw const lguest_test_fnop_site);
-    hcall::set_ts(true);
+    extras::set_ts(true);
     check!(
         smsw() & TS != 0,
         "CR0.TS clear after TS(1): MSW {:#x}",
@@ -260,7 +261,7 @@ pub fn test_ts() -> TestResult {
         // x87 code without honouring it (a software KVM using the host's
         // eager FPU does). Nothing a Guest or Host can change: say so.
         println!("lguest-guest: note: this KVM does not raise #NM for CR0.TS in ring 3");
-        hcall::set_ts(false);
+        extras::set_ts(false);
     } else {
         check!(
             rec.hits == 1,
@@ -281,7 +282,7 @@ pub fn test_ts() -> TestResult {
         smsw()
     );
 
-    hcall::set_ts(false);
+    extras::set_ts(false);
     let rec = expect_trap(VEC_NM, site, site + 2, None, fnop);
     check!(rec.hits == 0, "fnop raised #NM with TS clear");
     Ok(())

@@ -8,17 +8,20 @@
 use lguest_abi::VIRTIO_STATUS_DRIVER_OK;
 use lguest_abi::{VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET, VIRTIO_ID_RNG};
 use lguest_guest::boot;
+use lguest_guest::console::Error;
 use lguest_guest::console::{ConsoleWriter, Msg};
-use lguest_guest::inet::{self, Arp, Nic, ShowIp, ShowMac, ARP_REPLY, FRAME_MAX};
+use lguest_guest::inet::{self, Nic, ShowIp, ShowMac};
 use lguest_guest::println;
 use lguest_guest::shell::{Input, Terminal};
+use lguest_guest::time::Deadline;
 use lguest_guest::virtio::console::Console;
 use lguest_guest::virtio::ring::Used;
 use lguest_guest::virtio::rng::Rng;
-use lguest_guest::virtio::{idle, Deadline, Device, Devices, Error};
+use lguest_guest::virtio::{Device, Devices};
 
 use super::blk::test_blk;
 use super::{DeviceTests, Failed, TestResult, FAILURE};
+use crate::io::read_random;
 
 /// The device tests, in the order `all` runs them, with the device each
 /// needs. `reset` needs only the console (it resets the rng if there is
@@ -64,8 +67,7 @@ fn write_and_wait(console: &mut Console, bytes: &[u8], deadline: &Deadline) -> R
                 "the Host never handed back the buffer (head {head})"
             ));
         }
-        idle(Some(deadline), || console.tx.vq.enable_cb());
-        console.tx.vq.disable_cb();
+        console.tx.vq.sleep(Some(deadline));
     }
 }
 
@@ -102,7 +104,7 @@ pub fn expect_input_line(console: &mut dyn Terminal) -> TestResult {
     let mut len = 0;
     loop {
         let mut buf = [0u8; 64];
-        let n = match console.read(&mut buf, Some(&deadline)) {
+        let n = match crate::extras::read(console, &mut buf, Some(&deadline)) {
             Input::Bytes(n) => n,
             Input::Eof => fail!(
                 "end of input before the line {:?} (console-input=1 needs stdin to send it)",
@@ -135,47 +137,27 @@ pub fn test_net(devs: &mut Devices) -> TestResult {
 }
 
 pub fn arp_host(net: &mut dyn Nic) -> TestResult {
-    let (ip, host_ip) =
-        match lguest_guest::arp::test_addresses(boot::option("ip"), boot::option("hostip")) {
-            Ok(addresses) => addresses,
-            Err(e) => fail!("{e}"),
-        };
-    let mut request = [0u8; FRAME_MAX];
-    let ask = Arp::request(net.mac(), ip, host_ip);
-    let len = ask.write(lguest_guest::arp::BROADCAST, &mut request);
-    let mut frame = [0u8; FRAME_MAX];
+    let addresses = crate::addresses::test_addresses();
+    let (ip, host_ip) = match addresses {
+        Ok(addresses) => addresses,
+        Err(e) => fail!("{}", e.as_str()),
+    };
     // Ask once a second: the first may go out before the tap is up.
-    for _ in 0..5 {
-        net.send(&request[..len]);
-        let deadline = Deadline::after_ms(1000);
-        loop {
-            while let Some(got) = net.recv(&mut frame) {
-                let frame = &frame[..got];
-                if let Some(arp) = Arp::parse(frame) {
-                    if arp.op == ARP_REPLY && arp.spa == host_ip && arp.tpa == ip {
-                        println!(
-                            "lguest-guest: net: we are {} ({}), the Host's {} is at {}",
-                            ShowIp(ip),
-                            ShowMac(net.mac()),
-                            ShowIp(host_ip),
-                            ShowMac(arp.sha)
-                        );
-                        return Ok(());
-                    }
-                }
-                inet::answer(net, frame, ip);
-            }
-            if deadline.passed() {
-                break;
-            }
-            idle(Some(&deadline), || net.arm_rx());
-        }
-    }
-    fail!(
-        "no ARP reply from {} to {} within 5 s (is the tap up, with that address?)",
+    let Some(mac) = inet::resolve(net, ip, host_ip, 5) else {
+        fail!(
+            "no ARP reply from {} to {} within 5 s (is the tap up, with that address?)",
+            ShowIp(host_ip),
+            ShowIp(ip)
+        );
+    };
+    println!(
+        "lguest-guest: net: we are {} ({}), the Host's {} is at {}",
+        ShowIp(ip),
+        ShowMac(net.mac()),
         ShowIp(host_ip),
-        ShowIp(ip)
+        ShowMac(mac)
     );
+    Ok(())
 }
 
 /*
@@ -222,7 +204,7 @@ pub fn ping_peer(net: &mut dyn Nic) -> TestResult {
 fn random_bytes(rng: &mut Rng, out: &mut [u8; 64]) -> Result<usize, Failed> {
     let mut got = 0;
     for _ in 0..16 {
-        got += need("reading random bytes", rng.read(&mut out[got..]))?;
+        got += need("reading random bytes", read_random(rng, &mut out[got..]))?;
         if got >= 32 {
             break;
         }
@@ -259,7 +241,7 @@ pub fn test_rng(devs: &mut Devices) -> TestResult {
  */
 
 pub fn test_reset(devs: &mut Devices) -> TestResult {
-    if devs.has(VIRTIO_ID_RNG) {
+    if devs.bus.find(VIRTIO_ID_RNG).is_some() {
         let rng = need("bringing up the rng", devs.rng())?;
         let mut bytes = [0u8; 64];
         random_bytes(rng, &mut bytes)?;

@@ -4,16 +4,19 @@
 //! every disk through its page, `net` and `ping` are the bus's tests on
 //! the shared-page network.
 
-use lguest_abi::PAGE_SIZE;
-use lguest_guest::dma::blk::{Blk, DONE, ERROR, MAX_DISKS};
-use lguest_guest::dma::{Devices, Dma, T_BLOCK, T_CONSOLE, T_NET};
+use lguest_abi::LGUEST_DEVICE_T_NET as T_NET;
+use lguest_abi::{LGUEST_BLOCK_DONE as DONE, LGUEST_BLOCK_ERROR as ERROR, PAGE_SIZE};
+use lguest_abi::{LGUEST_DEVICE_T_BLOCK as T_BLOCK, LGUEST_DEVICE_T_CONSOLE as T_CONSOLE};
+use lguest_guest::dma::blk::{Blk, MAX_DISKS};
+use lguest_guest::dma::{self, Devices, Dma};
 use lguest_guest::println;
-use lguest_guest::virtio::Deadline;
+use lguest_guest::time::Deadline;
 
 use super::blk::{bulk, bulk_addr, compare, disk_pattern, test_pattern};
 use super::blk::{LEFT_BEHIND, READ_SIZES, REGION, WRITE_SIZES};
 use super::devices::{arp_host, expect_input_line, need, ping_peer};
 use super::{DeviceTests, Failed, TestResult};
+use crate::io::dma_request;
 
 pub const DMA_TESTS: DeviceTests<Devices, 4> = [
     ("console", test_console, T_CONSOLE),
@@ -26,7 +29,7 @@ const CONSOLE_LINE: &[u8] = b"lguest-guest: console: this line came through SEND
 
 fn test_console(devs: &mut Devices) -> TestResult {
     let console = need("bringing up the console", devs.console())?;
-    let taken = console.write(CONSOLE_LINE);
+    let taken = dma::console::send(CONSOLE_LINE);
     check!(
         taken == CONSOLE_LINE.len(),
         "SEND_DMA to key 0: the Launcher took {taken} of {} bytes",
@@ -56,7 +59,7 @@ fn test_ping(devs: &mut Devices) -> TestResult {
  */
 
 fn test_blk(devs: &mut Devices) -> TestResult {
-    let disks = devs.count(T_BLOCK);
+    let disks = devs.table.iter().filter(|e| e.type_ == T_BLOCK).count();
     check!(disks > 0, "no block device in the device table");
     for n in 0..disks.min(MAX_DISKS) {
         test_disk(need("bringing up a disk", devs.disk(n))?, n)?;
@@ -69,7 +72,7 @@ fn request(blk: &mut Blk, what: &str, write: bool, sector: u64, len: usize) -> R
     let deadline = Deadline::after_ms(10_000);
     need(
         what,
-        blk.request(write, sector, bulk_addr(), len, &deadline),
+        dma_request(blk, write, sector, bulk_addr(), len, &deadline),
     )
 }
 
@@ -160,7 +163,7 @@ fn transfer(blk: &mut Blk, write: bool, sizes: &[usize]) -> Result<usize, Failed
         let deadline = Deadline::after_ms(10_000);
         let addr = bulk_addr() + offset as u64;
         let sector = (offset / 512) as u64;
-        let result = need(what, blk.request(write, sector, addr, size, &deadline))?;
+        let result = need(what, dma_request(blk, write, sector, addr, size, &deadline))?;
         check!(
             result == DONE,
             "a {what} of {size} bytes at sector {sector}: result {result}"

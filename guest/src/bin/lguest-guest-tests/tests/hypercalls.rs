@@ -14,6 +14,7 @@ use lguest_guest::cell::GuestCell;
 use lguest_guest::{hcall, lguest_data};
 
 use super::TestResult;
+use crate::extras;
 
 /*
  * lguest_probe_hcall(out: *mut [u64; 16]): a SEND_INTERRUPTS with RBX,
@@ -144,7 +145,7 @@ pub fn test_hypercall() -> TestResult {
         lguest_data::host_pml4e()
     );
 
-    let now = hcall::get_wallclock();
+    let now = extras::get_wallclock();
     check!(now > 1_600_000_000, "GET_WALLCLOCK returned {now}");
     let r = hcall::send_interrupts();
     check!(r == 0, "SEND_INTERRUPTS returned {r}");
@@ -316,6 +317,6 @@ pub fn test_async() -> TestResult {
         tls_value(198)
     );
 
-    hcall::load_tls(0, 0);
+    extras::load_tls(0, 0);
     Ok(())
 }

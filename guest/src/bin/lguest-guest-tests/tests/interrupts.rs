@@ -13,6 +13,7 @@ use lguest_guest::lguest_data::{self, IRQ_ON};
 use lguest_guest::time;
 
 use super::{addr, check_frame, ss_slot_below, TestResult};
+use crate::extras;
 use crate::traps::{self, expect_trap, TrapRecord, SS_SLOT};
 
 /*
@@ -82,7 +83,7 @@ fn tick_arrives(before: u64) -> bool {
             return true;
         }
         hcall::send_interrupts();
-        time::busy_wait_us(1000);
+        extras::busy_wait_us(1000);
     }
     time::ticks() > before
 }
@@ -92,13 +93,13 @@ pub fn test_mask() -> TestResult {
 
     // (a) A blocked IRQ isn't delivered, nor even pending.
     let before = time::ticks();
-    lguest_data::block_irq(timer, true);
+    extras::block_irq(timer, true);
     hcall::set_clockevent(1_000_000);
-    time::busy_wait_us(10_000);
+    extras::busy_wait_us(10_000);
     hcall::send_interrupts();
     let ticks = time::ticks();
     let pending = lguest_data::irq_pending();
-    lguest_data::block_irq(timer, false);
+    extras::block_irq(timer, false);
     check!(ticks == before, "the timer was delivered while blocked");
     check!(
         pending == 0,
@@ -112,17 +113,17 @@ pub fn test_mask() -> TestResult {
 
     // (b) With interrupts off it waits, and irq_pending says so.
     let before = time::ticks();
-    lguest_data::irq_disable();
+    lguest_data::irq_save();
     hcall::set_clockevent(1_000_000);
     for _ in 0..10 {
-        time::busy_wait_us(1000);
-        hcall::get_wallclock();
+        extras::busy_wait_us(1000);
+        extras::get_wallclock();
     }
     // A slow Host may take longer to see it: keep asking, for up to 1 s.
     let mut polls = 0;
     while lguest_data::irq_pending() != IRQ_ON && polls < 1000 {
-        time::busy_wait_us(1000);
-        hcall::get_wallclock();
+        extras::busy_wait_us(1000);
+        extras::get_wallclock();
         polls += 1;
     }
     let ticks = time::ticks();
@@ -195,7 +196,7 @@ pub fn test_ud() -> TestResult {
 
     // With interrupts off: the frame's IF is clear, and the return path puts
     // irq_enabled back to off.
-    lguest_data::irq_disable();
+    lguest_data::irq_save();
     let rec = expect_trap(VEC_UD, site, site + 2, None, ud2);
     let after = lguest_data::irq_enabled();
     lguest_data::irq_enable();

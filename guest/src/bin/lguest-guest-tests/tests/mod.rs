@@ -14,8 +14,8 @@
 //! address (a hypercall site, a faulting load), it is written in assembly in
 //! its file, with labels the Rust code finds through `extern` statics.
 
-use lguest_abi::VIRTIO_STATUS_DRIVER_OK;
 use lguest_abi::{DEVICE_MODEL_DMA, GUEST_CS, GUEST_DS, LGUEST_IRQS, RED_ZONE, SHUTDOWN_POWEROFF};
+use lguest_abi::{LGUEST_DEVICE_S_DRIVER_OK, VIRTIO_STATUS_DRIVER_OK};
 use lguest_guest::cell::GuestCell;
 use lguest_guest::console::Msg;
 use lguest_guest::virtio::Devices;
@@ -103,11 +103,12 @@ impl Machine for Devices {
 
 impl Machine for dma::Devices {
     fn has(&self, kind: u16) -> bool {
-        self.count(kind) > 0
+        self.table.iter().any(|e| e.type_ == kind)
     }
 
     fn irq_mask(&self) -> u32 {
-        let driven = (0..self.table.len()).filter(|&i| dma::status(i) & dma::S_DRIVER_OK != 0);
+        let driven =
+            (0..self.table.len()).filter(|&i| dma::status(i) & LGUEST_DEVICE_S_DRIVER_OK != 0);
         driven.fold(0, |mask, i| mask | 1 << dma::irq(i))
     }
 }
@@ -177,7 +178,7 @@ fn run_one(name: &str, test: Test, devs: &impl Machine) {
     let result = test();
     for irq in 0..32 {
         if mask & !blocked & 1 << irq != 0 {
-            lguest_data::block_irq(irq, false);
+            crate::extras::block_irq(irq, false);
         }
     }
     report(name, result);
