@@ -812,6 +812,61 @@ fn a_guest_killed_with_kill_9_frees_its_slot_for_the_next() {
     power_off(guest);
 }
 
+/// A Guest that sends faster than its peer takes finds the peer's ring
+/// full: its Launcher then asks (on the vCPU thread, under its seccomp
+/// filter) whether the peer's Launcher still holds its slot, and sends the
+/// frame again later, until every one is taken.
+#[test]
+fn a_guest_sending_into_a_full_ring_keeps_going_until_all_are_taken() {
+    require_kvm!();
+    let net = TempFile::new("dma-full-ring", b"");
+    // The peer is this test, in slot 1: it takes a frame every 100 us,
+    // far slower than the Guest sends them.
+    let member = std::sync::Arc::new(SharedNet::join(net.path()).expect("join the network"));
+    assert_eq!(member.slot(), 1);
+    let mac = [0x02, 0x6c, 0x67, 0, 0, 0x01];
+    let got = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = got.clone();
+    let receiver = member
+        .receive(move |offset, frame| {
+            if offset == 4 && frame.len() == 1514 && frame[..6] == mac {
+                counted.fetch_add(1, Ordering::SeqCst);
+            }
+            thread::sleep(Duration::from_micros(100));
+        })
+        .expect("a receiver");
+    member.publish_keys(&[4]);
+    member.set_mac(1, mac);
+    let out = run_with_timeout(
+        lguest().args([
+            &format!("--sharenet={}", net.arg()),
+            "--append",
+            "bench=sharenet peer=02:6c:67:00:00:01 iters=1500",
+        ]),
+        Duration::from_secs(60),
+    );
+    out.assert_no_panic().assert_code(0);
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("lguest-bench: sharenet frames="))
+        .unwrap_or_else(|| panic!("no result\n{}", out.describe()));
+    let field = |k: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in {line}"))
+    };
+    assert_eq!(field("frames="), 1500, "{line}");
+    assert!(field("refused=") > 0, "the ring never filled: {line}");
+    let deadline = Instant::now() + TIMEOUT;
+    while got.load(Ordering::SeqCst) < 1500 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(got.load(Ordering::SeqCst), 1500, "{line}");
+    drop(receiver);
+}
+
 /*
  * A shared network bridged to a tap: root, a network namespace of our own.
  */
