@@ -21,7 +21,7 @@ mod common;
 mod netns;
 
 use common::*;
-use lguest::dma::sharenet::SharedNet;
+use lguest::dma::sharenet::{Offer, SharedNet};
 use netns::Netns;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -833,6 +833,7 @@ fn a_guest_sending_into_a_full_ring_keeps_going_until_all_are_taken() {
                 counted.fetch_add(1, Ordering::SeqCst);
             }
             thread::sleep(Duration::from_micros(100));
+            Offer::Done
         })
         .expect("a receiver");
     member.publish_keys(&[4]);
