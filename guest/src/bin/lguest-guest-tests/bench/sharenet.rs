@@ -5,16 +5,18 @@
 //! The receiver binds every buffer the Host allows it (32 arrays of 16, a
 //! 2 KiB buffer each) at its own key, writes its MAC in its slot, says
 //! `lguest-bench: sharenet-rx ready slot=S mac=M` and counts what lands.
-//! It polls with interrupts off, so the Host holds our IRQ pending instead
-//! of kicking us out of the Guest for every frame, and sleeps (HALT) only
-//! when it has found nothing for a while.
+//! It looks with interrupts off, so the Host raises our IRQ once and holds
+//! it pending instead of kicking us out of the Guest for every frame, and
+//! it sleeps (HALT) as soon as a look finds nothing.
 //!
 //! The sender looks for the peer's MAC on the shared page and sends it N
 //! frames of 1514 bytes, each carrying its number. It queues up to 64
 //! SEND_DMAs in the async ring, each with its own lguest_dma and frame, and
 //! runs them with one FLUSH_ASYNC: one exit for 64 frames. Each used_len
-//! then says whether that frame was taken; one that was not is sent again
-//! in the next batch.
+//! then says whether that frame was taken (it is then on its way: the
+//! receiving Launcher keeps what its Guest has no room for yet); one that
+//! was not is sent again in the next batch, after a nap that lets the
+//! receiver drain its ring.
 //!
 //! Each prints one line and powers off:
 //!
@@ -22,10 +24,11 @@
 //!   tsc_khz=K bad=X halts=H irqs=I`: R frames (B bytes) received in all;
 //!   the clock runs from the first look that found frames to the last,
 //!   and T is what arrived after that first look, so T / C is the rate.
-//!   bad counts frames that were not ours or not 1514 bytes.
+//!   bad counts frames that were not ours or not 1514 bytes; H sleeps, I
+//!   IRQs taken.
 //! - `lguest-bench: sharenet frames=N bytes=B cycles=C tsc_khz=K
-//!   flushes=F refused=R`: N frames taken, in F exits; R sends the
-//!   receiving Launcher's ring had no room for.
+//!   flushes=F refused=R naps=P`: N frames taken, in F flushes (exits);
+//!   R sends the receiving Launcher's ring had no room for; P naps.
 //!
 //! Both use RAM above the image, from 4 MiB, as bench=blk does.
 
@@ -56,15 +59,16 @@ const TX_BATCH: usize = HCALL_RING_SIZE;
 const ETHERTYPE: [u8; 2] = [0x88, 0xB5];
 /// Where a frame carries its number.
 const SEQ_AT: usize = 14;
-/// How long the receiver keeps looking before it sleeps, in microseconds:
-/// a HALT and the wake-up after it cost two exits, about what 40 us of
-/// looking does.
-const RX_SPIN_US: u64 = 40;
 /// How long the receiver waits for the first frame, and then for more.
 const FIRST_FRAME_MS: u64 = 60_000;
 const QUIET_END_MS: u64 = 1_000;
 /// How long the receiver sleeps at most, to look at the clock.
-const NAP_NS: u64 = 10_000_000;
+const RX_NAP_NS: u64 = 10_000_000;
+/// How long the sender sleeps for each frame the receiver's ring had no
+/// room for: about what the receiving side spends on a frame here, so the
+/// ring has drained about that many when the sender tries again. Trying
+/// again at once only takes the processor the receiver needs.
+const TX_NAP_PER_REFUSED_NS: u64 = 6_000;
 /// How long the sender looks for its peer on the page, and how long it
 /// keeps trying when the peer takes nothing.
 const PEER_MS: u64 = 30_000;
@@ -222,7 +226,6 @@ fn receive(net: &Shared, expected: u64) {
     );
 
     let khz = time::tsc_khz();
-    let spin = RX_SPIN_US * khz / 1000;
     let (mut frames, mut bytes, mut timed, mut bad, mut halts) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let (mut first, mut last) = (None, 0u64);
     let irqs_before = irq_count(irq as u16);
@@ -265,22 +268,13 @@ fn receive(net: &Shared, expected: u64) {
         if now - since > quiet_limit * khz {
             break;
         }
-        if now - since > spin {
-            // Nothing for a while: sleep until the Host raises our IRQ, or
-            // the clock does, to look at the time. The IRQ stays pending
-            // while interrupts are off, so a frame that came since our look
-            // wakes the HALT at once. The timer goes through the async ring
-            // (HALT runs it first), and a stray tick later is harmless: one
-            // exit per sleep.
-            // SAFETY: a timer interrupt is nothing new; interrupts are off.
-            if !unsafe { hcall::queue(nr::SET_CLOCKEVENT, NAP_NS, 0, 0, 0) } {
-                hcall::set_clockevent(NAP_NS);
-            }
-            hcall::halt();
-            // The Host turned interrupts on to deliver; off again.
-            lguest_data::irq_save();
-            halts += 1;
-        }
+        // Nothing: sleep until the Host raises our IRQ (or the clock, to
+        // look at the time). The IRQ stays pending while interrupts are
+        // off, so a frame that came since our look wakes the HALT at once;
+        // looking longer first would only take the processor the Launcher
+        // needs to fill our buffers.
+        nap(RX_NAP_NS);
+        halts += 1;
     }
     lguest_data::irq_restore(flags);
     let Some(first) = first else {
@@ -334,6 +328,7 @@ fn send(net: &Shared, peer: Mac, count: u64) {
     // Which frame each batch slot carries (u64::MAX: none).
     let mut carries = [u64::MAX; TX_BATCH];
     let (mut next, mut taken, mut flushes, mut refused) = (0u64, 0u64, 0u64, 0u64);
+    let mut naps = 0u64;
     // No interrupt handler may queue hypercalls while we fill the ring.
     let flags = lguest_data::irq_save();
     let start = time::rdtsc();
@@ -360,6 +355,7 @@ fn send(net: &Shared, peer: Mac, count: u64) {
                 fail("the async ring was full");
             }
         }
+        let queued_now = carries.iter().filter(|&&c| c != u64::MAX).count() as u64;
         hcall::flush_async();
         flushes += 1;
         let taken_before = taken;
@@ -380,13 +376,34 @@ fn send(net: &Shared, peer: Mac, count: u64) {
         } else if now - progress > stall {
             fail("the peer took no frame for 10 s");
         }
+        // The ring was full: give the receiver time to drain it.
+        let refused_now = queued_now - (taken - taken_before);
+        if refused_now > 0 {
+            nap(refused_now * TX_NAP_PER_REFUSED_NS);
+            naps += 1;
+        }
     }
     let cycles = time::rdtsc() - start;
     lguest_data::irq_restore(flags);
     println!(
         "lguest-bench: sharenet frames={taken} bytes={} cycles={cycles} tsc_khz={} \
-         flushes={flushes} refused={refused}",
+         flushes={flushes} refused={refused} naps={naps}",
         taken * FRAME_MAX as u64,
         lguest_data::tsc_khz()
     );
+}
+
+/// Sleep `ns` at most (an IRQ ends it sooner), interrupts off before and
+/// after. The clock event goes through the async ring, which HALT runs
+/// first, and is not cancelled (a late tick only ends a later sleep
+/// early): one exit per sleep.
+fn nap(ns: u64) {
+    // SAFETY: a timer interrupt is nothing new; interrupts are off.
+    if !unsafe { hcall::queue(nr::SET_CLOCKEVENT, ns, 0, 0, 0) } {
+        hcall::set_clockevent(ns);
+    }
+    // The Host delivers to a halted Guest whatever its interrupt flag,
+    // turning it on to do so: off again.
+    hcall::halt();
+    lguest_data::irq_save();
 }
