@@ -18,8 +18,10 @@
 //!   a disk and rng, the Guest idle at its prompt; against an idle `cat`.
 //! - P6: a byte written to the console until its echo comes back
 //!   (`bench=echo`), against P1's bare exit.
-//! - P7: full-size frames from one Launcher's 2007 hub to another's over a
-//!   `--sharenet` file, against two processes on an AF_UNIX socketpair
+//! - P7: full-size frames from one Guest to another over a `--sharenet`
+//!   file (`bench=sharenet` and `bench=sharenet-rx`, two Launchers), against
+//!   two processes on an AF_UNIX socketpair; then, on a second line, the
+//!   Launchers' hubs alone with stand-ins for the Guests
 //!   ([`crate::dma::bench`]).
 //! - P8: NEW_PGTABLE between two PML4s the Host has roots for
 //!   (`bench=pgtable`), and SET_PGD of an entry that changes every time
@@ -394,17 +396,23 @@ fn measure(kvm: &Path) -> Result<(), Halt> {
     }
     report("P6-console-echo", "us", echo, vec![exit_floor; RUNS])?;
 
-    // P7: frames between two Launchers over one --sharenet file, against two
-    // processes on a socketpair. Each side is a Launcher's 2007 hub over a
-    // memory of its own, without KVM (see dma::bench): the second process
-    // is lguest again, which runs its half when told to in the environment.
+    // P7: full-size frames from one Guest to another over one --sharenet
+    // file, against two processes on a socketpair (the second process is
+    // lguest again, which does its half when told to in the environment).
+    // Then the stand-in the first P7 measured: the two Launchers' hubs
+    // without Guests (see dma::bench), against its own floor.
     let peer = || {
         let mut cmd = Command::new(&bench.exe);
         cmd.stderr(Stdio::inherit());
         cmd
     };
-    let p7 = crate::dma::bench::p7(&peer, RUNS, P7_FRAMES)?;
+    let launcher = || bench.lguest(&[]);
+    let p7 = crate::dma::bench::p7_guests(&peer, &launcher, RUNS, P7_FRAMES)?;
     crate::output::stdout_line(&p7.line())
+        .then_some(())
+        .ok_or(Halt::Unread)?;
+    let standin = crate::dma::bench::p7(&peer, RUNS, P7_FRAMES)?;
+    crate::output::stdout_line(&standin.line())
         .then_some(())
         .ok_or(Halt::Unread)
 }

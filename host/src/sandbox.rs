@@ -752,6 +752,18 @@ fn own_groups(kind: ThreadKind) -> Vec<Group> {
                     c
                 },
             },
+            Group {
+                name: "the shared network (--sharenet): whether a Launcher still holds a slot",
+                // A full or locked ring whose reader may be gone: the
+                // sender (a vCPU's SEND_DMA, a tap bridge) and the reader
+                // test that slot's lock on the FILE, already open.
+                calls: vec![one_of(
+                    "fcntl",
+                    libc::SYS_fcntl,
+                    1,
+                    &[("F_OFD_SETLK", libc::F_OFD_SETLK as u64)],
+                )],
+            },
         ],
         ThreadKind::Timer => vec![Group {
             name: "the timerfds",

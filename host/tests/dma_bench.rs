@@ -1,6 +1,6 @@
-//! P7's measure and floor (`lguest::dma::bench`): frames between two
-//! processes over a socketpair and over `--sharenet`. The peer process is
-//! this test binary again. A short run by default; for real figures:
+//! P7's stand-in and its floor (`lguest::dma::bench`): frames between two
+//! processes over a socketpair and over `--sharenet`, each process a hub
+//! without KVM. The peer process is this test binary again. A short run by default; for real figures:
 //!
 //! ```text
 //! LGUEST_P7_RUNS=5 LGUEST_P7_FRAMES=200000 cargo test --release --test dma_bench -- --nocapture
@@ -47,7 +47,7 @@ fn p7_moves_full_size_frames_both_ways_and_reports_a_ratio() {
             .unwrap_or_else(|| panic!("no {k} in {line}"))
             .to_string()
     };
-    assert!(line.starts_with("P7-sharenet "));
+    assert!(line.starts_with("P7-sharenet-standin "));
     assert_eq!(field("unit="), "MiB/s");
     assert_eq!(field("runs="), runs.to_string());
     let (v, f, r): (f64, f64, f64) = (

@@ -2,33 +2,44 @@
 //!
 //! The floor is two host processes moving full-size (1514-byte) Ethernet
 //! frames over an AF_UNIX datagram socketpair: what any two processes pay
-//! to hand each other a frame through the kernel. The measure is the same
-//! frames through `--sharenet` between two processes, each with a Guest
-//! memory and a [`Dma`] hub of its own but no KVM: the sender's SEND_DMA
-//! (check, gather, queue on the receiver's ring) and the receiver's
-//! delivery (ring to bound buffer, IRQ). The receiving "Guest" frees each
-//! buffer as soon as it is filled, so the figure is the machinery's, not a
-//! Guest's. Both are timed at the receiver, from the first frame to the
-//! last; each run of each is interleaved with the other, and the medians
-//! compared (higher is better).
+//! to hand each other a frame through the kernel.
 //!
-//! The second process is this same program: the caller says how to start
-//! it ([`p7`]'s `peer`), and that program calls [`peer_from_env`] first
-//! thing, which does the peer's half when [`PEER_ENV`] says so.
+//! The measure, [`p7_guests`], is two real Guests: two Launchers on one
+//! fresh `--sharenet` FILE, the bundled test Guest in each, one sending
+//! (`bench=sharenet peer=MAC`) and one receiving (`bench=sharenet-rx`).
+//! The figure is what the receiving Guest counted, over its own clock,
+//! from the first frame it saw to the last: frames lost on the way do not
+//! count, they only lower the figure (and `lost=` on the line says how
+//! many there were).
+//!
+//! [`p7`] keeps the stand-in the first P7 measured: the same frames
+//! through `--sharenet` between two processes, each with a Guest memory
+//! and a [`Dma`] hub of its own but no KVM: the sender's SEND_DMA (check,
+//! gather, queue on the receiver's ring) and the receiver's delivery (ring
+//! to bound buffer, IRQ). The receiving "Guest" frees each buffer as soon
+//! as it is filled, so that figure is the Launchers' machinery alone.
+//!
+//! Each run of a measure is interleaved with a run of its floor, and the
+//! medians compared (higher is better).
+//!
+//! The socketpair's second process, and the stand-in's, is this same
+//! program: the caller says how to start it (`peer`), and that program
+//! calls [`peer_from_env`] first thing, which does the peer's half when
+//! [`PEER_ENV`] says so.
 
 use super::console::ConsoleConfig;
 use super::sharenet::SharedNet;
 use super::{Backends, Dma, GuestRam, NetBackend, Signals};
 use crate::memory::{GuestMemory, Layout};
 use lguest_abi::{dma_off, LguestDma, PAGE_SIZE};
-use std::io::Write;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use zerocopy::IntoBytes;
 
@@ -42,7 +53,8 @@ const MIB: f64 = 1024.0 * 1024.0;
 /// How long the sending Guest waits when the receiver's ring is full.
 const RING_FULL_PAUSE: Duration = Duration::from_micros(50);
 
-/// The figures of P7, in MiB/s, one per run.
+/// The figures of P7's stand-in (two Launchers' hubs without Guests), in
+/// MiB/s, one per run.
 #[derive(Clone, Debug)]
 pub struct P7 {
     pub sharenet: Vec<f64>,
@@ -62,10 +74,10 @@ impl P7 {
     pub fn floor(&self) -> f64 {
         median(&self.socketpair)
     }
-    /// The `--bench` line (ABI section 10).
+    /// The `--bench` line (ABI section 10), after the real Guests' line.
     pub fn line(&self) -> String {
         format!(
-            "P7-sharenet value={:.3} unit=MiB/s floor={:.3} ratio={:.3} runs={} higher=better floor_name=socketpair",
+            "P7-sharenet-standin value={:.3} unit=MiB/s floor={:.3} ratio={:.3} runs={} higher=better floor_name=socketpair",
             self.value(),
             self.floor(),
             self.value() / self.floor(),
@@ -386,4 +398,227 @@ fn run_peer(spec: &str) -> Result<(), String> {
         }
         _ => Err(bad()),
     }
+}
+
+/*
+ * P7 proper: two real Guests.
+ */
+
+/// What the two Guests of one run said.
+#[derive(Clone, Debug)]
+pub struct GuestsRun {
+    /// MiB/s of the frames the receiving Guest got, on its own clock.
+    pub mib_s: f64,
+    /// Frames the sender's used_len said were taken.
+    pub sent: u64,
+    /// Frames the receiving Guest counted.
+    pub received: u64,
+    /// Frames it got that were not ours, or not 1514 bytes.
+    pub bad: u64,
+    /// The two `lguest-bench:` lines, sender's then receiver's.
+    pub lines: [String; 2],
+}
+
+impl GuestsRun {
+    /// Frames taken at the sender that never reached the receiving Guest.
+    pub fn lost(&self) -> u64 {
+        self.sent.saturating_sub(self.received)
+    }
+}
+
+/// P7's figures: the Guests' runs and the socketpair's MiB/s.
+#[derive(Clone, Debug)]
+pub struct P7Guests {
+    pub runs: Vec<GuestsRun>,
+    pub socketpair: Vec<f64>,
+}
+
+impl P7Guests {
+    pub fn value(&self) -> f64 {
+        median(&self.runs.iter().map(|r| r.mib_s).collect::<Vec<_>>())
+    }
+    pub fn floor(&self) -> f64 {
+        median(&self.socketpair)
+    }
+    /// The `--bench` line (ABI section 10), with the frames lost in all.
+    pub fn line(&self) -> String {
+        format!(
+            "P7-sharenet value={:.3} unit=MiB/s floor={:.3} ratio={:.3} runs={} higher=better floor_name=socketpair lost={}",
+            self.value(),
+            self.floor(),
+            self.value() / self.floor(),
+            self.runs.len(),
+            self.runs.iter().map(GuestsRun::lost).sum::<u64>()
+        )
+    }
+}
+
+/// Runs P7 between two Guests: `runs` runs of each, `frames` frames per
+/// run. `launcher()` gives a command that starts `lguest` (with whatever
+/// environment it needs); `peer()` one for the socketpair's second process,
+/// as for [`p7`].
+pub fn p7_guests(
+    peer: &dyn Fn() -> Command,
+    launcher: &dyn Fn() -> Command,
+    runs: usize,
+    frames: u64,
+) -> Result<P7Guests, String> {
+    let mut out = P7Guests {
+        runs: Vec::new(),
+        socketpair: Vec::new(),
+    };
+    for run in 0..runs {
+        out.socketpair.push(socketpair_run(peer, frames)?);
+        out.runs.push(guests_run(launcher, frames, run)?);
+    }
+    Ok(out)
+}
+
+/// A Launcher of P7, its stdout read line by line as it comes and its
+/// stderr kept for when it fails; killed if a run ends early.
+struct Launched {
+    child: Peer,
+    lines: mpsc::Receiver<String>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+    what: &'static str,
+}
+
+impl Launched {
+    fn start(mut cmd: Command, what: &'static str) -> Result<Launched, String> {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start the P7 {what}: {e}"))?;
+        let stdout = child.stdout.take().expect("piped");
+        let mut stderr = child.stderr.take().expect("piped");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            text
+        });
+        Ok(Launched {
+            child: Peer(child),
+            lines,
+            stderr: Some(stderr),
+            what,
+        })
+    }
+
+    /// The first stdout line starting with `prefix`, within `limit`.
+    fn line(&mut self, prefix: &str, limit: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.starts_with(prefix) => return Ok(line),
+                Ok(_) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(format!("the P7 {}: no '{prefix}' in {limit:?}", self.what))
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(self.failed()),
+            }
+        }
+    }
+
+    /// Why it ended without saying what we waited for (it is ended now).
+    fn failed(&mut self) -> String {
+        let _ = self.child.0.kill();
+        let _ = self.child.0.wait();
+        let stderr = self.stderr.take().and_then(|t| t.join().ok());
+        format!(
+            "the P7 {} ended early: {}",
+            self.what,
+            stderr.unwrap_or_default().trim()
+        )
+    }
+
+    /// Waits for it to end (it powers off once it has reported).
+    fn finish(mut self, limit: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            match self.child.0.try_wait() {
+                Ok(Some(status)) if status.success() => return Ok(()),
+                Ok(Some(_)) => return Err(self.failed()),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Ok(None) => return Err(format!("the P7 {} did not end", self.what)),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+}
+
+/// The `key=number` fields of a `lguest-bench:` line.
+fn fields(line: &str) -> impl Fn(&str) -> Result<f64, String> + '_ {
+    move |key| {
+        line.split_whitespace()
+            .filter_map(|w| w.split_once('='))
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, v)| v.parse().ok())
+            .ok_or_else(|| format!("no {key}= in '{line}'"))
+    }
+}
+
+/// One run: a receiving Launcher on a fresh FILE, then, once its Guest
+/// says it is ready (and with which MAC), a sending one.
+pub fn guests_run(
+    launcher: &dyn Fn() -> Command,
+    frames: u64,
+    run: usize,
+) -> Result<GuestsRun, String> {
+    let file = NetFile(
+        std::env::temp_dir().join(format!("lguest-p7-guests-{}-{run}.net", std::process::id())),
+    );
+    let _ = std::fs::remove_file(&file.0);
+    let sharenet = format!("--sharenet={}", file.0.display());
+    let mut cmd = launcher();
+    cmd.args([
+        &sharenet,
+        "--append",
+        &format!("bench=sharenet-rx iters={frames}"),
+    ]);
+    let mut receiver = Launched::start(cmd, "receiver")?;
+    let ready = receiver.line("lguest-bench: sharenet-rx ready ", RUN_LIMIT)?;
+    let mac = ready
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("mac="))
+        .ok_or_else(|| format!("no mac= in '{ready}'"))?
+        .to_string();
+    let mut cmd = launcher();
+    cmd.args([
+        &sharenet,
+        "--append",
+        &format!("bench=sharenet peer={mac} iters={frames}"),
+    ]);
+    let mut sender = Launched::start(cmd, "sender")?;
+    let sent_line = sender.line("lguest-bench: sharenet ", RUN_LIMIT)?;
+    sender.finish(RUN_LIMIT)?;
+    let got_line = receiver.line("lguest-bench: sharenet-rx frames=", RUN_LIMIT)?;
+    receiver.finish(RUN_LIMIT)?;
+
+    let (sent, got) = (fields(&sent_line), fields(&got_line));
+    let khz = got("tsc_khz")?;
+    if khz == 0.0 {
+        return Err("the TSC is not invariant here; cycles cannot be turned into time".into());
+    }
+    let seconds = got("cycles")? / (khz * 1000.0);
+    Ok(GuestsRun {
+        mib_s: throughput(got("timed_bytes")? as u64, seconds),
+        sent: sent("frames")? as u64,
+        received: got("frames")? as u64,
+        bad: got("bad")? as u64,
+        lines: [sent_line.clone(), got_line.clone()],
+    })
 }

@@ -306,8 +306,12 @@ impl Dma {
         drop(bindings);
         if count_irq & lguest_abi::BIND_DMA_IRQ_MASK != 0 {
             // New buffers: console input that was waiting may fit now, or
-            // the end of input may reach a Guest that reads at last.
+            // the end of input may reach a Guest that reads at last; so may
+            // a frame held for want of room.
             self.console.wake();
+            for net in &self.nets {
+                net.poke();
+            }
         }
         Ok(result)
     }
@@ -340,10 +344,14 @@ impl Dma {
     }
 
     /// The Guest may have freed buffers (it does so by writing used_len,
-    /// without a hypercall): console input that waits for one looks again.
-    /// The caller calls this when the Guest halts.
+    /// without a hypercall): console input, or a shared network's frame,
+    /// that waits for one looks again. The caller calls this when the Guest
+    /// halts.
     pub fn poke(&self) {
         self.console.poke();
+        for net in &self.nets {
+            net.poke();
+        }
     }
 }
 
@@ -379,6 +387,28 @@ impl DeviceContext {
             Err(e) => {
                 self.signals.kill(e.to_string());
                 None
+            }
+        }
+    }
+
+    /// Like [`DeviceContext::deliver`], for bytes that can wait (a shared
+    /// network's ring holds them): `NoRoom` when the Guest bound buffers at
+    /// `key` but none is free now. Bytes for a key nobody bound are
+    /// dropped.
+    pub fn offer(&self, key: u64, data: &[u8]) -> sharenet::Offer {
+        let bindings = lock(&self.bindings);
+        match bindings.deliver(self.mem.as_ref(), key, data) {
+            Ok(Some(d)) => {
+                drop(bindings);
+                self.signals.raise(d.irq);
+                sharenet::Offer::Done
+            }
+            Ok(None) if bindings.irq_at(key).is_some() => sharenet::Offer::NoRoom,
+            Ok(None) => sharenet::Offer::Done,
+            Err(e) => {
+                drop(bindings);
+                self.signals.kill(e.to_string());
+                sharenet::Offer::Done
             }
         }
     }

@@ -13,7 +13,7 @@
 //! Guest's driver; for frames from the tap it is us.
 
 use super::bindings::Bindings;
-use super::sharenet::{Receiver, SharedNet, MAX_SLOTS};
+use super::sharenet::{Offer, Receiver, SharedNet, MAX_SLOTS};
 use super::{DeviceContext, NetBackend};
 use lguest_abi::{LGUEST_NET_KEY_STRIDE, LGUEST_NET_MAC_LEN, LGUEST_NET_PROMISC, PAGE_SIZE};
 use std::io::IoSlice;
@@ -135,9 +135,7 @@ impl NetDevice {
             NetBackend::Tap(port) => TapBridge::start(port.clone(), page, ctx).map(NetDevice::Tap),
             NetBackend::Shared(net) => {
                 net.begin_boot();
-                let receiver = net.receive(move |offset, frame| {
-                    ctx.deliver(page + offset, frame);
-                })?;
+                let receiver = net.receive(move |offset, frame| ctx.offer(page + offset, frame))?;
                 Ok(NetDevice::Shared {
                     net: net.clone(),
                     _receiver: receiver,
@@ -151,6 +149,14 @@ impl NetDevice {
         match self {
             NetDevice::Tap(bridge) => bridge.send(offset, frame),
             NetDevice::Shared { net, .. } => net.send(offset, frame),
+        }
+    }
+
+    /// The Guest may have freed or bound buffers: a frame held for want of
+    /// one is offered again.
+    pub(crate) fn poke(&self) {
+        if let NetDevice::Shared { net, .. } = self {
+            net.poke();
         }
     }
 
@@ -294,6 +300,7 @@ impl SharedBridge {
                 // The tap drops what it cannot take now, as a wire would.
                 let _ = out.send(frame);
             }
+            Offer::Done
         })?;
         let (n, m) = (net.clone(), net.clone());
         let each = move |frame: &[u8]| {

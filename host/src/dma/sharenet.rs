@@ -104,6 +104,22 @@ const IDLE_RECHECK: Duration = Duration::from_millis(100);
 /// How long a receiver that ran dry watches its ring before it sleeps: a
 /// stream of frames then costs no wake-up per frame.
 const SPIN_BEFORE_SLEEP: Duration = Duration::from_micros(20);
+/// How often a receiver holding a frame for a Guest with no free buffer
+/// looks again, when nothing pokes it sooner (a Guest frees buffers by
+/// writing to its own memory, which tells nobody).
+const HOLD_RECHECK: Duration = Duration::from_millis(1);
+
+/// What became of a frame the receiver offered its side (see
+/// [`SharedNet::receive`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Offer {
+    /// Done with: taken, or dropped for good (no binding at that key, a
+    /// broken buffer, a tap that had no room).
+    Done,
+    /// The Guest bound buffers at that key but has none free now: keep the
+    /// frame, and the rest of the ring behind it, until it has.
+    NoRoom,
+}
 
 fn slot_base(slot: usize) -> u64 {
     SLOTS + slot as u64 * STRIDE
@@ -144,6 +160,9 @@ pub struct Stats {
     pub ring_full: AtomicU64,
     /// Frames taken off our own ring.
     pub received: AtomicU64,
+    /// Times a frame off our ring found our Guest with no free buffer and
+    /// waited for one.
+    pub held: AtomicU64,
     /// Times our ring or a receiver's made no sense (someone wrote over
     /// the FILE) and we gave up on what it held.
     pub garbled: AtomicU64,
@@ -166,6 +185,11 @@ pub struct SharedNet {
     /// One sender at a time in this process: our slot number in a ring's
     /// lock word then means this thread.
     sending: std::sync::Mutex<()>,
+    /// Set while the receiver holds a frame for want of a free buffer, and
+    /// the word it sleeps on then (a poke sets it): ours alone, not the
+    /// FILE's, so senders never wake it for nothing.
+    holding: AtomicBool,
+    poked: AtomicU32,
     pub stats: Stats,
 }
 
@@ -291,6 +315,8 @@ impl SharedNet {
             attached: AtomicBool::new(false),
             keys: std::sync::Mutex::new([0; KEY_WORDS]),
             sending: std::sync::Mutex::new(()),
+            holding: AtomicBool::new(false),
+            poked: AtomicU32::new(0),
             stats: Stats::default(),
         };
         net.reset_slot(net.slot, false);
@@ -699,12 +725,16 @@ impl SharedNet {
         }
     }
 
-    /// Starts the thread that takes frames off our ring and hands each to
-    /// `deliver(key offset, frame)`. One at a time: a second call while the
-    /// first's [`Receiver`] lives is refused.
+    /// Starts the thread that takes frames off our ring and offers each to
+    /// `deliver(key offset, frame)`. A frame it has no room for
+    /// ([`Offer::NoRoom`]) is offered again, before any other, when
+    /// [`SharedNet::poke`] says there may be room, or every HOLD_RECHECK;
+    /// meanwhile the ring fills and senders are told so (used_len 0). One
+    /// at a time: a second call while the first's [`Receiver`] lives is
+    /// refused.
     pub fn receive(
         self: &Arc<Self>,
-        deliver: impl FnMut(u64, &[u8]) + Send + 'static,
+        deliver: impl FnMut(u64, &[u8]) -> Offer + Send + 'static,
     ) -> std::io::Result<Receiver> {
         if self.attached.swap(true, Ordering::SeqCst) {
             return Err(std::io::Error::other("this network already has a receiver"));
@@ -730,15 +760,27 @@ impl SharedNet {
         }
     }
 
-    fn receive_loop(&self, stop: &AtomicBool, mut deliver: impl FnMut(u64, &[u8])) {
+    fn receive_loop(&self, stop: &AtomicBool, mut deliver: impl FnMut(u64, &[u8]) -> Offer) {
         let base = slot_base(self.slot);
         let waiting = self.u32_at(base + WAITING);
         let tail = self.u64_at(base + TAIL);
         let mut frame = vec![0u8; FRAME_MAX];
+        // A frame off the ring that waits for a free buffer: (offset, len).
+        let mut held = None;
         // The ring lock as last seen at an idle look, to notice one stuck.
         let mut lock_seen = (0, 0, Instant::now());
         while !stop.load(Ordering::SeqCst) {
-            if self.drain(&mut frame, &mut deliver) {
+            if let Some((offset, len)) = held {
+                if deliver(offset, &frame[..len]) == Offer::NoRoom {
+                    self.wait_for_room(stop, || deliver(offset, &frame[..len]) == Offer::Done);
+                    if !self.holding.swap(false, Ordering::SeqCst) {
+                        held = None;
+                    }
+                    continue;
+                }
+                held = None;
+            }
+            if self.drain(&mut frame, &mut deliver, &mut held) {
                 continue;
             }
             // Dry: watch a little before paying for a sleep and a wake-up.
@@ -765,6 +807,34 @@ impl SharedNet {
         }
     }
 
+    /// Our Guest had no free buffer for the frame we hold: sleep until a
+    /// poke or HOLD_RECHECK. `offer` tries once more after `holding` is set,
+    /// so a poke that came just before cannot be missed; if it took the
+    /// frame, `holding` is cleared here (the caller drops the frame).
+    fn wait_for_room(&self, stop: &AtomicBool, mut offer: impl FnMut() -> bool) {
+        self.stats.held.fetch_add(1, Ordering::Relaxed);
+        self.poked.store(0, Ordering::SeqCst);
+        self.holding.store(true, Ordering::SeqCst);
+        if offer() {
+            self.holding.store(false, Ordering::SeqCst);
+            return;
+        }
+        if !stop.load(Ordering::SeqCst) {
+            futex_wait(&self.poked, 0, HOLD_RECHECK);
+        }
+        // Still holding: the caller offers the frame again.
+    }
+
+    /// Our Guest may have freed buffers (it halted, or bound more): a
+    /// receiver holding a frame for it offers it again now. Costs nothing
+    /// when none is held.
+    pub fn poke(&self) {
+        if self.holding.load(Ordering::SeqCst) {
+            self.poked.store(1, Ordering::SeqCst);
+            futex_wake(&self.poked);
+        }
+    }
+
     /// Clears our ring's lock if it has stayed held, with the ring
     /// unchanged, since the last look at least IDLE_RECHECK ago: no live
     /// sender holds it that long, so it is garbage or a stopped process.
@@ -786,8 +856,14 @@ impl SharedNet {
         (lock, tail, when)
     }
 
-    /// Takes every record off our ring; false if there was none.
-    fn drain(&self, frame: &mut [u8], deliver: &mut impl FnMut(u64, &[u8])) -> bool {
+    /// Takes every record off our ring, until one finds no room (it is then
+    /// `held`); false if there was none.
+    fn drain(
+        &self,
+        frame: &mut [u8],
+        deliver: &mut impl FnMut(u64, &[u8]) -> Offer,
+        held: &mut Option<(u64, usize)>,
+    ) -> bool {
         let base = slot_base(self.slot);
         let ring = base + PAGE_SIZE;
         let head_word = self.u64_at(base + HEAD);
@@ -833,8 +909,12 @@ impl SharedNet {
             // Room for the senders before we copy into the Guest.
             head_word.store(head, Ordering::Release);
             self.stats.received.fetch_add(1, Ordering::Relaxed);
-            if offset < PAGE_SIZE && offset.is_multiple_of(LGUEST_NET_KEY_STRIDE) {
-                deliver(offset, frame);
+            if offset < PAGE_SIZE
+                && offset.is_multiple_of(LGUEST_NET_KEY_STRIDE)
+                && deliver(offset, frame) == Offer::NoRoom
+            {
+                *held = Some((offset, len as usize));
+                return true;
             }
         }
         head_word.store(head, Ordering::Release);
@@ -885,6 +965,7 @@ impl Drop for Receiver {
         let waiting = self.net.u32_at(slot_base(self.net.slot) + WAITING);
         waiting.store(0, Ordering::SeqCst);
         futex_wake(waiting);
+        self.net.poke();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

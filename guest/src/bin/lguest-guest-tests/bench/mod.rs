@@ -3,7 +3,8 @@
 //! Each benchmark runs N times in a loop timed with the TSC, prints one line,
 //! `lguest-bench: NAME iters=N cycles=C tsc_khz=K`, and powers off. The Host
 //! turns cycles into time (K may be 0 if it has no stable TSC figure). The
-//! device benchmarks (`blk`, `net`, `echo`) are in devices.rs.
+//! device benchmarks (`blk`, `net`, `echo`) are in devices.rs, the shared
+//! network's (`sharenet`, `sharenet-rx`) in sharenet.rs.
 
 use core::arch::{asm, global_asm};
 
@@ -12,6 +13,7 @@ use lguest_abi::{hcall as nr, INT_1F_BYTES, SHUTDOWN_POWEROFF};
 use lguest_guest::{hcall, lguest_data, println, time};
 
 mod devices;
+mod sharenet;
 
 const DEFAULT_ITERS: u64 = 10_000;
 
@@ -60,6 +62,9 @@ pub fn run(name: &str, iters: Option<&str>) -> ! {
     // The devices' benchmarks count bytes, not exits.
     if matches!(name, "blk" | "net" | "echo") {
         devices::run(name, iters);
+    }
+    if matches!(name, "sharenet" | "sharenet-rx") {
+        sharenet::run(name, iters);
     }
     let iters = match iters {
         None => DEFAULT_ITERS,
