@@ -70,7 +70,7 @@ pub fn status(i: usize) -> u16 {
     unsafe { status_ptr(i).read_volatile() }
 }
 
-fn set_status(i: usize, status: u16) {
+pub fn set_status(i: usize, status: u16) {
     // SAFETY: as in `status`; the page is writable like RAM.
     unsafe { status_ptr(i).write_volatile(status) }
 }

@@ -33,14 +33,19 @@
 //! Both use RAM above the image, from 4 MiB, as bench=blk does.
 
 use lguest_abi::{
-    hcall as nr, LguestDma, FIRST_EXTERNAL_VECTOR, HCALL_RING_SIZE, LGUEST_MAX_DMA,
-    LGUEST_MAX_DMA_SECTIONS, PAGE_SIZE, SHUTDOWN_POWEROFF,
+    hcall as nr, LguestDma, HCALL_RING_SIZE, LGUEST_MAX_DMA, LGUEST_MAX_DMA_SECTIONS, PAGE_SIZE,
+    SHUTDOWN_POWEROFF,
 };
 
-use lguest_guest::dma::{self, Dma, S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK, T_NET};
+use lguest_abi::{
+    LGUEST_DEVICE_S_ACKNOWLEDGE as S_ACKNOWLEDGE, LGUEST_DEVICE_S_DRIVER as S_DRIVER,
+    LGUEST_DEVICE_S_DRIVER_OK as S_DRIVER_OK, LGUEST_DEVICE_T_NET as T_NET,
+};
+use lguest_guest::dma::{self, Dma};
 use lguest_guest::inet::{Mac, FRAME_MAX};
-use lguest_guest::virtio::{irq_count, irq_handler, Deadline};
-use lguest_guest::{boot, hcall, interrupts, lguest_data, println, time};
+use lguest_guest::interrupts::irq_count;
+use lguest_guest::time::Deadline;
+use lguest_guest::{boot, hcall, lguest_data, println, time};
 
 const DEFAULT_FRAMES: u64 = 100_000;
 /// Where the lguest_dma arrays go (one page each, so none crosses a page),
@@ -202,20 +207,22 @@ fn receive(net: &Shared, expected: u64) {
         // SAFETY: not bound yet, so the Host does not write it.
         unsafe { dma_at(i).write_volatile(d.0) };
     }
+    // The trap dispatcher counts every IRQ; we only look at the count.
     let irq = dma::irq(net.at);
-    interrupts::set_handler(FIRST_EXTERNAL_VECTOR + irq, Some(irq_handler));
     for array in 0..RX_ARRAYS {
         // SAFETY: the arrays and frames are RAM nothing else of ours uses,
         // reached only through raw pointers, and stay bound until we power
         // off.
-        if !unsafe {
+        if unsafe {
             dma::bind(
                 net.key(net.me),
                 dma_at(array * RX_PER_ARRAY),
                 RX_PER_ARRAY,
                 irq,
             )
-        } {
+        }
+        .is_err()
+        {
             fail("the Host refused our buffers");
         }
     }
@@ -303,7 +310,7 @@ fn send(net: &Shared, peer: Mac, count: u64) {
         if deadline.passed() {
             fail("the peer's MAC never appeared on the network");
         }
-        time::busy_wait_us(1000);
+        crate::extras::busy_wait_us(1000);
     };
     drop(deadline);
     let key = net.key(slot);
