@@ -22,7 +22,7 @@ use lguest_abi::{
     FEATURE_LEN, LGUEST_IRQS, PAGE_SIZE, VIRTIO_STATUS_DRIVER_OK, VIRTIO_STATUS_FAILED,
     VRING_DEFAULT_NUM,
 };
-use lguest_fuzz::{assert_reason, guest_bytes, memory, EchoDevice, HostPages};
+use lguest_fuzz::{assert_reason, guest_bytes, reused_memory, EchoDevice, HostPages};
 use libfuzzer_sys::fuzz_target;
 
 const RAM_PAGES: u64 = 4;
@@ -133,7 +133,7 @@ fuzz_target!(|data: &[u8]| {
         device_pages,
         1 + queues * ring_bytes(VRING_DEFAULT_NUM) / PAGE_SIZE
     );
-    let mem = memory(RAM_PAGES, device_pages, 0, 2, 1);
+    let mem = reused_memory(RAM_PAGES, device_pages, 0, 2, 1);
     let host = HostPages::snapshot(&mem);
     let irqs = Irqs::new().expect("irqs");
     let bus = Bus::new(&mem, devices, &irqs, Transport::LguestBus).expect("bus");

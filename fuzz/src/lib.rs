@@ -41,6 +41,34 @@ pub fn memory(
     mem
 }
 
+thread_local! {
+    static MEMORIES: std::cell::RefCell<std::collections::HashMap<[u64; 5], GuestMemory>> =
+        Default::default();
+}
+
+/// The same as [`memory`], but mapped once per layout and handed out again
+/// with RAM and device pages cleared: mapping and faulting in fresh memory
+/// costs more than most runs. The Host pages keep their pattern (a run that
+/// changed them has already failed).
+pub fn reused_memory(
+    ram_pages: u64,
+    device_pages: u64,
+    hole_pages: u64,
+    host_ro: u64,
+    host_rw: u64,
+) -> GuestMemory {
+    let key = [ram_pages, device_pages, hole_pages, host_ro, host_rw];
+    let mem = MEMORIES.with(|m| {
+        m.borrow_mut()
+            .entry(key)
+            .or_insert_with(|| memory(ram_pages, device_pages, hole_pages, host_ro, host_rw))
+            .clone()
+    });
+    let zeros = vec![0u8; mem.layout.memory_end() as usize];
+    mem.write(0, &zeros).expect("clear Guest memory");
+    mem
+}
+
 /// The Host pages as they are now, to compare with later.
 pub struct HostPages(Vec<u8>);
 
