@@ -14,7 +14,7 @@
 
 use arbitrary::{Arbitrary, Unstructured};
 use lguest::host_pages;
-use lguest::interrupts::{decode_gate, frame_base, Gate};
+use lguest::interrupts_and_traps::{decode_gate, frame_base, Gate};
 use lguest::memory::GuestMemory;
 use lguest::pagewalk::{translate, Access};
 use lguest_abi::{pte, GATE_INTERRUPT, GATE_TRAP, PAGE_SIZE, RED_ZONE, RESERVE_MEM};
@@ -151,6 +151,7 @@ fn gate(vector: u64, low: u64, high: u64) {
             assert!(got < RESERVE_MEM, "a handler in the Host's half: {got:#x}");
         }
         Err(e) => {
+            let e = e.to_string();
             assert_reason(&e, "LOAD_IDT_ENTRY");
             assert!(
                 e.contains(&vector.to_string()),

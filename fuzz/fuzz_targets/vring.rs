@@ -130,7 +130,7 @@ fuzz_target!(|data: &[u8]| {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    assert_reason(&e, "pop");
+                    assert_reason(&e.to_string(), "pop");
                     dead = true;
                 }
             },
@@ -149,7 +149,7 @@ fuzz_target!(|data: &[u8]| {
                         assert_eq!(mem.read_u32(slot + 4).ok(), Some(len));
                     }
                     Err(e) => {
-                        assert_reason(&e, "push");
+                        assert_reason(&e.to_string(), "push");
                         dead = true;
                     }
                 }
@@ -195,7 +195,7 @@ fuzz_target!(|data: &[u8]| {
             }
             Op::WantKicks(wanted) => {
                 if let Err(e) = queue.want_kicks(mem, wanted) {
-                    assert_reason(&e, "want_kicks");
+                    assert_reason(&e.to_string(), "want_kicks");
                     dead = true;
                 }
             }

@@ -9,7 +9,7 @@
 
 use lguest::memory::{GuestMemory, Layout};
 use lguest::virtio::queue::{readable_len, stream_from_chain, write_to_chain};
-use lguest::virtio::{Device, Queues};
+use lguest::virtio::{Device, DeviceError, Queues};
 use lguest_abi::PAGE_SIZE;
 
 /// A fresh Guest memory: `ram_pages` of RAM, then `device_pages` (the last
@@ -182,7 +182,7 @@ impl Device for EchoDevice {
         true
     }
 
-    fn kick(&mut self, q: usize, queues: &mut Queues) -> Result<(), String> {
+    fn kick(&mut self, q: usize, queues: &mut Queues) -> Result<(), DeviceError> {
         let end = queues.mem.layout.memory_end();
         let mut chunk = [0u8; 512];
         // A ring holds at most 256 chains at once; anything more is a bug.
