@@ -3,11 +3,11 @@
 #
 #   fuzz/run.sh TARGET SECONDS [LIBFUZZER_FLAGS...]
 #
-# TARGET is vring, bus, mmio, elf, checks, or `all` for each in turn. Each
-# runs for SECONDS, starting from its committed seeds (fuzz/seeds/TARGET) and
-# what earlier runs found (fuzz/corpus/TARGET, not committed). Extra flags go
-# to libFuzzer: `fuzz/run.sh vring 0 -runs=10000000` runs ten million inputs
-# instead of for a time (SECONDS 0 means no time limit). A finding stops the
+# TARGET is vring, bus, mmio, elf, checks, hypercalls, or `all` for each in
+# turn. Each runs for SECONDS, starting from its committed seeds
+# (fuzz/seeds/TARGET) and what earlier runs found (fuzz/corpus/TARGET, not
+# committed). Extra flags go to libFuzzer: `fuzz/run.sh vring 0
+# -runs=10000000` runs ten million inputs instead of for a time (SECONDS 0 means no time limit). A finding stops the
 # run with a non-zero status and leaves its input in fuzz/artifacts/TARGET/.
 #
 # Needs the nightly toolchain and cargo-fuzz:
@@ -18,7 +18,7 @@
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
-TARGETS=(vring bus mmio elf checks)
+TARGETS=(vring bus mmio elf checks hypercalls)
 
 usage() {
   echo "usage: fuzz/run.sh {$(IFS='|'; echo "${TARGETS[*]}")|all} SECONDS [LIBFUZZER_FLAGS...]" >&2

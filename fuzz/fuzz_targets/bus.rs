@@ -14,7 +14,7 @@
 
 use arbitrary::{Arbitrary, Unstructured};
 use lguest::bus::{self, Bus, Transport};
-use lguest::interrupts::{install_kick_handler, Irqs};
+use lguest::kick::{install_kick_handler, Irqs};
 use lguest::memory::GuestMemory;
 use lguest::virtio::queue::ring_bytes;
 use lguest::virtio::{Device, COMMON_FEATURES};
@@ -125,7 +125,7 @@ fuzz_target!(|data: &[u8]| {
         Ok(()) => assert!(fits, "{queues} queues in {bytes} bytes accepted"),
         Err(e) => {
             assert!(!fits, "{queues} queues in {bytes} bytes refused: {e}");
-            assert_reason(&e, "check_fits");
+            assert_reason(&e.to_string(), "check_fits");
             return;
         }
     }
@@ -228,6 +228,7 @@ fuzz_target!(|data: &[u8]| {
                     "NOTIFY {target:#x} failed but is no ring: {e}"
                 );
                 // The reason names the device, then says what broke.
+                let e = e.to_string();
                 let why = e.strip_prefix("echo ").unwrap_or(&e);
                 assert_reason(why, "a ring");
                 host.assert_unchanged(&mem, "a ring");

@@ -15,7 +15,7 @@
 use arbitrary::{Arbitrary, Unstructured};
 use lguest::host_pages;
 use lguest::interrupts_and_traps::{decode_gate, frame_base, Gate};
-use lguest::memory::GuestMemory;
+use lguest::memory::{GuestMemory, SHADOW_ROOTS};
 use lguest::pagewalk::{translate, Access};
 use lguest_abi::{pte, GATE_INTERRUPT, GATE_TRAP, PAGE_SIZE, RED_ZONE, RESERVE_MEM};
 use lguest_fuzz::{assert_reason, guest_bytes, memory, HostPages};
@@ -241,17 +241,20 @@ fn walk(cr3: Cr3, va: Va, write: bool, ram: &[u8]) {
 }
 
 /// A four-level walk as the CPU does it for ring 3, from the ABI's rules:
-/// tables in Guest memory or the Host's read-only pages, every level present
-/// and user (and writable for a write), 1 GiB or 2 MiB pages ending it early,
-/// and the page reached must be Guest memory.
+/// tables in Guest memory, the Host's read-only pages or the shadow roots
+/// (ABI 1.1), every level present and user (and writable for a write), 1 GiB
+/// or 2 MiB pages ending it early, and the page reached must be Guest memory.
 fn reference_walk(mem: &GuestMemory, cr3: u64, va: u64, write: bool) -> Option<u64> {
     if va >= RESERVE_MEM {
         return None;
     }
     let l = mem.layout;
+    let shadows = l.shadow_root(0)..l.shadow_root(SHADOW_ROOTS);
     let readable = |a: u64| {
         a.is_multiple_of(8)
-            && (a + 8 <= l.memory_end() || (l.host_base() <= a && a + 8 <= l.host_rw_base()))
+            && (a + 8 <= l.memory_end()
+                || (l.host_base() <= a && a + 8 <= l.host_rw_base())
+                || shadows.contains(&a))
     };
     let mut need = pte::PRESENT | pte::USER;
     if write {
@@ -266,6 +269,9 @@ fn reference_walk(mem: &GuestMemory, cr3: u64, va: u64, write: bool) -> Option<u
         }
         let entry = if at < l.memory_end() {
             mem.read_u64(at).unwrap()
+        } else if shadows.contains(&at) {
+            let root = (at - shadows.start) / PAGE_SIZE;
+            mem.read_shadow(root as usize, (at % PAGE_SIZE / 8) as usize)
         } else {
             mem.read_host_u64((at - l.host_base()) / PAGE_SIZE, at % PAGE_SIZE)
         };
@@ -359,7 +365,10 @@ fn accesses(mem: &GuestMemory, ops: &[MemOp]) {
             MemOp::TableEntry { addr } => {
                 let l = mem.layout;
                 let host_ro = l.host_base() <= addr && addr < l.host_rw_base();
-                let ok = addr % 8 == 0 && (inside(addr, 8) || host_ro);
+                // The CPU's top level is a shadow root (ABI 1.1): a walk
+                // reads those too.
+                let shadow = (l.shadow_root(0)..l.shadow_root(SHADOW_ROOTS)).contains(&addr);
+                let ok = addr % 8 == 0 && (inside(addr, 8) || host_ro || shadow);
                 let got = mem.read_table_u64(addr);
                 assert_eq!(got.is_some(), ok, "read_table_u64({addr:#x})");
                 if let (Some(v), true) = (got, addr < end) {

@@ -12,7 +12,7 @@
 #![no_main]
 
 use arbitrary::{Arbitrary, Unstructured};
-use lguest::boot::{BootImage, Kernel};
+use lguest::boot::{BootImage, Initrd, Kernel};
 use lguest::memory::GuestMemory;
 use lguest_abi::{boot_params as bp, CMDLINE_ADDR, CMDLINE_MAX, KERNEL_MIN_ADDR, PAGE_SIZE};
 use lguest_fuzz::{assert_reason, guest_bytes, memory, HostPages};
@@ -100,10 +100,10 @@ fuzz_target!(|data: &[u8]| {
         .unwrap();
     let before = guest_bytes(&mem);
 
-    let kernel = match Kernel::parse("fuzz.elf", image.to_vec()) {
+    let kernel = match Kernel::from_bytes("fuzz.elf", image.to_vec()) {
         Ok(k) => k,
         Err(e) => {
-            assert_reason(&e.to_string(), "Kernel::parse");
+            assert_reason(&e.to_string(), "Kernel::from_bytes");
             return;
         }
     };
@@ -117,11 +117,27 @@ fuzz_target!(|data: &[u8]| {
         "parse accepted no segments"
     );
 
-    let initrd = input.initrd.map(|len| vec![0x17u8; len as usize]);
+    // The entry point is inside a segment (RIP's first fetch), and in the
+    // lower half where RAM is identity-mapped.
+    let e_entry = u64_at(image, 24).unwrap();
+    assert!(
+        e_entry < 0xffff_8000_0000_0000,
+        "an upper-half entry parsed"
+    );
+    assert!(
+        loads
+            .iter()
+            .any(|l| l.memsz > 0 && (l.paddr..l.paddr.saturating_add(l.memsz)).contains(&e_entry)),
+        "parse accepted an entry {e_entry:#x} outside every segment"
+    );
+
+    let initrd = input
+        .initrd
+        .map(|len| Initrd::from_bytes("fuzz.initrd", vec![0x17u8; len as usize]));
     let cmdline = "c".repeat(input.cmdline_len as usize);
     let boot = BootImage {
         kernel: &kernel,
-        initrd: initrd.as_deref().map(|d| ("fuzz.initrd", d)),
+        initrd: initrd.as_ref(),
         cmdline: &cmdline,
         device_model: input.device_model,
     };
@@ -136,7 +152,7 @@ fuzz_target!(|data: &[u8]| {
             return;
         }
     };
-    assert_eq!(entry, u64_at(image, 24).unwrap(), "entry is e_entry");
+    assert_eq!(entry, e_entry, "entry is e_entry");
     assert!(
         cmdline.len() <= CMDLINE_MAX,
         "an overlong command line loaded"
@@ -145,7 +161,7 @@ fuzz_target!(|data: &[u8]| {
     // The initrd, page-aligned at the top of RAM.
     let limit = match &initrd {
         Some(d) => {
-            let start = (ram - d.len() as u64) & !(PAGE_SIZE - 1);
+            let start = (ram - d.size) & !(PAGE_SIZE - 1);
             assert!(start >= KERNEL_MIN_ADDR);
             start
         }
@@ -170,7 +186,7 @@ fuzz_target!(|data: &[u8]| {
         want[l.paddr as usize..][..data.len()].copy_from_slice(data);
     }
     if let Some(d) = &initrd {
-        want[limit as usize..][..d.len()].copy_from_slice(d);
+        want[limit as usize..][..d.size as usize].fill(0x17);
     }
     let c = CMDLINE_ADDR as usize;
     want[c..][..cmdline.len()].copy_from_slice(cmdline.as_bytes());
@@ -194,7 +210,7 @@ fuzz_target!(|data: &[u8]| {
     );
     let (rd_image, rd_size) = (field(bp::RAMDISK_IMAGE, 4), field(bp::RAMDISK_SIZE, 4));
     match &initrd {
-        Some(d) => assert_eq!((rd_image, rd_size), (limit, d.len() as u64)),
+        Some(d) => assert_eq!((rd_image, rd_size), (limit, d.size)),
         None => assert_eq!((rd_image, rd_size), (0, 0)),
     }
     want[..PAGE_SIZE as usize].copy_from_slice(zp);

@@ -14,12 +14,13 @@
 
 use arbitrary::{Arbitrary, Unstructured};
 use lguest::bus::{self, Bus, Transport};
-use lguest::interrupts::{install_kick_handler, Irqs};
+use lguest::kick::{install_kick_handler, Irqs};
 use lguest::memory::GuestMemory;
-use lguest::virtio::mmio::{VIRTIO_F_VERSION_1, WINDOW};
+use lguest::virtio::mmio::WINDOW;
 use lguest::virtio::Device;
 use lguest_fuzz::{assert_reason, reused_memory, EchoDevice, HostPages};
 use libfuzzer_sys::fuzz_target;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 
 const RAM_PAGES: u64 = 4;
 const MAGIC: u32 = 0x7472_6976;
@@ -265,6 +266,7 @@ impl World {
             ),
             (Ok(()), Some(None)) => {}
             (Err(e), None) => {
+                let e = e.to_string();
                 assert_reason(&e, "a load");
                 assert!(e.starts_with("virtio-mmio"), "{e}");
             }
@@ -292,10 +294,11 @@ impl World {
             // A kick that finds a broken ring ends the Guest; that is the
             // device's refusal, not the register's.
             (Err(e), true) if kick => {
+                let e = e.to_string();
                 assert_reason(e.strip_prefix("echo ").unwrap_or(&e), "a kick");
                 return Err(Dead);
             }
-            (Err(e), false) => assert_reason(&e, "a store"),
+            (Err(e), false) => assert_reason(&e.to_string(), "a store"),
             (got, want) => {
                 panic!("store {data:x?} at {offset:#x}: {got:?}, model accepts: {want}")
             }
