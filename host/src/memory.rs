@@ -193,11 +193,16 @@ impl GuestMemory {
     /// The Host address of `[addr, addr + len)` of Guest memory, for I/O that
     /// goes straight to or from it (a disk read lands in the Guest's buffer
     /// without a copy of ours). The whole range is checked to be the Guest's.
+    /// Guest memory is one mapping from address 0, so the range is at its
+    /// base plus `addr`; that holds for an empty range at the very end too,
+    /// which [`Self::check`] allows and which no region contains.
     pub fn host_address(&self, addr: u64, len: u64) -> Result<*mut u8, OutOfBounds> {
         self.check(addr, len)?;
-        self.mmap
-            .get_host_address(GuestAddress(addr))
-            .map_err(|_| OutOfBounds { addr, len })
+        let base = self
+            .mmap
+            .get_host_address(GuestAddress(0))
+            .map_err(|_| OutOfBounds { addr, len })?;
+        Ok(base.wrapping_add(addr as usize))
     }
 
     /// Reads a page-table entry, which may sit in Guest memory or (the
@@ -305,6 +310,25 @@ mod tests {
             "a string stops at the hole"
         );
         assert!(m.read_table_u64(hole).is_none());
+    }
+
+    /// Found by the `checks` fuzz target: check() allowed an empty range at
+    /// the end of memory and host_address() refused it.
+    #[test]
+    fn host_address_agrees_with_check() {
+        let mut hole = small().layout;
+        hole.pfn_limit += 1;
+        hole.mmio_hole_pages = 1;
+        for m in [small(), GuestMemory::new(hole).unwrap()] {
+            let end = m.layout.memory_end();
+            let base = m.host_address(0, 0).unwrap();
+            assert!(m.check(end, 0).is_ok());
+            let at_end = m.host_address(end, 0).unwrap();
+            assert_eq!(at_end, base.wrapping_add(end as usize));
+            let last = m.host_address(end - 1, 1).unwrap();
+            assert_eq!(last, base.wrapping_add(end as usize - 1));
+            assert!(m.host_address(end, 1).is_err());
+        }
     }
 
     #[test]

@@ -13,8 +13,13 @@ pub enum Access {
 /// Translates `va` through the PML4 at `cr3`, as ring 3 would access it:
 /// every level must be present and user, and writable for a write. Page
 /// tables may live in Guest memory or (the initial ones) in Host pages; the
-/// result must lie in Guest memory.
+/// result lies in Guest memory, or there is none: the Guest writes its own
+/// entries, and one may name a Host page or no memory at all.
 pub fn translate(mem: &GuestMemory, cr3: u64, va: u64, access: Access) -> Option<u64> {
+    walk(mem, cr3, va, access).filter(|&pa| mem.check(pa, 1).is_ok())
+}
+
+fn walk(mem: &GuestMemory, cr3: u64, va: u64, access: Access) -> Option<u64> {
     if va >= RESERVE_MEM {
         return None;
     }
@@ -85,5 +90,35 @@ mod tests {
         let va = 0x4000_0000_0000;
         assert_eq!(translate(&mem, 0x10000, va + 5, Access::Read), Some(0x3005));
         assert_eq!(translate(&mem, 0x10000, va, Access::Write), None);
+    }
+
+    /// Found by the `checks` fuzz target: a Guest's entries may point
+    /// anywhere, and the walk used to hand back whatever they named. One
+    /// entry at 0 that is its own PDPT with a 1 GiB page maps the Host's
+    /// pages and everything past pfn_limit; none of it may come out.
+    #[test]
+    fn a_walk_never_ends_outside_guest_memory() {
+        let mem_bytes = 1u64 << 20;
+        let pfn_limit = mem_bytes / 4096 + 1;
+        let layout = Layout {
+            mem: mem_bytes,
+            pfn_limit,
+            mmio_hole_pages: 0,
+            host_ro_pages: host_pages::ro_pages_for(pfn_limit),
+            host_rw_pages: host_pages::STACK_PAGES,
+        };
+        let mem = GuestMemory::new(layout).unwrap();
+        host_pages::build(&mem);
+        mem.write_u64(0, pte::PRESENT | pte::USER | pte::WRITABLE | pte::HUGE)
+            .unwrap();
+        assert_eq!(translate(&mem, 0, 0x1234, Access::Write), Some(0x1234));
+        let host = layout.host_base();
+        assert_eq!(translate(&mem, 0, host, Access::Read), None, "a Host page");
+        assert_eq!(translate(&mem, 0, host - 1, Access::Read), Some(host - 1));
+        assert_eq!(
+            translate(&mem, 0, 0x80_0000, Access::Read),
+            None,
+            "no memory"
+        );
     }
 }
