@@ -11,156 +11,22 @@
 mod common;
 
 use common::*;
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
-/// Limit for each step that runs a Guest or a command in the namespace; a
-/// whole test stays well under a minute.
-const STEP: Duration = Duration::from_secs(20);
+#[macro_use]
+#[path = "common/netns.rs"]
+mod netns;
 
-/// Whether `program ARGS` runs and succeeds.
-fn runs(program: &str, args: &[&str]) -> bool {
-    Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
+use netns::{Netns, STEP};
 
-/// Whether this machine can run a tap test (one that pings if `ping`); like
-/// `kvm_available`, it panics instead of skipping under `LGUEST_REQUIRE_KVM=1`.
-fn network_available(ping: bool) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let missing = if unsafe { libc::geteuid() } != 0 {
-        Some("not root (tap devices and network namespaces need it)")
-    } else if !std::path::Path::new("/dev/net/tun").exists() {
-        Some("/dev/net/tun missing")
-    } else if !runs("ip", &["-V"]) {
-        Some("the `ip` command (iproute2) missing")
-    } else if ping && !runs("ping", &["-V"]) {
-        Some("the `ping` command (iputils-ping) missing")
-    } else {
-        None
-    };
-    match missing {
-        None => true,
-        Some(why) if std::env::var("LGUEST_REQUIRE_KVM").as_deref() == Ok("1") => {
-            panic!("LGUEST_REQUIRE_KVM=1 but the network tests cannot run: {why}")
-        }
-        Some(why) => {
-            println!("SKIPPED: {why}");
-            false
-        }
-    }
-}
-
-/// Returns from the calling test unless KVM and the network tools are there
-/// (`ping` too, when called as `require_network!(ping)`).
-macro_rules! require_network {
-    () => {
-        require_kvm!();
-        if !network_available(false) {
-            return;
-        }
-    };
-    (ping) => {
-        require_kvm!();
-        if !network_available(true) {
-            return;
-        }
-    };
-}
-
-/// A network namespace of our own, deleted when dropped.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    /// Creates `lgt<pid>-<n>`, with its loopback up.
-    fn new() -> Netns {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "lgt{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        );
-        // A namespace left by an earlier run with our pid would be in the way.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        let out = run_with_timeout(Command::new("ip").args(["netns", "add", &name]), STEP);
-        assert_eq!(
-            out.code,
-            Some(0),
-            "cannot create network namespace {name}\n{}",
-            out.describe()
-        );
-        let ns = Netns { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// `program` run inside the namespace.
-    fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name, program]);
-        cmd
-    }
-
-    /// The `lguest` binary run inside the namespace (`ip netns exec` execs
-    /// it, so the child's pid is the Launcher's).
-    fn lguest(&self) -> Command {
-        let mut cmd = self.command(env!("CARGO_BIN_EXE_lguest"));
-        cmd.env_remove("LGUEST_KVM_DEVICE").env_remove("RUST_LOG");
-        cmd
-    }
-
-    /// Runs `ip ARGS` in the namespace; panics if it fails.
-    fn ip(&self, args: &[&str]) -> Outcome {
-        let out = run_with_timeout(self.command("ip").args(args), STEP);
-        assert_eq!(
-            out.code,
-            Some(0),
-            "ip {args:?} in {} failed\n{}",
-            self.name,
-            out.describe()
-        );
-        out
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stdin(Stdio::null())
-            .status();
-    }
-}
-
-/// The number before " received" in ping's summary.
+/// How many replies a ping run says it received (0 if it doesn't say).
 fn received(ping_output: &str) -> usize {
-    ping_output
-        .lines()
-        .find_map(|l| {
-            let before = l.split(" received").next()?;
-            if before.len() == l.len() {
-                return None;
-            }
-            before.rsplit(' ').next()?.trim().parse().ok()
-        })
-        .unwrap_or(0)
+    netns::received(ping_output).unwrap_or(0)
 }
 
 #[test]
 fn the_guest_answers_ping_through_the_tap() {
     require_network!(ping);
-    let ns = Netns::new();
+    let ns = Netns::new("net");
     // The Session is declared after the namespace, so a failing test kills
     // the Launcher before the namespace goes.
     let mut guest = Session::start(ns.lguest().args([
@@ -211,7 +77,7 @@ fn the_guest_answers_ping_through_the_tap() {
 #[test]
 fn net_self_test_through_the_tap() {
     require_network!();
-    let ns = Netns::new();
+    let ns = Netns::new("net");
     // The Guest asks for the Host's MAC address (ARP) and expects the reply.
     let out = run_with_timeout(
         ns.lguest()
@@ -233,7 +99,7 @@ fn assert_net_test_passed(out: &Outcome) {
 #[test]
 fn net_self_test_over_virtio_mmio_with_virtio_drivers() {
     require_network!();
-    let ns = Netns::new();
+    let ns = Netns::new("net");
     let out = run_with_timeout(
         ns.lguest().args([
             "--transport=mmio",
@@ -250,7 +116,7 @@ fn net_self_test_over_virtio_mmio_with_virtio_drivers() {
 #[test]
 fn net_self_test_through_a_bridge() {
     require_network!();
-    let ns = Netns::new();
+    let ns = Netns::new("net");
     // The host's address is on the bridge; the tap joins it as a port.
     ns.ip(&["link", "add", "lgbr0", "type", "bridge"]);
     ns.ip(&["addr", "add", "10.77.2.1/24", "dev", "lgbr0"]);
@@ -269,7 +135,7 @@ fn net_self_test_through_a_bridge() {
 #[test]
 fn tunnet_to_a_missing_bridge_is_a_setup_error() {
     require_network!();
-    let ns = Netns::new();
+    let ns = Netns::new("net");
     let out = run_with_timeout(ns.lguest().arg("--tunnet=bridge:nosuchbr0"), STEP);
     out.assert_no_panic().assert_code(2);
     let line = out.single_stderr_line("lguest: ");
