@@ -290,17 +290,16 @@ fn rss_kib(pid: u32) -> Result<(f64, f64), String> {
 
 /// Runs every benchmark, printing a line for each; stops early, and
 /// successfully, when stdout is closed.
-pub fn run(kvm: &Path) -> Result<(), String> {
-    match measure(kvm) {
+pub fn run(launcher: &Path, kvm: &Path) -> Result<(), String> {
+    match measure(launcher, kvm) {
         Ok(()) | Err(Halt::Unread) => Ok(()),
         Err(Halt::Failed(e)) => Err(e),
     }
 }
 
-fn measure(kvm: &Path) -> Result<(), Halt> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find myself: {e}"))?;
+fn measure(launcher: &Path, kvm: &Path) -> Result<(), Halt> {
     let bench = Bench {
-        exe,
+        exe: launcher.to_path_buf(),
         kvm: kvm.to_path_buf(),
     };
     std::fs::OpenOptions::new()
