@@ -100,9 +100,14 @@ impl ClockEvent {
                                 0 => {
                                     // Expired, unless re-armed since: then
                                     // the read fails and nothing is raised.
-                                    if lock(&t).wait().is_ok() {
+                                    // The lock is held through the raise,
+                                    // so a re-arm comes before or after
+                                    // both, never between.
+                                    let mut timer = lock(&t);
+                                    if timer.wait().is_ok() {
                                         irqs.raise(lguest_abi::TIMER_IRQ);
                                     }
+                                    drop(timer);
                                 }
                                 1 => r.fired(&irqs),
                                 _ => {
@@ -137,6 +142,10 @@ impl ClockEvent {
     /*H:470 SET_CLOCKEVENT: a one-shot timerfd; its thread raises IRQ 0. */
     pub fn set(&self, delta_ns: u64, irqs: &Irqs) {
         let mut timer = lock(&self.timer);
+        // The event is replaced: an IRQ 0 the old one raised and the Guest
+        // has not taken yet goes with it, or the Guest would see the new
+        // one fire early.
+        irqs.clear(lguest_abi::TIMER_IRQ);
         if delta_ns == 0 {
             let _ = timer.clear();
         } else if delta_ns < lguest_abi::CLOCK_MIN_DELTA_NS {
