@@ -100,8 +100,10 @@ impl Device for Net {
         }
         /*D:550 The Guest's frames go to the tap straight from its buffers:
          * one writev per frame, the kernel's copy the only one. Every frame
-         * sent is handed back at once (its buffers are free again), but the
-         * Guest hears of them once, after the last. */
+         * sent is handed back at once, and the Guest hears of them when it
+         * asked to (with EVENT_IDX, when about three quarters of the ring
+         * are back), not after the last: so it refills the ring while we
+         * send the rest, rather than while we sit idle. */
         let mut sent = false;
         let mut iov: Vec<libc::iovec> = Vec::with_capacity(8);
         while let Some(chain) = queues.pop(TX)? {
@@ -128,6 +130,7 @@ impl Device for Net {
                     unsafe { libc::writev(self.tap.fd(), iov.as_ptr(), iov.len() as libc::c_int) };
             }
             queues.add_used(TX, &chain, 0)?;
+            queues.signal_if_due(TX)?;
             sent = true;
         }
         if sent {

@@ -180,6 +180,18 @@ impl Queues<'_> {
             .map_err(|e| self.context(q, e))
     }
 
+    /// In the middle of a batch: interrupts the Guest now if it asked to
+    /// hear of exactly this buffer (EVENT_IDX's used_event), so it can
+    /// refill the ring while we finish the batch instead of after. Without
+    /// EVENT_IDX a Guest only says "interrupts on", which would mean one
+    /// per buffer: then the batch's [`Queues::signal`] does.
+    pub fn signal_if_due(&mut self, q: usize) -> Result<(), DeviceError> {
+        match &self.queues[q] {
+            Some(queue) if queue.event_idx() => self.signal(q),
+            _ => Ok(()),
+        }
+    }
+
     /// Interrupts the Guest for the buffers handed back on queue `q`, if it
     /// wants to hear of them.
     pub fn signal(&mut self, q: usize) -> Result<(), DeviceError> {
