@@ -152,6 +152,11 @@ impl BusDevice {
     /// DRIVER_OK, by when it has chosen its features: its first kick after
     /// that brings the queue up. A kick without DRIVER_OK (one racing a
     /// reset, say) brings nothing up, and the device finds nothing to do.
+    /*D:545 The lguest bus has no register saying "this queue is ready".
+     * Its first kick after DRIVER_OK says it: by then the driver has
+     * settled its features, so we read them now and hand the device its
+     * ring. Like the kick itself, that waits for no lock the device holds
+     * while it does I/O. */
     fn kick(&self, mem: &GuestMemory, q: usize) -> Result<(), DeviceError> {
         if !self.up[q].load(Ordering::Relaxed) && self.status(mem) & VIRTIO_STATUS_DRIVER_OK != 0 {
             let features = mem.read_u32(self.guest_features).unwrap_or(0);

@@ -169,6 +169,12 @@ impl Queues<'_> {
 
     /// Hands a chain back, leaving the interrupt to [`Queues::signal`]
     /// after the last of a batch: one interrupt for many buffers.
+    /*D:540 Done with a chain: its head and length go into the used ring,
+     * then the index that publishes them, fenced, since the Guest may be
+     * reading right now. Whether to interrupt is the Guest's to say (its
+     * NO_INTERRUPT flag, or EVENT_IDX's used_event: see `signal`); how is
+     * the transport's, through its Interrupt: the lguest bus raises the
+     * queue's own IRQ, virtio-mmio sets InterruptStatus first. */
     pub fn add_used(&mut self, q: usize, chain: &Chain, len: u32) -> Result<(), DeviceError> {
         // The queue may have been taken away since the chain was popped
         // (reset, or QueueReady cleared): the chain goes with it.
@@ -477,6 +483,12 @@ struct Worker {
 }
 
 impl Worker {
+    /*D:505 The other end of a kick: each device has a thread of its own,
+     * asleep in epoll on an eventfd per queue, its backend (stdin, a tap)
+     * when it wants it, and a stop eventfd. A kick wakes it; it takes the
+     * device and serves the queue for as long as the I/O takes, which only
+     * the Guest's buffers wait for. A broken ring it finds there is the
+     * Guest's Sudden Death, and the thread's end. */
     fn run(&mut self) {
         crate::sandbox::enter_thread(crate::sandbox::ThreadKind::Device);
         let mut events = vec![EpollEvent::default(); self.kicks.len() + 3];

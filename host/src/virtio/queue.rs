@@ -176,6 +176,12 @@ impl Queue {
     /// as vhost does: while we work through it, the Guest adding more needs
     /// no exit to tell us, since we will look anyway. Asking, we look once
     /// more, for an entry added before the Guest could see the wish.
+    /*D:520 Taking a chain the Guest offered. Every byte of the ring is the
+     * Guest's, written a moment ago or written to fool us, so each is
+     * checked on the way: the avail index may run at most a ring ahead,
+     * every head and `next` must be in the table, a chain may not loop or
+     * outgrow the ring, and every buffer must lie in Guest memory. A breach
+     * is a QueueError, whose text becomes the Sudden Death reason. */
     pub fn pop(&mut self, mem: &GuestMemory) -> Result<Option<Chain>, QueueError> {
         let mut idx = self.avail_idx(mem)?;
         if idx == self.next_avail && self.arm_kicks(mem)? {
