@@ -51,6 +51,12 @@ pub trait Device: Send {
     fn virtio_id(&self) -> u8;
     /// Its queues, by name, in order.
     fn queue_names(&self) -> &'static [&'static str];
+    /// How many entries queue `q`'s ring has (at most, on virtio-mmio,
+    /// where the driver chooses): the ABI's 256, unless the device has a
+    /// reason for more.
+    fn queue_size(&self, _q: usize) -> u16 {
+        lguest_abi::VRING_DEFAULT_NUM
+    }
     /// Device-specific feature bits (the common ones are added).
     fn features(&self) -> u32;
     /// Its config space.
