@@ -130,8 +130,11 @@ fn read_disk(blk: &mut Blk) -> Result<(u64, u64), Error> {
     Ok((total, cycles))
 }
 
-/// A finished request, sleeping until one comes: Requests::wait without
-/// re-arming the timer, which read_disk armed once for the whole read.
+/// A finished request, sleeping until one comes: Requests::wait, but
+/// without re-arming the timer (read_disk armed it once for the whole read),
+/// and when it sleeps, until most of the requests in flight are done: each
+/// wake-up costs an interrupt and a HALT, and the Host has the rest of them
+/// to work on meanwhile.
 fn wait(blk: &mut Blk, deadline: &Deadline) -> Result<Done, Error> {
     loop {
         if let Some(done) = blk.poll() {
@@ -140,7 +143,8 @@ fn wait(blk: &mut Blk, deadline: &Deadline) -> Result<Done, Error> {
         if deadline.passed() {
             return Err(err!("{} requests still in flight", blk.in_flight()));
         }
-        blk.vq.sleep(None);
+        idle(None, || blk.vq.enable_cb_delayed());
+        blk.vq.disable_cb();
     }
 }
 
