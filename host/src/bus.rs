@@ -183,6 +183,7 @@ mod tests {
     use crate::devices::{console::Console, rng::Rng};
     use crate::memory::Layout;
     use crate::virtio::queue::ring_bytes;
+    use crate::virtio::Queues;
     use crate::virtio::COMMON_FEATURES;
     use lguest_abi::vring::used_offset;
 
@@ -269,6 +270,84 @@ mod tests {
         mem.write(mem_bytes + 4, &[0]).unwrap();
         assert!(bus.notify(mem_bytes).unwrap());
         assert_eq!(mem.read_u32(guest_features).unwrap(), 0);
+    }
+
+    /// A device that wants a bigger ring gets one (the network card's
+    /// transmit queue has 1024 entries): the Guest reads `num` from the
+    /// descriptor page, the ring takes its own size in pages, the rings
+    /// after it move up, and the queue comes up with that many entries.
+    #[test]
+    fn a_queue_may_have_a_bigger_ring() {
+        crate::kick::install_kick_handler().unwrap();
+        struct Wide;
+        impl Device for Wide {
+            fn name(&self) -> &'static str {
+                "wide"
+            }
+            fn virtio_id(&self) -> u8 {
+                lguest_abi::VIRTIO_ID_RNG
+            }
+            fn queue_names(&self) -> &'static [&'static str] {
+                &["big", "small"]
+            }
+            fn queue_size(&self, q: usize) -> u16 {
+                [1024, 256][q]
+            }
+            fn features(&self) -> u32 {
+                0
+            }
+            fn config(&self) -> Vec<u8> {
+                vec![]
+            }
+            fn kick(&mut self, q: usize, queues: &mut Queues) -> Result<(), DeviceError> {
+                while let Some(chain) = queues.pop(q)? {
+                    queues.push(q, &chain, 0)?;
+                }
+                Ok(())
+            }
+        }
+        let devices: Vec<Box<dyn Device>> = vec![Box::new(Wide)];
+        let pages = device_pages(&devices, Transport::LguestBus);
+        assert_eq!(ring_bytes(1024), 8 * PAGE_SIZE);
+        assert_eq!(pages, 1 + 8 + 3);
+        let mem_bytes = 4 << 20;
+        let mem = GuestMemory::new(Layout {
+            mem: mem_bytes,
+            pfn_limit: mem_bytes / PAGE_SIZE + pages,
+            mmio_hole_pages: 0,
+            host_ro_pages: 1,
+            host_rw_pages: 1,
+        })
+        .unwrap();
+        let irqs = Irqs::new().unwrap();
+        let bus = Bus::new(&mem, devices, &irqs, Transport::LguestBus).unwrap();
+        let first_ring = (mem_bytes / PAGE_SIZE + 1) as u32;
+        assert_eq!(
+            scan(&mem)[0].1,
+            vec![(1024, 1, first_ring), (256, 2, first_ring + 8)]
+        );
+
+        // Up at its first kick with DRIVER_OK, with 1024 entries: a chain
+        // at descriptor 1000 (out of range in a ring of 256) is walked, and
+        // handed back where a ring of 1024 has its used ring.
+        let (ring, num) = (u64::from(first_ring) * PAGE_SIZE, 1024u16);
+        mem.write(mem_bytes + 4, &[1 | 2 | 4]).unwrap();
+        mem.write_u64(ring + 16 * 1000, 0x1000).unwrap();
+        let avail = ring + lguest_abi::vring::avail_offset(num);
+        mem.write(avail + 4, &1000u16.to_le_bytes()).unwrap();
+        mem.write(avail + 2, &1u16.to_le_bytes()).unwrap();
+        assert!(bus.notify(ring).unwrap());
+        let used = ring + used_offset(num);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while mem.read_u32(used + 4).unwrap() != 1000 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(
+            mem.read_u32(used + 4).unwrap(),
+            1000,
+            "descriptor 1000 back"
+        );
+        assert!(irqs.death().is_none(), "{:?}", irqs.death());
     }
 
     /// ABI section 8: a queue is served from its first kick made with

@@ -301,6 +301,11 @@ impl Block {
 
     /// Moves the data of one request between the disk and the Guest's
     /// buffers directly: pread into them, or pwrite from them.
+    /*D:530 A disk request costs no copy of ours: pread and pwrite go
+     * straight between the file and the Guest's buffers, at the addresses
+     * the walk checked. A request past the end of the disk, or a write to a
+     * read-only one, is answered IOERR: the Guest hears no, and we carry
+     * on. */
     fn transfer(&self, queues: &Queues, sector: u64, data: &[(u64, u64)], write: bool) -> u32 {
         if write && self.disk.read_only {
             return VIRTIO_BLK_S_IOERR;

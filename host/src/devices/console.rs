@@ -159,6 +159,12 @@ impl Device for Console {
         Vec::new()
     }
 
+    /*D:570 The console's two directions. Input waits in a small buffer of
+     * ours until the Guest offers somewhere to put it (and while that is
+     * full we stop reading stdin). Output is written on the vCPU thread as
+     * the Guest kicks, and never blocks: what stdout won't take waits in a
+     * backlog, and when that is full the Guest's buffers wait in the ring,
+     * so a Guest printing into a pipe nobody reads holds up only itself. */
     fn kick(&mut self, q: usize, queues: &mut Queues) -> Result<(), DeviceError> {
         if q == RX {
             return self.deliver(queues);

@@ -20,7 +20,6 @@ use crate::kick::Irqs;
 use crate::memory::GuestMemory;
 use lguest_abi::{
     DeviceDesc, VqConfig, FEATURE_LEN, PAGE_SIZE, VIRTIO_STATUS_DRIVER_OK, VIRTIO_STATUS_FAILED,
-    VRING_DEFAULT_NUM,
 };
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -33,7 +32,7 @@ const STATUS: u64 = std::mem::offset_of!(DeviceDesc, status) as u64;
 pub fn device_pages(devices: &[Box<dyn Device>]) -> u64 {
     let rings: u64 = devices
         .iter()
-        .map(|d| d.queue_names().len() as u64 * ring_bytes(VRING_DEFAULT_NUM))
+        .flat_map(|d| (0..d.queue_names().len()).map(|q| ring_bytes(d.queue_size(q))))
         .sum();
     1 + rings / PAGE_SIZE
 }
@@ -65,8 +64,8 @@ impl Interrupt for QueueIrqs {
 pub struct BusDevice {
     /// Guest-physical address of its descriptor.
     desc: u64,
-    /// Guest-physical address of each ring.
-    rings: Vec<u64>,
+    /// Guest-physical address of each ring, and its entries.
+    rings: Vec<(u64, u16)>,
     /// Where the Guest writes the features it accepts.
     guest_features: u64,
     /// Which queues are up. Only the vCPU thread (NOTIFY) looks at these.
@@ -91,16 +90,17 @@ pub fn attach(
         let mut bytes = desc.as_bytes().to_vec();
         let mut rings = Vec::new();
         let mut lines = Vec::new();
-        for _ in 0..desc.num_vq {
+        for q in 0..desc.num_vq as usize {
+            let num = device.queue_size(q);
             let vq = VqConfig {
-                num: VRING_DEFAULT_NUM,
+                num,
                 irq: irq as u16,
                 pfn: (ring / PAGE_SIZE) as u32,
             };
             bytes.extend_from_slice(vq.as_bytes());
-            rings.push(ring);
+            rings.push((ring, num));
             lines.push(irq);
-            ring += ring_bytes(VRING_DEFAULT_NUM);
+            ring += ring_bytes(num);
             irq += 1;
         }
         let guest_features = at + bytes.len() as u64 + FEATURE_LEN as u64;
@@ -137,7 +137,7 @@ impl BusDevice {
             self.status_changed(mem);
             return Some(Ok(()));
         }
-        let q = self.rings.iter().position(|&r| r == addr)?;
+        let q = self.rings.iter().position(|&(r, _)| r == addr)?;
         Some(self.kick(mem, q))
     }
 
@@ -152,11 +152,17 @@ impl BusDevice {
     /// DRIVER_OK, by when it has chosen its features: its first kick after
     /// that brings the queue up. A kick without DRIVER_OK (one racing a
     /// reset, say) brings nothing up, and the device finds nothing to do.
+    /*D:545 The lguest bus has no register saying "this queue is ready".
+     * Its first kick after DRIVER_OK says it: by then the driver has
+     * settled its features, so we read them now and hand the device its
+     * ring. Like the kick itself, that waits for no lock the device holds
+     * while it does I/O. */
     fn kick(&self, mem: &GuestMemory, q: usize) -> Result<(), DeviceError> {
         if !self.up[q].load(Ordering::Relaxed) && self.status(mem) & VIRTIO_STATUS_DRIVER_OK != 0 {
             let features = mem.read_u32(self.guest_features).unwrap_or(0);
             let features = RingFeatures::from_bits(features as u64);
-            let queue = Queue::new(VRING_DEFAULT_NUM, self.rings[q], features);
+            let (ring, num) = self.rings[q];
+            let queue = Queue::new(num, ring, features);
             self.running.activate(q, queue);
             self.up[q].store(true, Ordering::Relaxed);
         }
@@ -180,9 +186,8 @@ impl BusDevice {
         }
         self.running.reset(|| {
             let _ = mem.write(self.guest_features, &[0; FEATURE_LEN as usize]);
-            let zeros = vec![0u8; ring_bytes(VRING_DEFAULT_NUM) as usize];
-            for &ring in &self.rings {
-                let _ = mem.write(ring, &zeros);
+            for &(ring, num) in &self.rings {
+                let _ = mem.write(ring, &vec![0u8; ring_bytes(num) as usize]);
             }
         });
         for up in &self.up {

@@ -30,7 +30,6 @@ const MAGIC: u32 = 0x7472_6976;
 const VERSION: u32 = 2;
 /// VendorID: "LGST".
 const VENDOR: u32 = 0x5453_474C;
-const QUEUE_NUM_MAX: u16 = lguest_abi::VRING_DEFAULT_NUM;
 /// Where the config space starts in the window.
 const CONFIG: u64 = VIRTIO_MMIO_CONFIG as u64;
 
@@ -200,6 +199,8 @@ pub struct MmioDevice {
     driver_features: u64,
     queue_sel: u32,
     queues: Vec<QueueRegs>,
+    /// The most entries each queue may have (QueueNumMax).
+    queue_max: Vec<u16>,
     status: u32,
 }
 
@@ -217,6 +218,7 @@ impl MmioDevice {
         let legacy_only = 1 << F_NOTIFY_ON_EMPTY | 1 << F_ANY_LAYOUT;
         let features = ((COMMON_FEATURES & !legacy_only) | device.features()) as u64;
         let (id, queues) = (device.virtio_id(), device.queue_names().len());
+        let queue_max = (0..queues).map(|q| device.queue_size(q)).collect();
         let interrupt_status = Arc::new(AtomicU32::new(0));
         let interrupt = WindowIrq {
             irqs: irqs.clone(),
@@ -235,6 +237,7 @@ impl MmioDevice {
             driver_features: 0,
             queue_sel: 0,
             queues: vec![QueueRegs::default(); queues],
+            queue_max,
             status: 0,
         })
     }
@@ -253,6 +256,11 @@ impl MmioDevice {
 
     fn selected(&mut self) -> Option<&mut QueueRegs> {
         self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    /// The selected queue's QueueNumMax.
+    fn selected_max(&self) -> Option<u16> {
+        self.queue_max.get(self.queue_sel as usize).copied()
     }
 
     /// A read of `data.len()` bytes at `addr`; an error is a Sudden Death
@@ -275,7 +283,7 @@ impl MmioDevice {
                 1 => (self.device_features >> 32) as u32,
                 _ => 0,
             },
-            VIRTIO_MMIO_QUEUE_NUM_MAX => self.selected().map_or(0, |_| QUEUE_NUM_MAX as u32),
+            VIRTIO_MMIO_QUEUE_NUM_MAX => self.selected_max().map_or(0, u32::from),
             VIRTIO_MMIO_QUEUE_READY => self.selected().map_or(0, |q| q.ready as u32),
             VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt_status.load(Ordering::SeqCst),
             VIRTIO_MMIO_STATUS => self.status,
@@ -329,7 +337,8 @@ impl MmioDevice {
             VIRTIO_MMIO_QUEUE_NUM => {
                 // 0 unsets the size (drivers write it when they tear a queue
                 // down); anything else must be a power of two we can serve.
-                if value > QUEUE_NUM_MAX as u32 || (value != 0 && !value.is_power_of_two()) {
+                let max = self.selected_max().unwrap_or(0);
+                if value > max as u32 || (value != 0 && !value.is_power_of_two()) {
                     return Err(MmioError::QueueSize {
                         device: self.name(),
                         queue: self.queue_sel,
@@ -379,6 +388,7 @@ impl MmioDevice {
         }
         let index = self.queue_sel as usize;
         let features = self.driver_features;
+        let max = self.selected_max().unwrap_or(0);
         let q = self
             .selected()
             .ok_or(MmioError::NoSuchQueue { device, queue })?;
@@ -389,7 +399,7 @@ impl MmioDevice {
             self.running.deactivate(index);
             return Ok(());
         }
-        let num = if q.num == 0 { QUEUE_NUM_MAX } else { q.num };
+        let num = if q.num == 0 { max } else { q.num };
         for (area, size) in q.areas.iter().zip(area_sizes(num)) {
             mem.check(*area, size)
                 .map_err(|source| MmioError::QueueArea {
@@ -450,6 +460,7 @@ mod tests {
     use crate::devices::rng::Rng;
     use crate::kick::Irqs;
     use crate::memory::Layout;
+    use crate::virtio::Queues;
     use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER};
 
     const BASE: u64 = 0x10_0000;
@@ -668,5 +679,48 @@ mod tests {
             wr(&mut d, &mem, high, 0).unwrap();
         }
         assert_eq!(rd(&mut d, VIRTIO_MMIO_QUEUE_READY), 0);
+    }
+
+    /// An rng whose one queue may have 1024 entries, as the network card's
+    /// transmit queue does.
+    struct BigRng;
+
+    impl Device for BigRng {
+        fn name(&self) -> &'static str {
+            "rng"
+        }
+        fn virtio_id(&self) -> u8 {
+            lguest_abi::VIRTIO_ID_RNG
+        }
+        fn queue_names(&self) -> &'static [&'static str] {
+            &["requests"]
+        }
+        fn queue_size(&self, _q: usize) -> u16 {
+            1024
+        }
+        fn features(&self) -> u32 {
+            0
+        }
+        fn config(&self) -> Vec<u8> {
+            vec![]
+        }
+        fn kick(&mut self, _q: usize, _queues: &mut Queues) -> Result<(), DeviceError> {
+            Ok(())
+        }
+    }
+
+    /// QueueNumMax is the device's own: a bigger ring may be asked for up
+    /// to it, and no further.
+    #[test]
+    fn queue_num_max_is_the_devices() {
+        let (_, mem, irqs) = device();
+        let mut d = MmioDevice::new(BASE, 1, Box::new(BigRng), &mem, &irqs).unwrap();
+        assert_eq!(rd(&mut d, VIRTIO_MMIO_QUEUE_NUM_MAX), 1024);
+        wr(&mut d, &mem, VIRTIO_MMIO_QUEUE_NUM, 1024).unwrap();
+        let err = wr(&mut d, &mem, VIRTIO_MMIO_QUEUE_NUM, 2048).unwrap_err();
+        assert!(err.contains("2048"), "{err}");
+        // A queue that does not exist has no maximum.
+        wr(&mut d, &mem, VIRTIO_MMIO_QUEUE_SEL, 1).unwrap();
+        assert_eq!(rd(&mut d, VIRTIO_MMIO_QUEUE_NUM_MAX), 0);
     }
 }

@@ -51,6 +51,12 @@ pub trait Device: Send {
     fn virtio_id(&self) -> u8;
     /// Its queues, by name, in order.
     fn queue_names(&self) -> &'static [&'static str];
+    /// How many entries queue `q`'s ring has (at most, on virtio-mmio,
+    /// where the driver chooses): the ABI's 256, unless the device has a
+    /// reason for more.
+    fn queue_size(&self, _q: usize) -> u16 {
+        lguest_abi::VRING_DEFAULT_NUM
+    }
     /// Device-specific feature bits (the common ones are added).
     fn features(&self) -> u32;
     /// Its config space.
@@ -169,6 +175,12 @@ impl Queues<'_> {
 
     /// Hands a chain back, leaving the interrupt to [`Queues::signal`]
     /// after the last of a batch: one interrupt for many buffers.
+    /*D:540 Done with a chain: its head and length go into the used ring,
+     * then the index that publishes them, fenced, since the Guest may be
+     * reading right now. Whether to interrupt is the Guest's to say (its
+     * NO_INTERRUPT flag, or EVENT_IDX's used_event: see `signal`); how is
+     * the transport's, through its Interrupt: the lguest bus raises the
+     * queue's own IRQ, virtio-mmio sets InterruptStatus first. */
     pub fn add_used(&mut self, q: usize, chain: &Chain, len: u32) -> Result<(), DeviceError> {
         // The queue may have been taken away since the chain was popped
         // (reset, or QueueReady cleared): the chain goes with it.
@@ -178,6 +190,18 @@ impl Queues<'_> {
         queue
             .add_used(self.mem, chain.head, len)
             .map_err(|e| self.context(q, e))
+    }
+
+    /// In the middle of a batch: interrupts the Guest now if it asked to
+    /// hear of exactly this buffer (EVENT_IDX's used_event), so it can
+    /// refill the ring while we finish the batch instead of after. Without
+    /// EVENT_IDX a Guest only says "interrupts on", which would mean one
+    /// per buffer: then the batch's [`Queues::signal`] does.
+    pub fn signal_if_due(&mut self, q: usize) -> Result<(), DeviceError> {
+        match &self.queues[q] {
+            Some(queue) if queue.event_idx() => self.signal(q),
+            _ => Ok(()),
+        }
     }
 
     /// Interrupts the Guest for the buffers handed back on queue `q`, if it
@@ -465,6 +489,12 @@ struct Worker {
 }
 
 impl Worker {
+    /*D:505 The other end of a kick: each device has a thread of its own,
+     * asleep in epoll on an eventfd per queue, its backend (stdin, a tap)
+     * when it wants it, and a stop eventfd. A kick wakes it; it takes the
+     * device and serves the queue for as long as the I/O takes, which only
+     * the Guest's buffers wait for. A broken ring it finds there is the
+     * Guest's Sudden Death, and the thread's end. */
     fn run(&mut self) {
         crate::sandbox::enter_thread(crate::sandbox::ThreadKind::Device);
         let mut events = vec![EpollEvent::default(); self.kicks.len() + 3];
