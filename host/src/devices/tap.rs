@@ -8,10 +8,8 @@ use std::io::{Read, Write};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-const TUNSETIFF: libc::c_ulong = 0x4004_54CA;
-const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54D0;
+use libc::{TUNSETIFF, TUNSETOFFLOAD, TUNSETVNETHDRSZ};
 const SIOCBRADDIF: libc::c_ulong = 0x89A2;
-const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54D8;
 
 /// What `--tunnet=` asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
