@@ -319,11 +319,8 @@ impl Dma {
     /// SEND_DMA: checks the lguest_dma and the key, hands the bytes to
     /// whoever owns the key, and writes the sender's used_len.
     pub fn send_dma(&self, key: u64, dma_addr: u64) -> Result<Sent, DmaError> {
-        let owner = self.table.key_owner(Call::Send, key)?;
-        let dma = bindings::read_dma(self.mem.as_ref(), Call::Send, dma_addr)?;
-        bindings::check_sections(self.mem.as_ref(), Call::Send, dma_addr, &dma)?;
         let mut scratch = lock(&self.scratch);
-        bindings::gather(self.mem.as_ref(), &dma, &mut scratch);
+        let owner = outgoing(self.mem.as_ref(), &self.table, key, dma_addr, &mut scratch)?;
         let sent = match owner {
             KeyOwner::Console => self.console.output(&scratch),
             KeyOwner::Block { index, offset } => {
@@ -353,6 +350,23 @@ impl Dma {
             net.poke();
         }
     }
+}
+
+/// SEND_DMA's half that is the same whoever takes the bytes: who owns
+/// `key`, and the bytes of the lguest_dma at `dma_addr` gathered into `out`
+/// (cleared first), the structure and its sections checked on the way.
+pub fn outgoing(
+    mem: &dyn GuestRam,
+    table: &DeviceTable,
+    key: u64,
+    dma_addr: u64,
+    out: &mut Vec<u8>,
+) -> Result<KeyOwner, DmaError> {
+    let owner = table.key_owner(Call::Send, key)?;
+    let dma = bindings::read_dma(mem, Call::Send, dma_addr)?;
+    bindings::check_sections(mem, Call::Send, dma_addr, &dma)?;
+    bindings::gather(mem, &dma, out);
+    Ok(owner)
 }
 
 /// Why a [`Dma`] could not start.
