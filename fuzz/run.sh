@@ -3,7 +3,7 @@
 #
 #   fuzz/run.sh TARGET SECONDS [LIBFUZZER_FLAGS...]
 #
-# TARGET is vring, bus, mmio, elf, checks, hypercalls, dma, or `all` for each in
+# TARGET is vring, bus, mmio, elf, checks, hypercalls, dma, sharenet, or `all` for each in
 # turn. Each runs for SECONDS, starting from its committed seeds
 # (fuzz/seeds/TARGET) and what earlier runs found (fuzz/corpus/TARGET, not
 # committed). Extra flags go to libFuzzer: `fuzz/run.sh vring 0
@@ -18,7 +18,7 @@
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
-TARGETS=(vring bus mmio elf checks hypercalls dma)
+TARGETS=(vring bus mmio elf checks hypercalls dma sharenet)
 
 usage() {
   echo "usage: fuzz/run.sh {$(IFS='|'; echo "${TARGETS[*]}")|all} SECONDS [LIBFUZZER_FLAGS...]" >&2

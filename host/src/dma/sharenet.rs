@@ -61,8 +61,10 @@ pub const RING_BYTES: u64 = 256 << 10;
 pub const FRAME_MAX: usize = super::net::FRAME_MAX;
 
 const HEADER: u64 = PAGE_SIZE;
-const SLOTS: u64 = 2 * PAGE_SIZE;
-const STRIDE: u64 = PAGE_SIZE + RING_BYTES;
+/// Where slot 0 starts.
+pub const SLOTS: u64 = 2 * PAGE_SIZE;
+/// Bytes of one slot: its control page, then its ring.
+pub const STRIDE: u64 = PAGE_SIZE + RING_BYTES;
 /// The whole FILE.
 pub const FILE_SIZE: u64 = SLOTS + MAX_SLOTS as u64 * STRIDE;
 
@@ -71,22 +73,23 @@ const VERSION: u32 = 1;
 
 /// Control page fields, each on a cache line of its own where two
 /// processes write them.
-const STATE: u64 = 0;
-const PID: u64 = 4;
-const WAITING: u64 = 64;
-const HEAD: u64 = 128;
-const TAIL: u64 = 192;
-const KEYS: u64 = 256;
+pub const STATE: u64 = 0;
+pub const PID: u64 = 4;
+pub const WAITING: u64 = 64;
+pub const HEAD: u64 = 128;
+pub const TAIL: u64 = 192;
+pub const KEYS: u64 = 256;
 /// The ring's lock: 0 free, else the holder's slot + 1.
-const RING_LOCK: u64 = 384;
+pub const RING_LOCK: u64 = 384;
 /// One bit per 4-byte key offset in the net page.
 const KEY_WORDS: usize = (PAGE_SIZE / LGUEST_NET_KEY_STRIDE) as usize / 64;
-const LIVE: u32 = u32::from_le_bytes(*b"LIVE");
+/// `state` of a slot whose Launcher runs.
+pub const LIVE: u32 = u32::from_le_bytes(*b"LIVE");
 
 /// A record: `{u32 len, u32 key offset}` then the frame, padded to 8.
-const RECORD_HEADER: u64 = 8;
+pub const RECORD_HEADER: u64 = 8;
 /// `len` of a record that says "continue at the ring's start".
-const WRAP: u32 = u32::MAX;
+pub const WRAP: u32 = u32::MAX;
 
 /// Lock bytes, far past the data.
 const LOCKS: i64 = 1 << 40;
@@ -121,7 +124,8 @@ pub enum Offer {
     NoRoom,
 }
 
-fn slot_base(slot: usize) -> u64 {
+/// Where slot `slot`'s control page starts in the FILE (its ring follows).
+pub fn slot_base(slot: usize) -> u64 {
     SLOTS + slot as u64 * STRIDE
 }
 
@@ -854,6 +858,21 @@ impl SharedNet {
             return (0, tail, Instant::now());
         }
         (lock, tail, when)
+    }
+
+    /// Takes what is on our ring now, on the caller's thread, as the
+    /// receiver's thread does: each record's frame goes to `deliver`, until
+    /// one finds no room. Returns that one, `(key offset, frame)`, which a
+    /// receiver would hold. For tests and fuzzing; a Launcher calls
+    /// [`SharedNet::receive`].
+    pub fn drain_now(
+        &self,
+        mut deliver: impl FnMut(u64, &[u8]) -> Offer,
+    ) -> Option<(u64, Vec<u8>)> {
+        let mut frame = vec![0u8; FRAME_MAX];
+        let mut held = None;
+        self.drain(&mut frame, &mut deliver, &mut held);
+        held.map(|(offset, len)| (offset, frame[..len].to_vec()))
     }
 
     /// Takes every record off our ring, until one finds no room (it is then
