@@ -20,7 +20,7 @@ use lguest::dma::table::TableError;
 use lguest::dma::{self, Call, Delivered, DeviceTable, DmaError, KeyOwner, Misplaced};
 use lguest::memory::GuestMemory;
 use lguest_abi::{LGUEST_DEVICE_T_BLOCK, LGUEST_DEVICE_T_CONSOLE, LGUEST_DEVICE_T_NET, PAGE_SIZE};
-use lguest_fuzz::{assert_reason, guest_bytes, reused_memory, HostPages};
+use lguest_fuzz::{assert_bytes_as_modelled, assert_reason, guest_bytes, reused_memory, HostPages};
 use libfuzzer_sys::fuzz_target;
 
 /// Small, so that page boundaries and the end of RAM are often hit.
@@ -351,18 +351,8 @@ fn expected_table(model: &mut Model, devices: &[(bool, u64, u16)]) {
 }
 
 fn check_memory(mem: &GuestMemory, model: &Model, what: &str) {
-    let now = guest_bytes(mem);
-    if now != model.bytes {
-        let at = now
-            .iter()
-            .zip(&model.bytes)
-            .position(|(a, b)| a != b)
-            .unwrap();
-        panic!(
-            "after {what}, Guest byte {at:#x} is {:#x}, section 9 says {:#x}",
-            now[at], model.bytes[at]
-        );
-    }
+    let what = format!("Guest memory after {what} (the model is section 9)");
+    assert_bytes_as_modelled(&guest_bytes(mem), &model.bytes, &what);
 }
 
 fuzz_target!(|bytes: &[u8]| {

@@ -22,6 +22,7 @@ use lguest::dma::sharenet::{
     RING_BYTES, RING_LOCK, STATE, STRIDE, TAIL, WAITING, WRAP,
 };
 use lguest_abi::{LGUEST_NET_KEY_STRIDE, PAGE_SIZE};
+use lguest_fuzz::assert_bytes_as_modelled;
 use libfuzzer_sys::fuzz_target;
 use std::cell::RefCell;
 use std::fs::File;
@@ -422,17 +423,11 @@ fn run(nets: &mut Nets, input: &Input) {
     nets.file
         .read_exact_at(&mut now, slot_base(RX))
         .expect("read the FILE");
-    if now != model.bytes {
-        let at = now
-            .iter()
-            .zip(&model.bytes)
-            .position(|(a, b)| a != b)
-            .unwrap();
-        panic!(
-            "slot 1's byte {at:#x} is {:#x}, the format says {:#x}",
-            now[at], model.bytes[at]
-        );
-    }
+    assert_bytes_as_modelled(
+        &now,
+        &model.bytes,
+        "slot 1 (the model is the FILE's format)",
+    );
     nets.slot = now;
     let mut front = vec![0u8; slot_base(RX) as usize];
     nets.file

@@ -128,6 +128,21 @@ pub fn assert_changes_within(before: &[u8], after: &[u8], allowed: &[(u64, u64)]
     }
 }
 
+/// Panics unless `now` is byte for byte what `want` (a model) says; the
+/// message names the first byte that differs, `what` says whose bytes.
+pub fn assert_bytes_as_modelled(now: &[u8], want: &[u8], what: &str) {
+    // One memcmp in the common case: a byte loop is instrumented.
+    if now == want {
+        return;
+    }
+    assert_eq!(now.len(), want.len(), "{what}: lengths differ");
+    let at = now.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0);
+    panic!(
+        "{what}: byte {at:#x} is {:#x}, the model says {:#x}",
+        now[at], want[at]
+    );
+}
+
 /// A refusal must say why: a reason with some text in it.
 pub fn assert_reason(err: &str, what: &str) {
     assert!(
