@@ -218,6 +218,18 @@ mod tests {
         }
     }
 
+    /// RAM of `mem_bytes`, then `pages` device pages, then the Host's.
+    fn memory(mem_bytes: u64, pages: u64) -> GuestMemory {
+        GuestMemory::new(Layout {
+            mem: mem_bytes,
+            pfn_limit: mem_bytes / PAGE_SIZE + pages,
+            mmio_hole_pages: 0,
+            host_ro_pages: 1,
+            host_rw_pages: 1,
+        })
+        .unwrap()
+    }
+
     #[test]
     fn descriptor_page_is_what_the_guest_driver_expects() {
         // Device threads may raise IRQs, which kick this thread.
@@ -227,14 +239,7 @@ mod tests {
         let pages = device_pages(&devices, Transport::LguestBus);
         assert_eq!(pages, 1 + 3 * 3, "descriptor page and three 3-page rings");
         let mem_bytes = 4 << 20;
-        let mem = GuestMemory::new(Layout {
-            mem: mem_bytes,
-            pfn_limit: mem_bytes / PAGE_SIZE + pages,
-            mmio_hole_pages: 0,
-            host_ro_pages: 1,
-            host_rw_pages: 1,
-        })
-        .unwrap();
+        let mem = memory(mem_bytes, pages);
         let irqs = Irqs::new().unwrap();
         let bus = Bus::new(&mem, devices, &irqs, Transport::LguestBus).unwrap();
 
@@ -311,14 +316,7 @@ mod tests {
         assert_eq!(ring_bytes(1024), 8 * PAGE_SIZE);
         assert_eq!(pages, 1 + 8 + 3);
         let mem_bytes = 4 << 20;
-        let mem = GuestMemory::new(Layout {
-            mem: mem_bytes,
-            pfn_limit: mem_bytes / PAGE_SIZE + pages,
-            mmio_hole_pages: 0,
-            host_ro_pages: 1,
-            host_rw_pages: 1,
-        })
-        .unwrap();
+        let mem = memory(mem_bytes, pages);
         let irqs = Irqs::new().unwrap();
         let bus = Bus::new(&mem, devices, &irqs, Transport::LguestBus).unwrap();
         let first_ring = (mem_bytes / PAGE_SIZE + 1) as u32;
@@ -361,14 +359,7 @@ mod tests {
         let devices: Vec<Box<dyn Device>> = vec![Box::new(Console::new(false))];
         let pages = device_pages(&devices, Transport::LguestBus);
         let mem_bytes = 4 << 20;
-        let mem = GuestMemory::new(Layout {
-            mem: mem_bytes,
-            pfn_limit: mem_bytes / PAGE_SIZE + pages,
-            mmio_hole_pages: 0,
-            host_ro_pages: 1,
-            host_rw_pages: 1,
-        })
-        .unwrap();
+        let mem = memory(mem_bytes, pages);
         let irqs = Irqs::new().unwrap();
         let bus = Bus::new(&mem, devices, &irqs, Transport::LguestBus).unwrap();
         let desc = mem_bytes;

@@ -251,6 +251,23 @@ fn write_stubs(mem: &GuestMemory) {
     mem.write_host(STUB_PAGE, SYSCALL_OFFSET, &[0x0F, 0x0B]);
 }
 
+/// For unit tests: a Guest memory of `mem_bytes` of RAM and one device
+/// page, with the Host's pages built as the Launcher builds them.
+#[cfg(test)]
+pub(crate) fn test_guest(mem_bytes: u64) -> (GuestMemory, HostTables) {
+    let pfn_limit = mem_bytes / PAGE_SIZE + 1;
+    let mem = GuestMemory::new(Layout {
+        mem: mem_bytes,
+        pfn_limit,
+        mmio_hole_pages: 0,
+        host_ro_pages: ro_pages_for(pfn_limit),
+        host_rw_pages: STACK_PAGES,
+    })
+    .expect("map a small Guest memory");
+    let tables = build(&mem);
+    (mem, tables)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -200,21 +200,9 @@ impl ShadowRoots {
 mod tests {
     use super::*;
     use crate::host_pages;
-    use crate::memory::Layout;
 
     fn setup() -> (GuestMemory, HostTables) {
-        let mem_bytes = 4u64 << 20;
-        let pfn_limit = mem_bytes / PAGE_SIZE + 1;
-        let layout = Layout {
-            mem: mem_bytes,
-            pfn_limit,
-            mmio_hole_pages: 0,
-            host_ro_pages: host_pages::ro_pages_for(pfn_limit),
-            host_rw_pages: host_pages::STACK_PAGES,
-        };
-        let mem = GuestMemory::new(layout).unwrap();
-        let t = host_pages::build(&mem);
-        (mem, t)
+        host_pages::test_guest(4 << 20)
     }
 
     fn guest_pml4(mem: &GuestMemory, t: &HostTables, at: u64, slot0: u64) {

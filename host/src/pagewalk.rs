@@ -51,21 +51,11 @@ fn walk(mem: &GuestMemory, cr3: u64, va: u64, access: Access) -> Option<u64> {
 mod tests {
     use super::*;
     use crate::host_pages;
-    use crate::memory::Layout;
 
     #[test]
     fn walks_initial_and_guest_built_tables() {
         let mem_bytes = 4u64 << 20;
-        let pfn_limit = mem_bytes / 4096 + 1;
-        let layout = Layout {
-            mem: mem_bytes,
-            pfn_limit,
-            mmio_hole_pages: 0,
-            host_ro_pages: host_pages::ro_pages_for(pfn_limit),
-            host_rw_pages: host_pages::STACK_PAGES,
-        };
-        let mem = GuestMemory::new(layout).unwrap();
-        let t = host_pages::build(&mem);
+        let (mem, t) = host_pages::test_guest(mem_bytes);
         assert_eq!(
             translate(&mem, t.init_pml4, 0x12345, Access::Write),
             Some(0x12345)
@@ -98,21 +88,11 @@ mod tests {
     /// pages and everything past pfn_limit; none of it may come out.
     #[test]
     fn a_walk_never_ends_outside_guest_memory() {
-        let mem_bytes = 1u64 << 20;
-        let pfn_limit = mem_bytes / 4096 + 1;
-        let layout = Layout {
-            mem: mem_bytes,
-            pfn_limit,
-            mmio_hole_pages: 0,
-            host_ro_pages: host_pages::ro_pages_for(pfn_limit),
-            host_rw_pages: host_pages::STACK_PAGES,
-        };
-        let mem = GuestMemory::new(layout).unwrap();
-        host_pages::build(&mem);
+        let (mem, _) = host_pages::test_guest(1 << 20);
         mem.write_u64(0, pte::PRESENT | pte::USER | pte::WRITABLE | pte::HUGE)
             .unwrap();
         assert_eq!(translate(&mem, 0, 0x1234, Access::Write), Some(0x1234));
-        let host = layout.host_base();
+        let host = mem.layout.host_base();
         assert_eq!(translate(&mem, 0, host, Access::Read), None, "a Host page");
         assert_eq!(translate(&mem, 0, host - 1, Access::Read), Some(host - 1));
         assert_eq!(
