@@ -122,12 +122,11 @@ impl Source {
                 .checked_add(done)
                 .and_then(|a| libc::off_t::try_from(a).ok())
                 .ok_or(std::io::ErrorKind::InvalidInput)?;
-            // SAFETY: [ptr, ptr + len) is mapped Guest memory (host_address
-            // checked the whole range), no vCPU runs yet, and no Rust
-            // reference to it exists: the kernel writes at most `count`
-            // bytes at `ptr + done`, inside that range.
-            let n =
-                unsafe { libc::pread(file.as_raw_fd(), ptr.add(done as usize).cast(), count, at) };
+            // No vCPU runs yet and no Rust reference to this memory exists.
+            let fd = file.as_raw_fd();
+            // SAFETY: host_address checked [ptr, ptr + len) is mapped Guest
+            // memory; pread writes at most `count` bytes at `ptr + done`, inside it.
+            let n = unsafe { libc::pread(fd, ptr.add(done as usize).cast(), count, at) };
             if n < 0 {
                 let err = std::io::Error::last_os_error();
                 if err.kind() == std::io::ErrorKind::Interrupted {

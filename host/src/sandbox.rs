@@ -1146,10 +1146,11 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
         "lguest: seccomp: the {kind} thread ({thread}) made system call {nr} ({name}), \
          which its list does not allow"
     );
-    // SAFETY: write from a live stack buffer; then back to the default
-    // action, and the signal again: it is blocked while we run, so it
-    // arrives as we return, and the Launcher dies of SIGSYS as it would
-    // have without the trap.
+    // Then back to the default action, and the signal again: it is blocked
+    // while we run, so it arrives as we return, and the Launcher dies of
+    // SIGSYS as it would have without the trap.
+    // SAFETY: write reads a live stack buffer; signal and raise take no
+    // pointers; all three, and restore, are async-signal-safe.
     unsafe {
         libc::write(2, line.buf.as_ptr().cast(), line.len);
         crate::devices::terminal::restore();

@@ -134,13 +134,12 @@ impl Device for Net {
                         iov_len: b.len as usize,
                     });
                 }
-                // SAFETY: each iovec covers a range of Guest memory the walk
-                // checked, mapped for as long as the Guest's memory lives
-                // (longer than this device); writev only reads it. The Guest
-                // may change those bytes meanwhile: then it sends garbage,
-                // its own business.
-                let _ =
-                    unsafe { libc::writev(self.tap.fd(), iov.as_ptr(), iov.len() as libc::c_int) };
+                // The Guest may change those bytes meanwhile: then it sends
+                // garbage, its own business.
+                let (fd, n) = (self.tap.fd(), iov.len() as libc::c_int);
+                // SAFETY: each iovec is Guest memory the walk checked, mapped
+                // longer than this device lives; writev only reads it.
+                let _ = unsafe { libc::writev(fd, iov.as_ptr(), n) };
             }
             queues.add_used(TX, &chain, 0)?;
             queues.signal_if_due(TX)?;

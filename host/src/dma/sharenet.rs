@@ -474,13 +474,11 @@ impl SharedNet {
         let host = mem
             .host_address(guest_addr, PAGE_SIZE)
             .map_err(std::io::Error::other)?;
-        // SAFETY: `host` is the page-aligned start of one whole page inside
-        // the Guest memory mapping (checked just above), which stays mapped
-        // as long as `mem`; MAP_FIXED replaces just that page with the
-        // FILE's first page, still read-write, so every access through the
-        // mapping stays valid. The Host touches Guest memory only through
-        // volatile copies, never through references that could see the
-        // page change under them.
+        // MAP_FIXED replaces just that page with the FILE's first page, still
+        // read-write; the Host reaches Guest memory only by volatile copies,
+        // never through references that could see the page change.
+        // SAFETY: `host` starts one whole page of the Guest memory mapping
+        // (checked above), which stays mapped as long as `mem`.
         let at = unsafe {
             libc::mmap(
                 host.cast(),
