@@ -270,14 +270,8 @@ fn bench_frame() -> Vec<u8> {
     ip[8] = 64; // TTL
     ip[9] = 17; // UDP
     ip[16..20].copy_from_slice(&[255; 4]);
-    let mut sum: u32 = ip
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum();
-    while sum > 0xFFFF {
-        sum = (sum & 0xFFFF) + (sum >> 16);
-    }
-    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let sum = ones_complement_sum(ip);
+    ip[10..12].copy_from_slice(&(!sum).to_be_bytes());
     f[34..36].copy_from_slice(&9u16.to_be_bytes());
     f[36..38].copy_from_slice(&9u16.to_be_bytes());
     f[38..40].copy_from_slice(&(ip_len - 20).to_be_bytes());
@@ -524,6 +518,20 @@ impl Bench {
     }
 }
 
+/// The Internet checksum's sum (RFC 1071) of an even-length header: its
+/// 16-bit big-endian words added with end-around carry. A header whose
+/// checksum field is right sums to 0xFFFF.
+fn ones_complement_sum(header: &[u8]) -> u16 {
+    let mut sum: u32 = header
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    while sum > 0xFFFF {
+        sum = (sum & 0xFFFF) + (sum >> 16);
+    }
+    sum as u16
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -538,14 +546,11 @@ mod tests {
         let f = &frame[10..];
         assert_eq!(&f[12..14], &[0x08, 0x00], "IPv4");
         let ip = &f[14..34];
-        let mut sum: u32 = ip
-            .chunks(2)
-            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-            .sum();
-        while sum > 0xFFFF {
-            sum = (sum & 0xFFFF) + (sum >> 16);
-        }
-        assert_eq!(sum, 0xFFFF, "the IP header checksum is right");
+        assert_eq!(
+            ones_complement_sum(ip),
+            0xFFFF,
+            "the IP header checksum is right"
+        );
         assert_eq!(u16::from_be_bytes([ip[2], ip[3]]) as usize, 1514 - 14);
         assert_eq!(ip[9], 17);
         assert_eq!(u16::from_be_bytes([f[36], f[37]]), 9, "discard port");
