@@ -157,24 +157,18 @@ impl Model {
 
     /// Section 9: a structure or section lies in RAM, within one page.
     fn place(&self, at: u64, len: u64) -> Result<(), Misplaced> {
-        let Some(end) = at.checked_add(len) else {
-            return Err(if at >= self.host_base {
-                Misplaced::InHostPage
-            } else {
-                Misplaced::OutsideRam
-            });
-        };
-        if end > MEM {
-            return Err(if at >= self.host_base {
-                Misplaced::InHostPage
-            } else {
-                Misplaced::OutsideRam
-            });
+        match at.checked_add(len) {
+            Some(end) if end <= MEM => {
+                if len > 0 && at / PAGE_SIZE != (end - 1) / PAGE_SIZE {
+                    Err(Misplaced::CrossesPage)
+                } else {
+                    Ok(())
+                }
+            }
+            // Past RAM (or past the end of the address space).
+            _ if at >= self.host_base => Err(Misplaced::InHostPage),
+            _ => Err(Misplaced::OutsideRam),
         }
-        if len > 0 && at / PAGE_SIZE != (end - 1) / PAGE_SIZE {
-            return Err(Misplaced::CrossesPage);
-        }
-        Ok(())
     }
 
     /// Who owns `key`: 0 the console, else a 4-byte aligned address in a
